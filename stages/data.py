@@ -1,0 +1,168 @@
+"""Stage `data`: fetch DialogSum (Hub id or local directory) and write a raw JSONL snapshot.
+
+The snapshot in data/raw/ is what DVC versions, so every later stage reads exactly the same
+rows no matter where they came from. Only `data.*` params affect this stage: changing the
+prompt or tokenization reruns `prepare`, never a fetch.
+
+Repairs are counted, never silent: rows whose dialogue or summary is empty or whitespace-only
+are dropped and counted in metrics/data.json; anything else malformed is an error that names
+the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from stages.errors import StageError, run_stage
+from stages.params import DataParams, load_params
+
+SPLITS = ("train", "validation", "test")
+COLUMNS = ("id", "dialogue", "summary", "topic")
+REQUIRED = ("id", "dialogue", "summary")  # topic is carried when present, "" otherwise
+FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+RAW_DIR = Path("data/raw")
+STATS_FILE = Path("metrics/data.json")
+
+
+class DataError(StageError):
+    """Bad input data; the message names the file (and line) and what to fix."""
+
+
+def find_split_file(directory: Path, split: str) -> Path:
+    """The one file `<split>.<ext>` in `directory`, ext in FORMATS."""
+    found = [directory / f"{split}{ext}" for ext in FORMATS if (directory / f"{split}{ext}").is_file()]
+    if not found:
+        raise DataError(f"{directory}: no {split} split; expected one of "
+                        + ", ".join(f"{split}{ext}" for ext in FORMATS))
+    if len(found) > 1:
+        raise DataError(f"{directory}: several files for the {split} split "
+                        f"({', '.join(p.name for p in found)}); keep one")
+    return found[0]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: malformed JSON line ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_json(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise DataError(f"{path}: expected a JSON list of objects (or use .jsonl, one object per line)")
+    return data
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq  # imported here: only parquet inputs need it
+
+    return pq.read_table(path).to_pylist()
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+
+
+def read_split_file(path: Path) -> list[dict]:
+    try:
+        return READERS[path.suffix](path)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); "
+                        "re-encode the file as UTF-8") from None
+
+
+def load_local(directory: Path) -> dict[str, list[dict]]:
+    return {split: read_split_file(find_split_file(directory, split)) for split in SPLITS}
+
+
+def load_hub(source: str, revision: str) -> dict[str, list[dict]]:
+    import datasets  # imported here: local sources never touch the Hub client
+
+    try:
+        dataset = datasets.load_dataset(source, revision=revision)
+    except Exception as error:  # the Hub client raises many types for "offline" and "not found"
+        raise DataError(
+            f"could not load dataset {source!r} (revision {revision!r}) from the Hugging Face Hub: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
+            "If you are offline, point data.source at a local directory holding train, validation "
+            "and test files (.jsonl, .json, .csv or .parquet), e.g. dvc exp run -S data.source=path/to/dir"
+        ) from None
+    missing = [split for split in SPLITS if split not in dataset]
+    if missing:
+        raise DataError(f"dataset {source!r} has no split(s) {', '.join(missing)}; "
+                        f"found {', '.join(dataset)}")
+    return {split: dataset[split].to_list() for split in SPLITS}
+
+
+def clean_split(rows: list[dict], split: str, origin: str) -> tuple[list[dict], int]:
+    """Keep COLUMNS as stripped strings; drop (and count) rows with an empty dialogue or summary."""
+    if rows:
+        missing = [c for c in REQUIRED if c not in rows[0]]
+        if missing:
+            raise DataError(f"{origin}: {split} split lacks column(s) {', '.join(missing)}; "
+                            f"found {', '.join(rows[0])}")
+    kept, dropped = [], 0
+    for row in rows:
+        record = {c: str(row.get(c) or "").strip() for c in COLUMNS}
+        if not record["dialogue"] or not record["summary"]:
+            dropped += 1
+            continue
+        kept.append(record)
+    ids = [r["id"] for r in kept]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{origin}: {split} split has duplicate id {duplicate!r}; ids must be unique")
+    return kept, dropped
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def fetch(params: DataParams) -> dict[str, list[dict]]:
+    local = Path(params.source)
+    if local.is_dir():
+        return load_local(local)
+    return load_hub(params.source, params.revision)
+
+
+def main() -> None:
+    params = load_params()
+    splits = fetch(params.data)
+    stats = {}
+    for split in SPLITS:
+        rows, dropped = clean_split(splits[split], split, params.data.source)
+        rows = rows[: params.data.limit]  # None keeps all
+        write_jsonl(rows, RAW_DIR / f"{split}.jsonl")
+        stats[f"{split}_rows"] = len(rows)
+        stats[f"{split}_dropped_empty"] = dropped
+    STATS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATS_FILE.write_text(json.dumps(stats, indent=2) + "\n")
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,158 @@
+"""Stage `evaluate@<variant>`: summarize each unique test dialogue and score it with ROUGE.
+
+Variants: `base` (the original model, zero-shot), `full` (models/full), `lora` (base model +
+models/lora adapter, merged for speed) and `lead` (the first turns of the dialogue, no model:
+the trivial baseline every reader should see). All go through the same scoring code.
+
+Outputs: metrics/evaluate/<variant>.json (flat ROUGE means with 95% bootstrap intervals and
+generation diagnostics) and data/predictions/<variant>.jsonl (one line per dialogue).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_from_disk
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stages.errors import StageError, run_stage
+from stages.modeling import load_base, load_model, load_tokenizer, pick_device, use_bf16
+from stages.params import EvaluateParams, ModelParams, load_params
+from stages.rouge import ROUGE_TYPES, bootstrap_ci, mean_scores, score_corpus
+
+VARIANTS = ("base", "full", "lora", "lead")
+PREPARED_DIR = Path("data/prepared")
+FULL_DIR = Path("models/full")
+LORA_DIR = Path("models/lora")
+METRICS_DIR = Path("metrics/evaluate")
+PREDICTIONS_DIR = Path("data/predictions")
+SPEAKER_TAG = re.compile(r"^\s*#[^#]+#\s*:\s*")  # DialogSum turns start with "#Person1#: "
+
+
+def lead_summary(dialogue: str, turns: int) -> str:
+    """The first `turns` turns of the dialogue, speaker tags removed, as one paragraph."""
+    lines = [SPEAKER_TAG.sub("", line).strip() for line in dialogue.splitlines()]
+    return " ".join([line for line in lines if line][:turns])
+
+
+def load_variant(variant: str, model_params: ModelParams,
+                 dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    if variant == "full":
+        return load_tokenizer(str(FULL_DIR)), load_model(str(FULL_DIR), dtype=dtype)
+    tokenizer, model = load_base(model_params, dtype)
+    if variant == "lora":
+        from peft import PeftModel  # imported here: only the lora variant needs peft
+
+        # merging folds B @ A into the base weights: generation then costs what the base costs
+        model = PeftModel.from_pretrained(model, str(LORA_DIR)).merge_and_unload()
+    return tokenizer, model
+
+
+def generation_kwargs(params: EvaluateParams) -> dict:
+    kwargs = {"num_beams": params.num_beams, "max_new_tokens": params.max_new_tokens,
+              "no_repeat_ngram_size": params.no_repeat_ngram_size, "do_sample": False}
+    if params.num_beams > 1:  # length_penalty only applies to beam search
+        kwargs["length_penalty"] = params.length_penalty
+    return kwargs
+
+
+@torch.inference_mode()
+def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_ids: list[list[int]],
+                   kwargs: dict) -> tuple[list[str], list[int], list[bool]]:
+    """Summaries, generated token counts and whether each hit max_new_tokens without </s>."""
+    inputs = tokenizer.pad({"input_ids": batch_ids}, pad_to_multiple_of=8, return_tensors="pt").to(model.device)
+    output = model.generate(**inputs, **kwargs)[:, 1:]  # drop the decoder start token
+    finished = (output == tokenizer.eos_token_id).any(dim=1)
+    lengths = (output != tokenizer.pad_token_id).sum(dim=1)
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [t.strip() for t in texts], lengths.tolist(), (~finished).tolist()
+
+
+def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]],
+                       params: EvaluateParams) -> tuple[list[str], list[int], list[bool]]:
+    """Batched generation, longest inputs first, halving the batch on CUDA out-of-memory.
+
+    Sorting by length keeps padding (wasted compute) small; longest-first makes an
+    out-of-memory error happen on the first batch, not after an hour.
+    """
+    order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
+    kwargs = generation_kwargs(params)
+    results: dict[int, tuple[str, int, bool]] = {}
+    batch_size, start = params.batch_size, 0
+    while start < len(order):
+        chunk = order[start:start + batch_size]
+        try:
+            texts, lengths, hit_max = generate_batch(model, tokenizer, [input_ids[i] for i in chunk], kwargs)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            print(f"CUDA out of memory: retrying with evaluate.batch_size={batch_size}", file=sys.stderr)
+            continue
+        results.update(zip(chunk, zip(texts, lengths, hit_max)))
+        start += len(chunk)
+    summaries, lengths, hit_max = zip(*(results[i] for i in range(len(input_ids)))) if results else ((), (), ())
+    return list(summaries), list(lengths), list(hit_max)
+
+
+def summarize(variant: str, test: Dataset, model_params: ModelParams, params: EvaluateParams,
+              lead_turns: int) -> tuple[list[str], list[int], list[bool]]:
+    if variant == "lead":
+        summaries = [lead_summary(d, lead_turns) for d in test["dialogue"]]
+        return summaries, [0] * len(summaries), [False] * len(summaries)
+    device = pick_device()
+    dtype = torch.bfloat16 if use_bf16("auto", device) else torch.float32
+    tokenizer, model = load_variant(variant, model_params, dtype)
+    model.to(device).eval()
+    return generate_summaries(model, tokenizer, test["input_ids"], params)
+
+
+def evaluation_metrics(per_dialogue: list[dict[str, float]], test: Dataset, lengths: list[int],
+                       hit_max: list[bool], resamples: int, seed: int) -> dict[str, float]:
+    metrics = mean_scores(per_dialogue)
+    for rouge_type in ROUGE_TYPES:  # intervals for the multi-reference scores, resampling dialogues
+        low, high = bootstrap_ci([s[rouge_type] for s in per_dialogue], resamples, seed)
+        metrics[f"{rouge_type}_ci_low"], metrics[f"{rouge_type}_ci_high"] = round(100 * low, 4), round(100 * high, 4)
+    metrics["dialogues"] = len(per_dialogue)
+    metrics["references"] = sum(len(r) for r in test["references"])
+    metrics["gen_mean_tokens"] = round(sum(lengths) / max(len(lengths), 1), 4)
+    metrics["gen_hit_max_share"] = round(sum(hit_max) / max(len(hit_max), 1), 4)
+    return metrics
+
+
+def write_predictions(path: Path, test: Dataset, summaries: list[str], per_dialogue: list[dict],
+                      lengths: list[int], hit_max: list[bool]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row, summary, scores, length, hit in zip(test, summaries, per_dialogue, lengths, hit_max):
+            record = {"id": row["id"], "dialogue": row["dialogue"], "prediction": summary, "references": row["references"],
+                      "generated_tokens": length, "hit_max_new_tokens": hit,
+                      **{k: round(v, 6) for k, v in scores.items()}}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def main(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise StageError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    params = load_params()
+    test = load_from_disk(str(PREPARED_DIR))["test"]
+    started = time.perf_counter()
+    summaries, lengths, hit_max = summarize(variant, test, params.model, params.evaluate, params.lead.turns)
+    runtime = time.perf_counter() - started
+    per_dialogue = score_corpus(summaries, test["references"])
+    metrics = evaluation_metrics(per_dialogue, test, lengths, hit_max, params.evaluate.bootstrap_resamples,
+                                 params.seed)
+    metrics["generation_runtime_s"] = round(runtime, 2)
+    write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, summaries, per_dialogue, lengths, hit_max)
+    METRICS_DIR.mkdir(parents=True, exist_ok=True)
+    (METRICS_DIR / f"{variant}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_stage(lambda: main(sys.argv[1] if len(sys.argv) > 1 else ""))

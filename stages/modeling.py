@@ -1,0 +1,100 @@
+"""Loading and saving FLAN-T5 models and tokenizers, safely and with the output head intact.
+
+FLAN-T5 (T5 v1.1) keeps `lm_head` apart from the shared embedding. transformers 5.x keeps
+them apart on `from_pretrained` when the checkpoint has both, but its T5Config always *says*
+`tie_word_embeddings: true`, and a plain `tie_weights()` / `resize_token_embeddings()` /
+`from_config` silently ties them. So: load only with `from_pretrained`, never call those,
+and write `tie_word_embeddings: false` into every config we save so no version misreads it.
+Weights load from safetensors only and `trust_remote_code` is never enabled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from stages.errors import StageError
+from stages.params import ModelParams
+
+
+class ModelLoadError(StageError):
+    """A model or tokenizer could not be loaded; the message says how to fix it."""
+
+
+def _load_hint(name: str, revision: str, error: Exception) -> ModelLoadError:
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return ModelLoadError(
+        f"could not load {name!r} (revision {revision!r}): {type(error).__name__}: {first_line}\n"
+        "If the Hugging Face Hub is unreachable or the id is wrong, point model.name at a local "
+        "directory with config.json, tokenizer files and model.safetensors, e.g. "
+        "dvc exp run -S model.name=path/to/model (scripts/make_tiny_model.py writes a tiny one)."
+    )
+
+
+def _revision(name: str, revision: str) -> str | None:
+    # a local directory has no revisions; passing one would be ignored anyway, so be explicit
+    return None if Path(name).is_dir() else revision
+
+
+def load_tokenizer(name: str, revision: str = "main") -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=_revision(name, revision), trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise _load_hint(name, revision, error) from None
+
+
+def load_model(name: str, revision: str = "main", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Seq2seq model from safetensors, head untied exactly when the checkpoint stores it apart."""
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            name, revision=_revision(name, revision), dtype=dtype,
+            use_safetensors=True, trust_remote_code=False,
+        )
+    except (OSError, ValueError) as error:
+        raise _load_hint(name, revision, error) from None
+    return model
+
+
+def load_base(params: ModelParams, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    return load_tokenizer(params.name, params.revision), load_model(params.name, params.revision, dtype)
+
+
+def head_is_tied(model: PreTrainedModel) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def untie_lm_head(model: PreTrainedModel, head: torch.Tensor) -> None:
+    """Give `model` its own output head with values `head` (a no-op for the tie mapping after)."""
+    model.get_output_embeddings().weight = torch.nn.Parameter(head.clone())
+    # without this, save_pretrained would drop lm_head as a duplicate of the embedding
+    model.all_tied_weights_keys.pop("lm_head.weight", None)
+
+
+def save_seq2seq(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """save_pretrained (safetensors) + tokenizer, with a config that cannot be misread as tied."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if not head_is_tied(model):
+        config_path = out_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        config["tie_word_embeddings"] = False
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 when asked or when `auto` finds a GPU that supports it; T5 in fp16 overflows to NaN."""
+    if precision == "fp32":
+        return False
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise ModelLoadError("precision bf16 needs a CUDA GPU with bf16 support; use precision: auto or fp32")
+    return supported

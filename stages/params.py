@@ -1,0 +1,293 @@
+"""Typed, validated view of params.yaml, loaded before any heavy work.
+
+Every section of params.yaml maps to one frozen dataclass below. `load_params` checks the
+whole file (unknown keys, wrong types, out-of-range values) and raises one `ParamsError`
+that lists every problem with the key and the fix, so a typo costs seconds, not a
+download and an hour of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from stages.errors import StageError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(StageError):
+    """Raised with every problem found in params.yaml, one per line."""
+
+
+def _check(condition: bool, message: str) -> list[str]:
+    return [] if condition else [message]
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str
+    revision: str
+
+    def problems(self, section: str) -> list[str]:
+        return _check(bool(self.name.strip()), f"{section}.name: must not be empty; use a Hub id "
+                      "such as google/flan-t5-base or a local model directory")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str
+    revision: str
+    limit: Optional[int]
+
+    def problems(self, section: str) -> list[str]:
+        return (
+            _check(bool(self.source.strip()), f"{section}.source: must not be empty; use a Hub "
+                   "dataset id such as knkarthick/dialogsum or a local directory")
+            + _check(self.limit is None or self.limit >= 1,
+                     f"{section}.limit: must be >= 1 or null (all rows), got {self.limit}")
+        )
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    prompt_template: str
+    max_source_length: int
+    max_target_length: int
+
+    def problems(self, section: str) -> list[str]:
+        return (
+            _check("{dialogue}" in self.prompt_template,
+                   f"{section}.prompt_template: must contain the placeholder {{dialogue}}")
+            + _check(self.max_source_length >= 8,
+                     f"{section}.max_source_length: must be >= 8 tokens, got {self.max_source_length}")
+            + _check(self.max_target_length >= 2,
+                     f"{section}.max_target_length: must be >= 2 tokens, got {self.max_target_length}")
+        )
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """One training recipe; `train_full` and `train_lora` each have their own."""
+
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    eval_batch_size: int
+    weight_decay: float
+    warmup_ratio: float
+    lr_scheduler: str
+    max_grad_norm: float
+    precision: Literal["auto", "bf16", "fp32"]
+    group_by_length: bool
+    logging_steps: int
+    dataloader_workers: int
+
+    def problems(self, section: str) -> list[str]:
+        return (
+            _check(self.epochs > 0, f"{section}.epochs: must be > 0, got {self.epochs}")
+            + _check(self.learning_rate > 0,
+                     f"{section}.learning_rate: must be > 0, got {self.learning_rate}")
+            + _check(self.batch_size >= 1, f"{section}.batch_size: must be >= 1, got {self.batch_size}")
+            + _check(self.gradient_accumulation_steps >= 1,
+                     f"{section}.gradient_accumulation_steps: must be >= 1, "
+                     f"got {self.gradient_accumulation_steps}")
+            + _check(self.eval_batch_size >= 1,
+                     f"{section}.eval_batch_size: must be >= 1, got {self.eval_batch_size}")
+            + _check(self.weight_decay >= 0,
+                     f"{section}.weight_decay: must be >= 0, got {self.weight_decay}")
+            + _check(0 <= self.warmup_ratio < 1,
+                     f"{section}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+            + _check(self.max_grad_norm > 0,
+                     f"{section}.max_grad_norm: must be > 0, got {self.max_grad_norm}")
+            + _check(self.logging_steps >= 1,
+                     f"{section}.logging_steps: must be >= 1, got {self.logging_steps}")
+            + _check(self.dataloader_workers >= 0,
+                     f"{section}.dataloader_workers: must be >= 0, got {self.dataloader_workers}")
+        )
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str]
+    bias: Literal["none", "all", "lora_only"]
+
+    def problems(self, section: str) -> list[str]:
+        return (
+            _check(self.r >= 1, f"{section}.r: must be >= 1, got {self.r}")
+            + _check(self.alpha >= 1, f"{section}.alpha: must be >= 1, got {self.alpha}")
+            + _check(0 <= self.dropout < 1, f"{section}.dropout: must be in [0, 1), got {self.dropout}")
+            + _check(len(self.target_modules) > 0,
+                     f"{section}.target_modules: must name at least one module, e.g. [q, v]")
+        )
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+    num_beams: int
+    max_new_tokens: int
+    length_penalty: float
+    no_repeat_ngram_size: int
+    bootstrap_resamples: int
+
+    def problems(self, section: str) -> list[str]:
+        return (
+            _check(self.bootstrap_resamples >= 100,
+                   f"{section}.bootstrap_resamples: must be >= 100 for a usable 95% interval, "
+                   f"got {self.bootstrap_resamples}")
+            +
+            _check(self.batch_size >= 1, f"{section}.batch_size: must be >= 1, got {self.batch_size}")
+            + _check(self.num_beams >= 1, f"{section}.num_beams: must be >= 1, got {self.num_beams}")
+            + _check(self.max_new_tokens >= 1,
+                     f"{section}.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+            + _check(self.no_repeat_ngram_size >= 0,
+                     f"{section}.no_repeat_ngram_size: must be >= 0 (0 = off), "
+                     f"got {self.no_repeat_ngram_size}")
+        )
+
+
+@dataclass(frozen=True)
+class LeadParams:
+    turns: int
+
+    def problems(self, section: str) -> list[str]:
+        return _check(self.turns >= 1, f"{section}.turns: must be >= 1, got {self.turns}")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    examples: int
+
+    def problems(self, section: str) -> list[str]:
+        return _check(self.examples >= 0, f"{section}.examples: must be >= 0, got {self.examples}")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    model: ModelParams
+    data: DataParams
+    prepare: PrepareParams
+    train_full: TrainParams
+    train_lora: TrainParams
+    lora: LoraParams
+    evaluate: EvaluateParams
+    lead: LeadParams
+    report: ReportParams
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[annotation]
+
+
+def _convert(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Return (ok, converted value) for one YAML value against a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return value in typing.get_args(annotation), value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return True, None
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+        return _convert(value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        converted = [_convert(v, typing.get_args(annotation)[0]) for v in value]
+        return all(ok for ok, _ in converted), [v for _, v in converted]
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        # YAML ints are fine where a float is expected; bools are not
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    return isinstance(value, annotation), value
+
+
+def _float_hint(value: Any) -> str:
+    # PyYAML reads 1e-4 (no dot) as a string; tell the user the spelling that works
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (PyYAML reads numbers like 1e-4 as strings: write 1.0e-4)"
+    return ""
+
+
+def _build(cls: type, raw: Any, section: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, appending every problem found to `problems`."""
+    if not isinstance(raw, dict):
+        problems.append(f"{section}: must be a mapping of keys to values, got {type(raw).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(raw) - fields):
+        problems.append(f"{section}.{key}: unknown key; valid keys are {', '.join(sorted(fields))}")
+    values, ok_all = {}, True
+    for name in sorted(fields):
+        key = f"{section}.{name}"
+        if name not in raw:
+            problems.append(f"{key}: missing; add it to params.yaml")
+            ok_all = False
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], raw[name], key, problems)
+            ok_all = ok_all and values[name] is not None
+            continue
+        ok, values[name] = _convert(raw[name], hints[name])
+        if not ok:
+            problems.append(f"{key}: expected {_type_name(hints[name])}, got {raw[name]!r}"
+                            + (_float_hint(raw[name]) if float in _leaf_types(hints[name]) else ""))
+            ok_all = False
+    if not ok_all:
+        return None
+    instance = cls(**values)
+    if hasattr(instance, "problems"):
+        problems.extend(instance.problems(section))
+    return instance
+
+
+def _leaf_types(annotation: Any) -> tuple:
+    args = typing.get_args(annotation)
+    return args if args else (annotation,)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping (as read from YAML); raise ParamsError listing every problem."""
+    problems: list[str] = []
+    params = _build(Params, raw, "params", problems)
+    seed = getattr(params, "seed", 0)
+    if params is not None and seed < 0:
+        problems.append(f"seed: must be >= 0, got {seed}")
+    if problems:
+        # "params.lora.r" reads worse than "lora.r": drop the root prefix
+        lines = [p.removeprefix("params.") for p in problems]
+        raise ParamsError(f"{len(lines)} problem(s) in params.yaml:\n" + "\n".join(f"  - {l}" for l in lines))
+    return params
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    with open(path, encoding="utf-8") as f:
+        return parse_params(yaml.safe_load(f))

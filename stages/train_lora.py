@@ -1,0 +1,59 @@
+"""Stage `train_lora`: freeze the base model and train LoRA adapters on it (peft).
+
+Sibling of train_full.py: `diff stages/train_full.py stages/train_lora.py` shows the LoRA part.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import PreTrainedModel, set_seed
+
+from stages.errors import StageError, run_stage
+from stages.modeling import load_base, pick_device
+from stages.params import LoraParams, load_params
+from stages.training import build_trainer, load_training_splits, training_arguments, training_metrics, write_json
+
+PREPARED_DIR = Path("data/prepared")
+MODEL_DIR = Path("models/lora")
+CHECKPOINT_DIR = Path("checkpoints/train_lora")
+METRICS_FILE = Path("metrics/train_lora.json")
+
+
+def lora_config(params: LoraParams, model: PreTrainedModel) -> LoraConfig:
+    """LoraConfig from params, after checking every target module exists in this model."""
+    available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+    unknown = [m for m in params.target_modules if m not in available]
+    if unknown:
+        raise StageError(f"lora.target_modules: {', '.join(unknown)} not found in the model; "
+                         f"linear layers available: {', '.join(available)}")
+    return LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=params.r, lora_alpha=params.alpha,
+                      lora_dropout=params.dropout, target_modules=list(params.target_modules),
+                      bias=params.bias)
+
+
+def save_adapter(model, tokenizer, out_dir: Path) -> None:
+    # only the adapter weights (a few MB) and the tokenizer; the base model comes from model.name
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def main() -> None:
+    params = load_params()
+    set_seed(params.seed)
+    device = pick_device()
+    tokenizer, model = load_base(params.model)
+    model = get_peft_model(model, lora_config(params.lora, model))
+    train, validation = load_training_splits(PREPARED_DIR)
+    args = training_arguments(params.train_lora, params.seed, CHECKPOINT_DIR, device)
+    trainer = build_trainer(model, tokenizer, train, validation, args)
+    result = trainer.train()
+    save_adapter(trainer.model, tokenizer, MODEL_DIR)
+    write_json(training_metrics(trainer, result), METRICS_FILE)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,98 @@
+"""The training skeleton shared by train_full and train_lora: data, Trainer, metrics.
+
+Both stages fine-tune with the same Seq2SeqTrainer recipe; only what is trainable (all weights
+or LoRA adapters) and what is saved differs, so everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_from_disk
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
+from transformers.trainer_utils import TrainOutput
+
+from stages.modeling import use_bf16
+from stages.params import TrainParams
+
+
+def load_training_splits(prepared_dir: Path) -> tuple[Dataset, Dataset]:
+    splits = load_from_disk(str(prepared_dir))
+    return splits["train"], splits["validation"]
+
+
+def training_arguments(params: TrainParams, seed: int, output_dir: Path,
+                       device: torch.device) -> Seq2SeqTrainingArguments:
+    cuda = device.type == "cuda"
+    return Seq2SeqTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=params.epochs,
+        learning_rate=params.learning_rate,
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.eval_batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        weight_decay=params.weight_decay,
+        warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a ratio of total steps in 5.x
+        lr_scheduler_type=params.lr_scheduler,
+        max_grad_norm=params.max_grad_norm,
+        bf16=use_bf16(params.precision, device),
+        tf32=cuda or None,  # TF32 matmuls on Ampere+ GPUs; the flag is invalid on CPU
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        train_sampling_strategy="group_by_length" if params.group_by_length else "random",
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=params.logging_steps,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=params.dataloader_workers,
+        use_cpu=not cuda,
+        disable_tqdm=True,  # DVC captures stdout; per-step bars would flood it
+    )
+
+
+def build_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Dataset,
+                  validation: Dataset, args: Seq2SeqTrainingArguments) -> Seq2SeqTrainer:
+    # pad per batch (not to max length); -100 labels are ignored by the loss; multiples of 8
+    # keep tensor-core shapes on GPU
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
+    return Seq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
+                          data_collator=collator, processing_class=tokenizer)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, float]:
+    # parameters() de-duplicates shared tensors, so a tied head would not be counted twice
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_percent": round(100 * trainable / total, 4)}
+
+
+def training_metrics(trainer: Seq2SeqTrainer, result: TrainOutput) -> dict[str, float]:
+    """Flat metrics: losses (deterministic on CPU) apart from timings (`*_s`, `*_per_second`)."""
+    history = trainer.state.log_history
+    train_losses = [entry["loss"] for entry in history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    return {
+        "train_loss": round(train_losses[-1] if train_losses else result.training_loss, 6),
+        "train_loss_mean": round(result.training_loss, 6),
+        "eval_loss": round(eval_losses[-1], 6),
+        "train_steps": result.global_step,
+        "train_runtime_s": round(result.metrics["train_runtime"], 2),
+        "train_samples_per_second": round(result.metrics["train_samples_per_second"], 3),
+        **count_parameters(trainer.model),
+    }
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
