@@ -195,7 +195,7 @@ def _type_name(annotation: Any) -> str:
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return f"{_type_name(inner[0])} or null"
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+        return "a list of " + {str: "strings", int: "integers"}[typing.get_args(annotation)[0]]
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[annotation]
 
 

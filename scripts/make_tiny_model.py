@@ -1,0 +1,287 @@
+#!/usr/bin/env python
+"""Write a tiny, randomly initialised FLAN-T5-family model plus a tokenizer.
+
+The pipeline's tests and smoke runs need a seq2seq checkpoint that loads
+offline with the Auto classes and runs in seconds on a CPU. Real FLAN-T5
+cannot be downloaded here, so this script builds a stand-in that keeps the
+properties of FLAN-T5 (T5 v1.1) that the pipeline code could trip over:
+
+* ``feed_forward_proj="gated-gelu"`` (T5 v1.1 feed-forward blocks);
+* an output head ``lm_head`` that is a separate tensor from the shared
+  input embedding, saved under its own key, with ``tie_word_embeddings``
+  false in ``config.json`` (so the decoder output is not rescaled);
+* ``pad=0``, ``eos=1``, ``unk=2``, ``decoder_start_token_id=0``;
+* a model vocabulary padded up to a multiple of 128 (FLAN-T5: 32128 rows
+  for 32100 tokens), so code that confuses the two is exercised.
+
+Usage::
+
+    python scripts/make_tiny_model.py OUT_DIR [--tokenizer DIR] [--seed N]
+
+Without ``--tokenizer`` a small Unigram tokenizer is trained on a built-in,
+generated English dialogue corpus with SentencePiece. The output is a pure function of the
+arguments: two runs with the same seed write bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import string
+import sys
+from pathlib import Path
+
+import sentencepiece
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5Config, T5Tokenizer
+
+# run as `python scripts/make_tiny_model.py`: make the repo root importable for stages.modeling
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.modeling import save_seq2seq, untie_lm_head  # noqa: E402
+
+# Architecture of the stand-in: FLAN-T5's shape, shrunk to a few hundred
+# kilobytes so that building, saving and generating take well under a second.
+TINY_ARCH = dict(
+    d_model=32,
+    d_ff=64,
+    d_kv=16,
+    num_heads=2,
+    num_layers=2,
+    num_decoder_layers=2,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.1,
+    layer_norm_epsilon=1e-6,
+)
+
+# T5's special-token layout; the pipeline relies on these ids.
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+# Upper bound on the self-trained tokenizer's size. The built-in corpus only
+# supports about 470 pieces (whole common words plus characters), which is
+# plenty for tests and keeps the embedding matrix tiny.
+TOKENIZER_VOCAB_SIZE = 800
+
+# FLAN-T5 pads its embedding matrix to a multiple of 128 (32100 -> 32128).
+VOCAB_PAD_MULTIPLE = 128
+
+# The corpus must not depend on --seed: the seed varies the weights only.
+CORPUS_SEED = 1234
+
+# Offset between the seed of the weight initialisation and that of the
+# separate output head, so the head is not drawn from the same random
+# stream as (and so is no rescaled copy of) the shared embedding.
+LM_HEAD_SEED_OFFSET = 1_000_003
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else train_tokenizer()
+    model = build_model(vocab_size=padded_vocab_size(len(tokenizer)), seed=args.seed)
+    untie_lm_head(model, random_head(model, seed=args.seed))
+    save_seq2seq(model, tokenizer, out_dir)  # safetensors, config says tie_word_embeddings: false
+
+    print(
+        f"wrote tiny T5 (vocab_size={model.config.vocab_size}, "
+        f"len(tokenizer)={len(tokenizer)}, seed={args.seed}) to {out_dir}"
+    )
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="directory to write the model and tokenizer into")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="copy the tokenizer from this directory (e.g. ../shared/models/flan-t5-small-config) "
+        "instead of training a small one",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(tokenizer_dir: str):
+    # AutoTokenizer reads tokenizer.json from the directory. Building
+    # T5Tokenizer(vocab_file=...spiece.model) instead silently yields a
+    # 4-token vocabulary in transformers 5.x.
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def train_tokenizer() -> T5Tokenizer:
+    """Train a small SentencePiece Unigram tokenizer and wrap it as T5Tokenizer.
+
+    SentencePiece is the trainer FLAN-T5's own vocabulary came from, and with
+    one thread it is deterministic (the `tokenizers` Unigram trainer is not:
+    it orders and scores some pieces by hash-map iteration). Only the learned
+    (piece, score) list is taken over; T5Tokenizer supplies T5's
+    pre-tokenizer, decoder and "append </s>" post-processor, so the result
+    behaves like FLAN-T5's tokenizer.
+    """
+    model_proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(dialogue_corpus()),
+        model_writer=model_proto,
+        model_type="unigram",
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        # The small corpus may not support the full target size; take what it yields.
+        hard_vocab_limit=False,
+        # T5's layout: <pad>=0, </s>=1, <unk>=2 and no <s>.
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        pad_piece=PAD, eos_piece=EOS, unk_piece=UNK,
+        # Every printable ASCII character gets a piece, so any English
+        # text round-trips without <unk>.
+        required_chars="".join(sorted(set(string.printable.strip()))),
+        character_coverage=1.0,
+        num_threads=1,  # determinism
+        minloglevel=2,  # keep training logs off stderr
+    )
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto.getvalue())
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+
+    # extra_ids=0: the pipeline never uses T5's span-corruption sentinels.
+    # model_max_length=512 matches FLAN-T5's tokenizer_config.json.
+    # (Building from the (piece, score) list, not vocab_file=: see load_tokenizer.)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def dialogue_corpus() -> list[str]:
+    """A few thousand words of DialogSum-like text, generated deterministically.
+
+    Dialogues are "#Person1#: ... #Person2#: ..." turns filled from templates,
+    each followed by a third-person summary, mirroring the pipeline's data.
+    """
+    rng = random.Random(CORPUS_SEED)
+    pools = {
+        "name": ["Tom", "Mary", "John", "Linda", "David", "Susan", "Mike", "Anna", "Peter", "Kate",
+                 "Jack", "Emma", "Steven", "Lucy", "Bill", "Jenny", "Mr. Smith", "Ms. Brown"],
+        "place": ["the office", "the bank", "the restaurant", "the airport", "the hospital",
+                  "the library", "the hotel", "the supermarket", "the station", "school",
+                  "the cinema", "the post office", "the museum", "the park", "the gym",
+                  "the university", "the shopping mall", "the dentist", "the beach", "home"],
+        "thing": ["a ticket", "a room", "the report", "some coffee", "a new phone", "the menu",
+                  "a taxi", "the bill", "an appointment", "a jacket", "the keys", "a book",
+                  "a birthday present", "the contract", "a laptop", "some medicine", "a bicycle",
+                  "the schedule", "a passport", "two tickets to the concert", "a pair of shoes",
+                  "the apartment", "a credit card", "the homework", "a refund", "dinner"],
+        "time": ["today", "tomorrow", "tonight", "on Monday", "next week", "at 7 o'clock",
+                 "this afternoon", "on Friday", "in 20 minutes", "at 9:30 a.m.", "on Saturday morning",
+                 "next month", "after lunch", "before the meeting", "this weekend", "at noon"],
+        "feeling": ["happy", "tired", "worried", "excited", "busy", "nervous", "surprised",
+                    "disappointed", "glad", "angry", "sorry", "hungry"],
+        "activity": ["play tennis", "watch a movie", "go shopping", "have lunch", "study for the exam",
+                     "visit my parents", "clean the house", "work late", "travel to London",
+                     "learn to drive", "cook dinner", "look for a job", "take the train", "rent a car"],
+        "reason": ["the weather is terrible", "my car broke down", "I missed the bus",
+                   "the price is too high", "I have a lot of work", "my boss asked me to stay",
+                   "the flight was delayed", "it is my first day here", "I lost my wallet",
+                   "the traffic was heavy"],
+    }
+    pools["opener"] = [
+        "Hello, how are you?", "Good morning! Can I help you?", "Excuse me, do you have a minute?",
+        "Hi! It's been a long time.", "Hey, what's up?", "Good afternoon, sir.", "Welcome to {place}.",
+        "What are you doing {time}?", "You look {feeling}. What's wrong?", "Did you hear the news?",
+        "I'd like to ask you a question about {thing}.", "Could you do me a favor?",
+    ]
+    pools["reply"] = [
+        "I'm fine, thanks. And you?", "Yes, I'd like {thing}, please.", "Sure. What do you need?",
+        "Not bad. I'm going to {place} {time}.", "I'm sorry, but I can't find {thing}.",
+        "Could you tell me how much {thing} costs?", "I'm {feeling} because {reason}.",
+        "I want to {activity} {time}.", "Well, I have to {activity} first.",
+        "Really? I didn't know that.", "I'm afraid I'm too {feeling} to {activity}.",
+    ]
+    pools["follow_up"] = [
+        "It costs $25, and you can pay by card.", "Let me check. Please wait a moment.",
+        "Of course! I'll book {thing} for you {time}.", "Why don't we meet at {place} {time}?",
+        "That sounds great. See you {time}!", "Thank you very much for your help.",
+        "I think you should call {name} first.", "No problem. Have a nice day!",
+        "Don't worry. {name} will bring {thing} to {place}.", "How about going to {place} instead?",
+        "Would you like to {activity} with me {time}?", "I see. So {reason}, right?",
+        "OK, I'll take it. Here is my credit card.", "Great idea! I'll tell {name} about it.",
+        "The weather forecast says it will rain heavily this evening.",
+        "My sister is getting married in June, so the whole family is traveling to Chicago.",
+        "The doctor told me to drink more water and exercise every morning.",
+        "Our company is hiring three engineers and an accountant this year.",
+        "I usually read newspapers or listen to music on the subway.",
+        "Could you please turn down the television? The baby is sleeping.",
+        "The price includes breakfast, free parking and wireless internet.",
+        "I've been learning Chinese for two years, but pronunciation is still difficult.",
+        "Please fill in this form and sign your name at the bottom.",
+        "The elevator is broken, so we have to use the stairs.",
+        "Honestly, I prefer vegetables and fish to fried chicken.",
+        "Yesterday our neighbors had a noisy party until midnight.",
+        "The teacher explained the grammar rules very clearly.",
+        "We should discuss the budget with the manager before Thursday.",
+        "Remember to bring your umbrella, sunglasses and a warm sweater.",
+        "Which department handles complaints about delivery?",
+    ]
+    summaries = [
+        "{a} asks {b} for {thing}.", "{a} and {b} will meet at {place} {time}.",
+        "{a} wants to go to {place} {time}, and {b} helps {a} book {thing}.",
+        "{b} tells {a} that {thing} costs 25 dollars.", "{a} is {feeling} because {reason}.",
+        "{b} invites {a} to {activity} {time}.", "{a} can't {activity} because {reason}.",
+        "{a} and {b} talk about {thing}. {b} suggests going to {place}.",
+    ]
+
+    def fill(template: str, a: str, b: str) -> str:
+        # Fill slots until none are left: a pool entry may contain slots itself.
+        while "{" in template:
+            slots = {k: rng.choice(v) for k, v in pools.items()}
+            template = template.format(a=a, b=b, **slots)
+        return template
+
+    lines = []
+    for _ in range(150):
+        a, b = rng.sample(pools["name"], 2)
+        n_turns = rng.randint(3, 6)
+        kinds = ["opener", "reply"] + ["follow_up"] * (n_turns - 2)
+        turns = [fill(rng.choice(pools[kind]), a, b) for kind in kinds]
+        lines.append("summarize: " + " ".join(f"#Person{1 + i % 2}#: {t}" for i, t in enumerate(turns)))
+        lines.append(fill(rng.choice(summaries), a, b))
+    return lines
+
+
+# --------------------------------------------------------------------------- model
+
+
+def padded_vocab_size(n_tokens: int) -> int:
+    return -(-n_tokens // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+def build_model(vocab_size: int, seed: int):
+    torch.manual_seed(seed)  # weight init draws from torch's global RNG
+    config = T5Config(
+        vocab_size=vocab_size,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+        # Ignored by T5Config in transformers 5.x (it forces True and keeps the
+        # False only as scale_decoder_outputs); the head is untied explicitly below.
+        tie_word_embeddings=False,
+        **TINY_ARCH,
+    )
+    return AutoModelForSeq2SeqLM.from_config(config)
+
+
+def random_head(model, seed: int) -> torch.Tensor:
+    """A fresh output head for FLAN-T5's separate lm_head (from_config ties it to the embedding).
+
+    Drawn from its own generator so it is no rescaled copy of the shared embedding; std
+    d_model**-0.5 keeps the unscaled logits of order one.
+    """
+    generator = torch.Generator().manual_seed(seed + LM_HEAD_SEED_OFFSET)
+    shared = model.shared.weight
+    return torch.randn(shared.shape, generator=generator, dtype=shared.dtype) * shared.shape[1] ** -0.5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

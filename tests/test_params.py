@@ -1,0 +1,109 @@
+"""params.yaml loading: the committed file is valid, and every kind of mistake is reported."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stages.params import ParamsError, load_params, parse_params
+from tests.conftest import REPO
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def problems(raw: dict) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+def test_committed_params_load_with_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert params.model.name == "google/flan-t5-base"
+    assert params.data.source == "knkarthick/dialogsum"
+    assert (params.lora.r, params.lora.alpha, params.lora.dropout) == (32, 32, 0.05)
+    assert params.lora.target_modules == ["q", "v"]
+    assert params.train_full.learning_rate == pytest.approx(1.0e-4)
+    assert params.prepare.prompt_template == "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
+
+
+def test_every_param_has_a_comment():
+    for number, line in enumerate((REPO / "params.yaml").read_text().splitlines(), start=1):
+        if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert " # " in line, f"params.yaml:{number} has no comment: {line!r}"
+
+
+def test_out_of_range_values_are_all_reported_at_once(raw):
+    raw["lora"]["r"] = 0
+    raw["lora"]["dropout"] = 1.0
+    raw["train_full"]["learning_rate"] = -1.0
+    raw["train_lora"]["batch_size"] = 0
+    message = problems(raw)
+    assert message.startswith("4 problem(s) in params.yaml:")
+    assert "lora.r: must be >= 1, got 0" in message
+    assert "lora.dropout: must be in [0, 1), got 1.0" in message
+    assert "train_full.learning_rate: must be > 0, got -1.0" in message
+    assert "train_lora.batch_size: must be >= 1, got 0" in message
+
+
+def test_unknown_key_names_the_valid_ones(raw):
+    raw["lora"]["rank"] = 16
+    assert "lora.rank: unknown key; valid keys are alpha, bias, dropout, r, target_modules" in problems(raw)
+
+
+def test_missing_key_and_section(raw):
+    del raw["lora"]["alpha"]
+    del raw["report"]
+    message = problems(raw)
+    assert "lora.alpha: missing; add it to params.yaml" in message
+    assert "report: missing; add it to params.yaml" in message
+
+
+def test_wrong_types(raw):
+    raw["lora"]["r"] = "16"
+    raw["train_full"]["group_by_length"] = "yes"
+    raw["lora"]["target_modules"] = "q"
+    raw["data"]["limit"] = 1.5
+    message = problems(raw)
+    assert "lora.r: expected an integer, got '16'" in message
+    assert "train_full.group_by_length: expected true or false, got 'yes'" in message
+    assert "lora.target_modules: expected a list of strings, got 'q'" in message
+    assert "data.limit: expected an integer or null, got 1.5" in message
+
+
+def test_yaml_float_without_dot_gets_a_hint(raw):
+    raw["train_lora"]["learning_rate"] = "1e-4"  # what PyYAML makes of `1e-4`
+    assert ("train_lora.learning_rate: expected a number, got '1e-4' "
+            "(PyYAML reads numbers like 1e-4 as strings: write 1.0e-4)") in problems(raw)
+
+
+def test_fp16_is_refused(raw):
+    raw["train_full"]["precision"] = "fp16"
+    assert "train_full.precision: expected one of 'auto', 'bf16', 'fp32', got 'fp16'" in problems(raw)
+
+
+def test_prompt_without_placeholder(raw):
+    raw["prepare"]["prompt_template"] = "Summarize:"
+    assert "prepare.prompt_template: must contain the placeholder {dialogue}" in problems(raw)
+
+
+def test_ints_are_accepted_where_floats_are_expected(raw):
+    raw["train_full"]["weight_decay"] = 0
+    assert parse_params(copy.deepcopy(raw)).train_full.weight_decay == 0.0
+
+
+def test_stage_exits_2_with_the_message_before_any_work(tmp_path, raw):
+    raw["lora"]["r"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run([sys.executable, "-m", "stages.data"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr == "error: 1 problem(s) in params.yaml:\n  - lora.r: must be >= 1, got 0\n"
+    assert not (tmp_path / "data").exists()
