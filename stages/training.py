@@ -65,8 +65,13 @@ def build_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tr
     # pad per batch (not to max length); -100 labels are ignored by the loss; multiples of 8
     # keep tensor-core shapes on GPU
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
-    return Seq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                          data_collator=collator, processing_class=tokenizer)
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
+                             data_collator=collator, processing_class=tokenizer)
+    # T5's forward takes **kwargs, so the Trainer assumes it divides the loss by
+    # num_items_in_batch; it does not (plain mean), so with 4 accumulation steps the loss and
+    # gradients would be 4x too large (and clipping 4x too tight). Let the Trainer divide.
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, float]:
