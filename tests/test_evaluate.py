@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-import torch
+import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from stages.evaluate import generate_summaries, lead_summary
 from stages.params import EvaluateParams
+from tests.conftest import REPO, dialogsum_rows, write_jsonl
 
 
 def test_lead_summary_takes_first_turns_without_speaker_tags():
@@ -31,3 +38,55 @@ def test_batched_sorted_generation_matches_per_example(tiny_model_dir, num_beams
     assert batched[0] == [s[0][0] for s in one_by_one]  # same summaries, in input order
     assert batched[1] == [s[1][0] for s in one_by_one]  # same generated lengths
     assert all(0 < n <= 8 for n in batched[1])
+
+
+def run_stage_module(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A directory where the data and prepare stages have run on small local data."""
+    root = tmp_path_factory.mktemp("evaluate")
+    for split in ("train", "validation", "test"):
+        write_jsonl(root / "source" / f"{split}.jsonl", dialogsum_rows(split, 6, references=3 if split == "test" else 1))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["name"] = str(tiny_model_dir)
+    params["data"]["source"] = str(root / "source")
+    params["evaluate"].update(num_beams=2, max_new_tokens=6, bootstrap_resamples=500)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage_module("stages.data", cwd=root)
+    run_stage_module("stages.prepare", cwd=root)
+    return root
+
+
+@pytest.mark.parametrize("variant", ["base", "lead"])
+def test_metrics_and_predictions_are_bit_identical_across_runs(workdir, variant):
+    outputs = [workdir / "metrics" / "evaluate" / f"{variant}.json", workdir / "data" / "predictions" / f"{variant}.jsonl"]
+    run_stage_module("stages.evaluate", variant, cwd=workdir)
+    first = [p.read_bytes() for p in outputs]
+    run_stage_module("stages.evaluate", variant, cwd=workdir)
+    assert [p.read_bytes() for p in outputs] == first
+    metrics = json.loads(first[0])
+    assert metrics["dialogues"] == 6 and metrics["references"] == 18  # 18 rows, each dialogue generated once
+    assert metrics["rougeL_ci_low"] <= metrics["rougeL"] <= metrics["rougeL_ci_high"]
+    assert "generation_runtime_s" not in metrics  # timings live in metrics/timing/, apart from scores
+    assert (workdir / "metrics" / "timing" / f"evaluate_{variant}.json").is_file()
+
+
+def test_lead_baseline_scores_its_own_text(workdir):
+    run_stage_module("stages.evaluate", "lead", cwd=workdir)
+    first = json.loads((workdir / "data" / "predictions" / "lead.jsonl").read_text().splitlines()[0])
+    assert first["prediction"] == "Hello, I would like to book table 0 for dinner. Sure, for how many people?"
+    assert first["references"] == [f"Person1 books table 0 for dinner (version {r})." for r in range(3)]
+    assert first["rouge1"] >= first["rouge1_mean_ref"] > 0
+
+
+def test_unknown_variant_is_refused(workdir):
+    result = subprocess.run([sys.executable, "-m", "stages.evaluate", "fulll"], cwd=workdir, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr == "error: unknown variant 'fulll'; expected one of base, full, lora, lead\n"

@@ -90,6 +90,7 @@ def test_declared_outputs_exist(pipeline_repo, reproduced):
     for variant in VARIANTS:
         lines = (repo / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines()
         assert len(lines) == 8  # one per unique test dialogue, not per reference row
+        assert "generation_runtime_s" in json.loads((repo / "metrics" / "timing" / f"evaluate_{variant}.json").read_text())
     assert (repo / "metrics" / "report.md").read_text().startswith("# FLAN-T5 on DialogSum")
     assert len((repo / "data" / "per_dialogue.jsonl").read_text().splitlines()) == 8
 
@@ -114,6 +115,21 @@ def test_metric_files_have_the_expected_keys(pipeline_repo, reproduced):
         assert ROUGE_KEYS <= set(scores) and {f"{k}_mean_ref" for k in ROUGE_KEYS} <= set(scores)
         assert scores["dialogues"] == 8 and scores["references"] == 24
         assert all(0 <= scores[k] <= 100 for k in ROUGE_KEYS)
+
+
+def test_report_states_significance_in_words(pipeline_repo, reproduced):
+    report = (pipeline_repo / "metrics" / "report.md").read_text()
+    for heading in ("## Multi-reference ROUGE", "## Mean over references", "## 95% bootstrap confidence intervals",
+                    "## Paired tests on ROUGE-L", "## Generation diagnostics", "## Examples"):
+        assert heading in report
+    assert re.search(r"- \*\*full fine-tuning\*\* (is significantly (better|worse) than|vs) \*\*original", report)
+    assert "| lead baseline" in report
+
+
+def test_dvc_plots_render_rouge_by_variant(pipeline_repo, reproduced):
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], pipeline_repo))["data"]["rouge_by_variant"]
+    values = plots[0]["content"]["data"]["values"]
+    assert [v["variant"] for v in values] == list(VARIANTS) and all("rougeL" in v for v in values)
 
 
 def test_noop_repro_runs_nothing(pipeline_repo, reproduced):
