@@ -4,9 +4,13 @@ The snapshot in data/raw/ is what DVC versions, so every later stage reads exact
 rows no matter where they came from. Only `data.*` params affect this stage: changing the
 prompt or tokenization reruns `prepare`, never a fetch.
 
-Repairs are counted, never silent: rows whose dialogue or summary is empty or whitespace-only
-are dropped and counted in metrics/data.json; anything else malformed is an error that names
-the file and line.
+What is repaired and what is an error (nothing is dropped silently):
+- empty or whitespace-only dialogue or summary: row dropped, counted as <split>_dropped_empty
+  (a summary of nothing can neither be trained on nor scored);
+- a train or validation dialogue that also appears in test (same text up to whitespace): row
+  dropped, counted as <split>_dropped_test_overlap (it would leak the test set into training);
+- missing split file, missing column, malformed line, non-UTF-8 bytes, duplicate id: error naming
+  the file (and line) and the fix, because guessing would change the data set silently.
 """
 
 from __future__ import annotations
@@ -135,6 +139,17 @@ def clean_split(rows: list[dict], split: str, origin: str) -> tuple[list[dict], 
     return kept, dropped
 
 
+def normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def drop_test_overlap(rows: list[dict], test_rows: list[dict]) -> tuple[list[dict], int]:
+    """Rows whose dialogue does not appear in the test split, and how many were dropped."""
+    test_dialogues = {normalize(r["dialogue"]) for r in test_rows}
+    kept = [r for r in rows if normalize(r["dialogue"]) not in test_dialogues]
+    return kept, len(rows) - len(kept)
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -152,13 +167,15 @@ def fetch(params: DataParams) -> dict[str, list[dict]]:
 def main() -> None:
     params = load_params()
     splits = fetch(params.data)
-    stats = {}
+    cleaned, stats = {}, {}
     for split in SPLITS:
-        rows, dropped = clean_split(splits[split], split, params.data.source)
-        rows = rows[: params.data.limit]  # None keeps all
+        cleaned[split], stats[f"{split}_dropped_empty"] = clean_split(splits[split], split, params.data.source)
+    for split in ("train", "validation"):
+        cleaned[split], stats[f"{split}_dropped_test_overlap"] = drop_test_overlap(cleaned[split], cleaned["test"])
+    for split in SPLITS:
+        rows = cleaned[split][: params.data.limit]  # None keeps all
         write_jsonl(rows, RAW_DIR / f"{split}.jsonl")
         stats[f"{split}_rows"] = len(rows)
-        stats[f"{split}_dropped_empty"] = dropped
     STATS_FILE.parent.mkdir(parents=True, exist_ok=True)
     STATS_FILE.write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))

@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from datasets import Dataset, load_from_disk
@@ -77,11 +78,13 @@ def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, b
 
 
 def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]],
-                       params: EvaluateParams) -> tuple[list[str], list[int], list[bool]]:
+                       params: EvaluateParams, progress: Callable[[int, int], None] | None = None,
+                       ) -> tuple[list[str], list[int], list[bool]]:
     """Batched generation, longest inputs first, halving the batch on CUDA out-of-memory.
 
     Sorting by length keeps padding (wasted compute) small; longest-first makes an
     out-of-memory error happen on the first batch, not after an hour.
+    `progress(done, total)`, if given, is called after each batch.
     """
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
     kwargs = generation_kwargs(params)
@@ -100,6 +103,8 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
             continue
         results.update(zip(chunk, zip(texts, lengths, hit_max)))
         start += len(chunk)
+        if progress is not None:
+            progress(start, len(order))
     summaries, lengths, hit_max = zip(*(results[i] for i in range(len(input_ids)))) if results else ((), (), ())
     return list(summaries), list(lengths), list(hit_max)
 

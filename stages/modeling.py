@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError
 from stages.params import ModelParams
@@ -60,6 +60,23 @@ def load_model(name: str, revision: str = "main", dtype: torch.dtype = torch.flo
 
 def load_base(params: ModelParams, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     return load_tokenizer(params.name, params.revision), load_model(params.name, params.revision, dtype)
+
+
+def linear_layer_names(params: ModelParams) -> list[str]:
+    """Names of the model's linear layers (LoRA targets), from its config alone.
+
+    The model is built on the meta device: no weights are downloaded or allocated, so a bad
+    lora.target_modules fails in a second instead of after loading the weights.
+    """
+    try:
+        config = AutoConfig.from_pretrained(params.name, revision=_revision(params.name, params.revision),
+                                            trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise _load_hint(params.name, params.revision, error) from None
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)})
 
 
 def head_is_tied(model: PreTrainedModel) -> bool:

@@ -88,6 +88,8 @@ class TrainParams:
     precision: Literal["auto", "bf16", "fp32"]
     group_by_length: bool
     logging_steps: int
+    save_steps: int
+    auto_find_batch_size: bool
     dataloader_workers: int
 
     def problems(self, section: str) -> list[str]:
@@ -109,6 +111,7 @@ class TrainParams:
                      f"{section}.max_grad_norm: must be > 0, got {self.max_grad_norm}")
             + _check(self.logging_steps >= 1,
                      f"{section}.logging_steps: must be >= 1, got {self.logging_steps}")
+            + _check(self.save_steps >= 1, f"{section}.save_steps: must be >= 1, got {self.save_steps}")
             + _check(self.dataloader_workers >= 0,
                      f"{section}.dataloader_workers: must be >= 0, got {self.dataloader_workers}")
         )

@@ -8,6 +8,7 @@ same summary three times is wasted work. Truncation counts go to metrics/prepare
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -47,16 +48,12 @@ def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: i
 
 
 def group_references(rows: list[dict]) -> list[dict]:
-    """One entry per unique dialogue text, in first-seen order, with every reference summary.
+    """One entry per dialogue with every reference summary: adjacent rows sharing the dialogue text.
 
-    Groups by the dialogue text itself, not by an id pattern (ids differ between releases).
+    Groups by the text itself, not by an id pattern (ids differ between releases).
     """
-    groups: dict[str, dict] = {}
-    for row in rows:
-        group = groups.setdefault(row["dialogue"], {"id": row["id"], "dialogue": row["dialogue"],
-                                                    "topic": row["topic"], "references": []})
-        group["references"].append(row["summary"])
-    return list(groups.values())
+    return [{"id": group[0]["id"], "dialogue": text, "references": [r["summary"] for r in group]}
+            for text, group in ((text, list(rows)) for text, rows in itertools.groupby(rows, key=lambda r: r["dialogue"]))]
 
 
 def prepare_training_split(rows: list[dict], tokenizer: PreTrainedTokenizerBase,

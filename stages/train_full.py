@@ -12,7 +12,16 @@ from transformers import set_seed
 from stages.errors import run_stage
 from stages.modeling import load_base, pick_device, save_seq2seq
 from stages.params import load_params
-from stages.training import build_trainer, load_training_splits, training_arguments, training_metrics, write_json
+from stages.training import (
+    build_trainer,
+    fingerprint,
+    load_training_splits,
+    remove_checkpoints,
+    resumable_checkpoint,
+    training_arguments,
+    training_metrics,
+    write_json,
+)
 
 PREPARED_DIR = Path("data/prepared")
 MODEL_DIR = Path("models/full")
@@ -28,9 +37,12 @@ def main() -> None:
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_full, params.seed, CHECKPOINT_DIR, device)
     trainer = build_trainer(model, tokenizer, train, validation, args)
-    result = trainer.train()
+    resume = resumable_checkpoint(CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
+                                                              params.train_full))
+    result = trainer.train(resume_from_checkpoint=resume)
     save_seq2seq(trainer.model, tokenizer, MODEL_DIR)
     write_json(training_metrics(trainer, result), METRICS_FILE)
+    remove_checkpoints(CHECKPOINT_DIR)
 
 
 if __name__ == "__main__":

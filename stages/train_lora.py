@@ -7,14 +7,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, TaskType, get_peft_model
-from transformers import PreTrainedModel, set_seed
+from transformers import set_seed
 
 from stages.errors import StageError, run_stage
-from stages.modeling import load_base, pick_device
+from stages.modeling import linear_layer_names, load_base, pick_device
 from stages.params import LoraParams, load_params
-from stages.training import build_trainer, load_training_splits, training_arguments, training_metrics, write_json
+from stages.training import (
+    build_trainer,
+    fingerprint,
+    load_training_splits,
+    remove_checkpoints,
+    resumable_checkpoint,
+    training_arguments,
+    training_metrics,
+    write_json,
+)
 
 PREPARED_DIR = Path("data/prepared")
 MODEL_DIR = Path("models/lora")
@@ -22,14 +30,12 @@ CHECKPOINT_DIR = Path("checkpoints/train_lora")
 METRICS_FILE = Path("metrics/train_lora.json")
 
 
-def lora_config(params: LoraParams, model: PreTrainedModel) -> LoraConfig:
-    """LoraConfig from params, after checking every target module exists in this model."""
-    available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear)})
-    unknown = [m for m in params.target_modules if m not in available]
+def lora_config(params: LoraParams, linear_layers: list[str]) -> LoraConfig:
+    """LoraConfig from params, after checking every target module is a linear layer of the model."""
+    unknown = [m for m in params.target_modules if m not in linear_layers]
     if unknown:
         raise StageError(f"lora.target_modules: {', '.join(unknown)} not found in the model; "
-                         f"linear layers available: {', '.join(available)}")
+                         f"linear layers available: {', '.join(linear_layers)}")
     return LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=params.r, lora_alpha=params.alpha,
                       lora_dropout=params.dropout, target_modules=list(params.target_modules),
                       bias=params.bias)
@@ -45,14 +51,18 @@ def main() -> None:
     params = load_params()
     set_seed(params.seed)
     device = pick_device()
+    config = lora_config(params.lora, linear_layer_names(params.model))  # fail fast, before the weights
     tokenizer, model = load_base(params.model)
-    model = get_peft_model(model, lora_config(params.lora, model))
+    model = get_peft_model(model, config)
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_lora, params.seed, CHECKPOINT_DIR, device)
     trainer = build_trainer(model, tokenizer, train, validation, args)
-    result = trainer.train()
+    resume = resumable_checkpoint(CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
+                                                              params.train_lora, params.lora))
+    result = trainer.train(resume_from_checkpoint=resume)
     save_adapter(trainer.model, tokenizer, MODEL_DIR)
     write_json(training_metrics(trainer, result), METRICS_FILE)
+    remove_checkpoints(CHECKPOINT_DIR)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,21 @@
-"""The training skeleton shared by train_full and train_lora: data, Trainer, metrics.
+"""The training skeleton shared by train_full and train_lora: data, Trainer, checkpoints, metrics.
 
 Both stages fine-tune with the same Seq2SeqTrainer recipe; only what is trainable (all weights
 or LoRA adapters) and what is saved differs, so everything else lives here once.
+
+Checkpoints go to checkpoints/<stage>/, a `persist: true` output that DVC leaves alone, so a
+run killed overnight resumes from its last checkpoint on the next `dvc repro`. A fingerprint of
+the params and the prepared data sits beside them: checkpoints made with anything else are
+discarded, never resumed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import resource
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,7 +27,7 @@ from transformers import (
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
 )
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from stages.modeling import use_bf16
 from stages.params import TrainParams
@@ -27,6 +36,39 @@ from stages.params import TrainParams
 def load_training_splits(prepared_dir: Path) -> tuple[Dataset, Dataset]:
     splits = load_from_disk(str(prepared_dir))
     return splits["train"], splits["validation"]
+
+
+def fingerprint(prepared_dir: Path, *params: object) -> str:
+    """sha256 over the params (dataclasses or plain values) and the prepared train/validation files."""
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p
+                                        for p in params], sort_keys=True).encode())
+    for path in sorted((prepared_dir / "train").glob("*.arrow")) + sorted((prepared_dir / "validation").glob("*.arrow")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def resumable_checkpoint(checkpoint_dir: Path, run_fingerprint: str) -> str | None:
+    """The last checkpoint of an interrupted run with the same fingerprint, else None.
+
+    Checkpoints from a run with other params or data are deleted, not resumed.
+    """
+    marker = checkpoint_dir / "fingerprint.txt"
+    if checkpoint_dir.exists() and (not marker.is_file() or marker.read_text() != run_fingerprint):
+        if get_last_checkpoint(str(checkpoint_dir)):
+            print(f"discarding checkpoints in {checkpoint_dir}: made with other params or data")
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run_fingerprint)
+    last = get_last_checkpoint(str(checkpoint_dir))
+    if last:
+        print(f"resuming from {last}")
+    return last
+
+
+def remove_checkpoints(checkpoint_dir: Path) -> None:
+    """After a finished run: a forced rerun must train from scratch, not 'resume' a finished one."""
+    for path in checkpoint_dir.glob("checkpoint-*"):
+        shutil.rmtree(path)
 
 
 def training_arguments(params: TrainParams, seed: int, output_dir: Path,
@@ -48,7 +90,10 @@ def training_arguments(params: TrainParams, seed: int, output_dir: Path,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         eval_strategy="epoch",
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=1,  # resuming needs only the newest; full-FT checkpoints of base are ~3 GB
+        auto_find_batch_size=params.auto_find_batch_size,  # halves the batch on CUDA out-of-memory
         logging_strategy="steps",
         logging_steps=params.logging_steps,
         report_to="none",
@@ -82,8 +127,15 @@ def count_parameters(model: torch.nn.Module) -> dict[str, float]:
             "trainable_percent": round(100 * trainable / total, 4)}
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def training_metrics(trainer: Seq2SeqTrainer, result: TrainOutput) -> dict[str, float]:
-    """Flat metrics: losses (deterministic on CPU) apart from timings (`*_s`, `*_per_second`)."""
+    """Flat metrics: losses (deterministic on CPU) apart from noisy figures named as such
+    (`*_s`, `*_per_second`, `peak_memory_mb`)."""
     history = trainer.state.log_history
     train_losses = [entry["loss"] for entry in history if "loss" in entry]
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
@@ -94,6 +146,7 @@ def training_metrics(trainer: Seq2SeqTrainer, result: TrainOutput) -> dict[str, 
         "train_steps": result.global_step,
         "train_runtime_s": round(result.metrics["train_runtime"], 2),
         "train_samples_per_second": round(result.metrics["train_samples_per_second"], 3),
+        "peak_memory_mb": round(peak_memory_mb(trainer.args.device), 1),
         **count_parameters(trainer.model),
     }
 

@@ -51,7 +51,7 @@ def dialogsum_rows(split: str, count: int, references: int = 1) -> list[dict]:
     rows = []
     for i in range(count):
         dialogue = (f"#Person1#: Hello, I would like to book table {i} for dinner.\n"
-                    f"#Person2#: Sure, for how many people?\n#Person1#: {i % 5 + 2} people, at seven.")
+                    f"#Person2#: Sure, for how many people?\n#Person1#: {i % 5 + 2} people, at seven ({split}).")
         for r in range(references):
             rows.append({"id": f"{split}_{i}_{r + 1}" if references > 1 else f"{split}_{i}",
                          "dialogue": dialogue, "summary": f"Person1 books table {i} for dinner (version {r}).",

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.data import DataError, clean_split, load_local, read_split_file
+from stages.data import DataError, clean_split, drop_test_overlap, load_local, read_split_file
 from tests.conftest import REPO, dialogsum_rows, write_jsonl
 
 
@@ -106,7 +106,8 @@ def test_stage_writes_snapshot_limit_and_stats(tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "metrics" / "data.json").read_text())
-    assert stats == {"train_rows": 4, "train_dropped_empty": 1, "validation_rows": 4, "validation_dropped_empty": 0,
+    assert stats == {"train_rows": 4, "train_dropped_empty": 1, "train_dropped_test_overlap": 0,
+                     "validation_rows": 4, "validation_dropped_empty": 0, "validation_dropped_test_overlap": 0,
                      "test_rows": 6, "test_dropped_empty": 0}
     snapshot = [json.loads(line) for line in (tmp_path / "data" / "raw" / "test.jsonl").read_text().splitlines()]
     assert [r["id"] for r in snapshot] == ["test_0_1", "test_0_2", "test_0_3", "test_1_1", "test_1_2", "test_1_3"]
@@ -124,3 +125,27 @@ def test_unreachable_hub_dataset_is_one_clear_line(tmp_path):
     assert result.stderr.startswith("error: could not load dataset 'no-such-user/no-such-dataset' (revision 'main')")
     assert "point data.source at a local directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_train_dialogues_seen_in_test_are_dropped_and_counted():
+    train = dialogsum_rows("train", 3)
+    test = dialogsum_rows("test", 2, references=3)
+    train[2]["dialogue"] = "  " + test[0]["dialogue"].replace("\n", " \n ")  # same text up to whitespace
+    kept, dropped = drop_test_overlap(train, test)
+    assert [r["id"] for r in kept] == ["train_0", "train_1"] and dropped == 1
+
+
+def test_stage_exits_2_naming_the_malformed_line(tmp_path):
+    source = tmp_path / "source"
+    for split in ("train", "validation", "test"):
+        write_split(source, split, dialogsum_rows(split, 2), "jsonl")
+    with open(source / "validation.jsonl", "a", encoding="utf-8") as f:
+        f.write("not json\n")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["source"] = str(source)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "stages.data"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {source}/validation.jsonl:3: malformed JSON line "
+                             "(Expecting value)\n")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -90,3 +91,29 @@ def test_unknown_variant_is_refused(workdir):
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2
     assert result.stderr == "error: unknown variant 'fulll'; expected one of base, full, lora, lead\n"
+
+
+class OutOfMemoryAbove:
+    """Stands in for a model on a small GPU: generate() raises CUDA OOM for batches above `limit`."""
+
+    def __init__(self, model, limit: int):
+        self.model, self.limit, self.device, self.batch_sizes = model, limit, model.device, []
+
+    def generate(self, **inputs):
+        self.batch_sizes.append(len(inputs["input_ids"]))
+        if len(inputs["input_ids"]) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.model.generate(**inputs)
+
+
+def test_generation_halves_the_batch_on_out_of_memory(tiny_model_dir, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).eval()
+    input_ids = tokenizer(["hello", "how are you", "see you", "thanks", "a table for two"])["input_ids"]
+    params = EvaluateParams(batch_size=8, num_beams=1, max_new_tokens=5, length_penalty=1.0,
+                            no_repeat_ngram_size=0, bootstrap_resamples=100)
+    flaky = OutOfMemoryAbove(model, limit=2)
+    summaries = generate_summaries(flaky, tokenizer, input_ids, params)
+    assert summaries == generate_summaries(model, tokenizer, input_ids, params)
+    assert flaky.batch_sizes == [5, 4, 2, 2, 1]  # 8 -> 4 -> 2, then the remaining dialogue
+    assert "CUDA out of memory: retrying with evaluate.batch_size=2" in capsys.readouterr().err

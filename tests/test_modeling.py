@@ -1,0 +1,103 @@
+"""FLAN-T5's separate output head survives loading, training (full and LoRA), saving, reloading and
+merging; weights load from safetensors only; unloadable models give one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from safetensors.torch import load_file
+
+from stages.modeling import ModelLoadError, head_is_tied, linear_layer_names, load_model, load_tokenizer, save_seq2seq
+from stages.params import ModelParams, TrainParams
+from stages.training import build_trainer, training_arguments
+from tests.conftest import REPO
+
+TRAIN = TrainParams(epochs=1, learning_rate=1.0e-2, batch_size=2, gradient_accumulation_steps=1, eval_batch_size=2,
+                    weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=1.0, precision="fp32",
+                    group_by_length=False, logging_steps=1, save_steps=100, auto_find_batch_size=False,
+                    dataloader_workers=0)
+
+
+@pytest.fixture(scope="module")
+def saved_head(tiny_model_dir) -> torch.Tensor:
+    tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert not torch.equal(tensors["lm_head.weight"], tensors["shared.weight"])  # the premise of these tests
+    return tensors["lm_head.weight"]
+
+
+def tiny_dataset(tokenizer) -> Dataset:
+    source = tokenizer(["hello how are you", "see you at the station", "book a table for two", "thanks a lot"])
+    labels = tokenizer(["greeting", "meeting", "booking", "thanks"])["input_ids"]
+    return Dataset.from_dict({"input_ids": source["input_ids"], "attention_mask": source["attention_mask"],
+                              "labels": labels})
+
+
+def train(model, tokenizer, output_dir) -> None:
+    data = tiny_dataset(tokenizer)
+    args = training_arguments(TRAIN, seed=0, output_dir=output_dir, device=torch.device("cpu"))
+    build_trainer(model, tokenizer, data, data, args).train()
+
+
+def test_loading_keeps_the_head_apart(tiny_model_dir, saved_head):
+    model = load_model(str(tiny_model_dir))
+    assert not head_is_tied(model)
+    assert torch.equal(model.lm_head.weight, saved_head)
+
+
+def test_full_training_save_and_reload_keep_the_trained_head(tiny_model_dir, saved_head, tmp_path):
+    tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    train(model, tokenizer, tmp_path / "checkpoints")
+    assert not head_is_tied(model)
+    trained_head = model.lm_head.weight.detach().clone()
+    assert not torch.equal(trained_head, saved_head)  # the head trained on its own
+    save_seq2seq(model, tokenizer, tmp_path / "full")
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["tie_word_embeddings"] is False
+    reloaded = load_model(str(tmp_path / "full"))
+    assert not head_is_tied(reloaded)
+    assert torch.equal(reloaded.lm_head.weight, trained_head)
+    assert not torch.equal(reloaded.lm_head.weight, reloaded.shared.weight)
+
+
+def test_lora_training_saving_and_merging_keep_the_original_head(tiny_model_dir, saved_head, tmp_path):
+    tokenizer, base = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=8,
+                                            target_modules=["q", "v"]))
+    train(model, tokenizer, tmp_path / "checkpoints")
+    model.save_pretrained(tmp_path / "lora")
+    merged = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(tmp_path / "lora")).merge_and_unload()
+    assert not head_is_tied(merged)
+    assert torch.equal(merged.lm_head.weight, saved_head)  # LoRA on q, v never touches the head
+
+
+def test_only_safetensors_weights_load(tiny_model_dir, tmp_path):
+    # a checkpoint in the pickle format only (pickle can run code when loaded)
+    torch.save(load_model(str(tiny_model_dir)).state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match=r"could not load '.*' \(revision 'main'\): OSError: .*safetensors"):
+        load_model(str(tmp_path))
+
+
+def test_lora_targets_come_from_the_config_alone(tiny_model_dir):
+    assert linear_layer_names(ModelParams(name=str(tiny_model_dir), revision="main")) == [
+        "k", "lm_head", "o", "q", "v", "wi_0", "wi_1", "wo"]
+
+
+def test_unreachable_model_is_one_clear_line(tmp_path):
+    params = (REPO / "params.yaml").read_text().replace("name: google/flan-t5-base", "name: no-such-org/no-such-model")
+    (tmp_path / "params.yaml").write_text(params)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+                                 "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    first, hint = result.stderr.splitlines()[:2]
+    assert first.startswith("error: could not load 'no-such-org/no-such-model' (revision 'main'): ")
+    assert hint.startswith("If the Hugging Face Hub is unreachable or the id is wrong, point model.name at a local")
+    assert "Traceback" not in result.stderr

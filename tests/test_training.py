@@ -1,0 +1,131 @@
+"""Training stages as DVC runs them: kill and resume, no stale resumes, determinism, fail-fast params."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, dialogsum_rows, write_jsonl
+
+NOISY = {"train_runtime_s", "train_samples_per_second", "peak_memory_mb"}
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def set_params(repo: Path, updates: dict[str, dict]) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in updates.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def git_commit(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty"], repo)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_model_dir) -> Path:
+    """A git + DVC copy of the project on the tiny model and 30 local rows, prepared and committed."""
+    root = tmp_path_factory.mktemp("training")
+    for split in ("train", "validation", "test"):
+        write_jsonl(root / "source" / f"{split}.jsonl", dialogsum_rows(split, 30 if split == "train" else 4))
+    repo = root / "repo"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, repo / name)
+    slow = {"epochs": 2, "batch_size": 1, "gradient_accumulation_steps": 1, "dataloader_workers": 0,
+            "logging_steps": 10, "save_steps": 2}  # 30 rows x 2 epochs = 60 steps, a checkpoint every 2
+    set_params(repo, {"model": {"name": str(tiny_model_dir)}, "data": {"source": str(root / "source")},
+                      "train_full": slow, "train_lora": slow})
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "repro", "prepare"], repo)
+    git_commit(repo, "prepared")
+    return repo
+
+
+def start_and_kill_after_first_checkpoint(repo: Path, stage: str) -> None:
+    # --force: the stage may be up to date from an earlier test
+    process = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((repo / "checkpoints" / stage).glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None, f"{stage} ended before its first checkpoint"
+        assert time.monotonic() < deadline, f"no checkpoint from {stage} within 300 s"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # like a power cut: no cleanup handlers run
+    process.wait()
+
+
+@pytest.mark.parametrize("stage", ["train_full", "train_lora"])
+def test_killed_training_resumes_from_its_last_checkpoint(repo, stage):
+    start_and_kill_after_first_checkpoint(repo, stage)
+    result = run(["dvc", "repro", stage], repo)
+    assert f"resuming from checkpoints/{stage}/checkpoint-" in result.stdout
+    metrics = json.loads((repo / "metrics" / f"{stage}.json").read_text())
+    assert metrics["train_steps"] == 60  # the resumed run finishes the whole schedule
+    assert not list((repo / "checkpoints" / stage).glob("checkpoint-*"))  # finished: nothing to resume
+    assert "Running stage" not in run(["dvc", "repro", stage], repo).stdout
+
+
+def test_checkpoint_from_other_params_is_discarded(repo):
+    start_and_kill_after_first_checkpoint(repo, "train_full")
+    set_params(repo, {"train_full": {"learning_rate": 2.0e-4}})
+    try:
+        result = run(["dvc", "repro", "train_full"], repo)
+        assert "discarding checkpoints in checkpoints/train_full: made with other params or data" in result.stdout
+        assert "resuming" not in result.stdout
+    finally:
+        set_params(repo, {"train_full": {"learning_rate": 1.0e-4}})
+
+
+def test_training_from_scratch_is_bit_identical(repo):
+    outputs = []
+    for _ in range(2):
+        run([sys.executable, "-m", "stages.train_full"], repo)
+        metrics = json.loads((repo / "metrics" / "train_full.json").read_text())
+        outputs.append(({k: v for k, v in metrics.items() if k not in NOISY},
+                        (repo / "models" / "full" / "model.safetensors").read_bytes()))
+    assert outputs[0] == outputs[1]
+    assert set(metrics) >= NOISY  # noisy figures are kept, under keys that say what they are
+
+
+def test_bad_lora_target_from_dvc_exp_run_fails_fast_with_the_names(repo):
+    git_commit(repo, "baseline")  # dvc exp run needs a committed baseline
+    started = time.monotonic()
+    result = run(["dvc", "exp", "run", "-S", "lora.target_modules=[q,qv]", "train_lora"], repo, check=False)
+    assert result.returncode != 0
+    assert ("error: lora.target_modules: qv not found in the model; linear layers available: k, lm_head, o, q, v, "
+            "wi_0, wi_1, wo") in result.stderr + result.stdout
+    assert time.monotonic() - started < 60
+
+
+def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
+    git_commit(repo, "baseline")
+    # DVC refuses to override a key that does not exist; "+" appends it, as a user would after that hint
+    result = run(["dvc", "exp", "run", "-S", "lora.r=0", "-S", "+lora.rank=8", "train_lora"], repo, check=False)
+    assert result.returncode != 0
+    output = result.stderr + result.stdout
+    assert "error: 2 problem(s) in params.yaml:" in output
+    assert "lora.rank: unknown key; valid keys are alpha, bias, dropout, r, target_modules" in output
+    assert "lora.r: must be >= 1, got 0" in output
