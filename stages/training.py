@@ -27,7 +27,7 @@ from transformers import (
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
 )
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import TrainOutput
 
 from stages.modeling import use_bf16
 from stages.params import TrainParams
@@ -47,22 +47,43 @@ def fingerprint(prepared_dir: Path, *params: object) -> str:
     return digest.hexdigest()
 
 
-def resumable_checkpoint(checkpoint_dir: Path, run_fingerprint: str) -> str | None:
-    """The last checkpoint of an interrupted run with the same fingerprint, else None.
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Checkpoints whose trainer_state.json parses, oldest first.
 
-    Checkpoints from a run with other params or data are deleted, not resumed.
+    The Trainer writes trainer_state.json last, so a run killed mid-save leaves a folder
+    without it (or with a truncated one): that folder cannot be resumed from.
+    """
+    complete = []
+    for path in sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        complete.append(path)
+    return complete
+
+
+def resumable_checkpoint(checkpoint_dir: Path, run_fingerprint: str) -> str | None:
+    """The newest complete checkpoint of an interrupted run with the same fingerprint, else None.
+
+    Checkpoints from a run with other params or data are deleted, not resumed; so are
+    incomplete ones.
     """
     marker = checkpoint_dir / "fingerprint.txt"
     if checkpoint_dir.exists() and (not marker.is_file() or marker.read_text() != run_fingerprint):
-        if get_last_checkpoint(str(checkpoint_dir)):
+        if list(checkpoint_dir.glob("checkpoint-*")):
             print(f"discarding checkpoints in {checkpoint_dir}: made with other params or data")
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run_fingerprint)
-    last = get_last_checkpoint(str(checkpoint_dir))
-    if last:
-        print(f"resuming from {last}")
-    return last
+    complete = complete_checkpoints(checkpoint_dir)
+    for path in set(checkpoint_dir.glob("checkpoint-*")) - set(complete):
+        print(f"removing incomplete checkpoint {path} (the run was killed while saving it)")
+        shutil.rmtree(path)
+    if complete:
+        print(f"resuming from {complete[-1]}")
+        return str(complete[-1])
+    return None
 
 
 def remove_checkpoints(checkpoint_dir: Path) -> None:
@@ -86,7 +107,8 @@ def training_arguments(params: TrainParams, seed: int, output_dir: Path,
         lr_scheduler_type=params.lr_scheduler,
         max_grad_norm=params.max_grad_norm,
         bf16=use_bf16(params.precision, device),
-        tf32=cuda or None,  # TF32 matmuls on Ampere+ GPUs; the flag is invalid on CPU
+        # TF32 matmuls on Ampere and newer GPUs; the flag raises on CPU and older GPUs
+        tf32=True if cuda and torch.cuda.get_device_capability(device)[0] >= 8 else None,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         eval_strategy="epoch",

@@ -129,3 +129,16 @@ def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
     assert "error: 2 problem(s) in params.yaml:" in output
     assert "lora.rank: unknown key; valid keys are alpha, bias, dropout, r, target_modules" in output
     assert "lora.r: must be >= 1, got 0" in output
+
+
+def test_incomplete_checkpoint_from_a_kill_during_save_is_skipped(tmp_path, capsys):
+    from stages.training import resumable_checkpoint
+
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-8").mkdir()  # killed before trainer_state.json was written
+    (tmp_path / "fingerprint.txt").write_text("abc")
+    assert resumable_checkpoint(tmp_path, "abc") == str(tmp_path / "checkpoint-4")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert f"resuming from {tmp_path}/checkpoint-4" in capsys.readouterr().out

@@ -1,0 +1,264 @@
+"""Speed benchmark: this pipeline's training and evaluation paths vs the seed recipe, as ratios.
+
+The seed recipe (the tutorials this project replaces) pads every example to the maximum length,
+trains in fp32 and generates one dialogue at a time. Both paths run here, in one process, on the
+same model architecture (random weights from ../shared/models/<config>) and the same DialogSum
+dialogues, so the ratios are measured, not quoted.
+
+    python benchmarks/speed.py                                   # CPU: flan-t5-small architecture
+    python benchmarks/speed.py --config flan-t5-base-config      # GPU: adds MFU and bf16
+
+Measures (a) generation, with the number of new tokens forced (min = max) so random weights
+compare fairly; (b) training samples/s and real tokens/s; (c) peak memory of full vs LoRA
+training at the same batch size; (d) on CUDA, model FLOPs utilisation of full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tabulate import tabulate
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from stages.evaluate import generate_summaries  # noqa: E402
+from stages.params import EvaluateParams, TrainParams  # noqa: E402
+from stages.prepare import format_prompt, tokenize  # noqa: E402
+from stages.training import build_trainer, training_arguments  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
+MAX_SOURCE, MAX_TARGET = 512, 128  # the seed pads to these; the pipeline truncates to them
+# dense bf16 peak FLOP/s by device name (no sparsity), for MFU
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="flan-t5-small-config", help="folder under ../shared/models")
+    parser.add_argument("--dialogues", type=int, default=32, help="test dialogues to generate for")
+    parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per dialogue (forced)")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="the evaluate stage's batch size")
+    parser.add_argument("--train-steps", type=int, default=12, help="optimizer steps per training run")
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch size (both paths)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--memory-probe", choices=["full", "lora"], help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def load_dialogues(split: str, count: int) -> list[dict]:
+    path = SHARED / "data" / "dialogsum" / f"{split}.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; the benchmark reads real DialogSum from ../shared")
+    rows, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["dialogue"] not in seen:  # the test split repeats each dialogue per reference
+                seen.add(row["dialogue"])
+                rows.append(row)
+            if len(rows) == count:
+                break
+    return rows
+
+
+def random_model(config_dir: Path, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(config_dir)).to(device).eval()
+
+
+class ForcedLength:
+    """Forces exactly `n` new tokens from generate() so random-weight models compare fairly."""
+
+    def __init__(self, model: torch.nn.Module, n: int):
+        self.model, self.n, self.device = model, n, model.device
+
+    def generate(self, **kwargs):
+        return self.model.generate(**kwargs, min_new_tokens=self.n)
+
+
+def seed_generation(model, tokenizer, dialogues: list[dict], new_tokens: int) -> float:
+    """The seed: one dialogue at a time, greedy, fp32, no inference_mode. Returns seconds."""
+    started = time.perf_counter()
+    for row in dialogues:
+        ids = tokenizer(format_prompt(PROMPT, row["dialogue"]), return_tensors="pt").input_ids.to(model.device)
+        model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    return time.perf_counter() - started
+
+
+def pipeline_generation(model, tokenizer, dialogues: list[dict], new_tokens: int, batch_size: int) -> float:
+    """The evaluate stage's path: pre-tokenized, sorted batches, inference_mode, bf16 on GPU."""
+    input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in dialogues], tokenizer, MAX_SOURCE)
+    params = EvaluateParams(batch_size=batch_size, num_beams=1, max_new_tokens=new_tokens, length_penalty=1.0,
+                            no_repeat_ngram_size=0, bootstrap_resamples=100)
+    started = time.perf_counter()
+    generate_summaries(ForcedLength(model, new_tokens), tokenizer, input_ids, params)
+    return time.perf_counter() - started
+
+
+def seed_dataset(tokenizer, rows: list[dict]) -> Dataset:
+    """The seed's tokenization: everything padded to the maximum length."""
+    source = tokenizer([format_prompt(PROMPT, r["dialogue"]) for r in rows], padding="max_length",
+                       truncation=True, max_length=MAX_SOURCE)
+    labels = tokenizer([r["summary"] for r in rows], padding="max_length", truncation=True,
+                       max_length=MAX_TARGET).input_ids
+    labels = [[t if t != tokenizer.pad_token_id else -100 for t in x] for x in labels]
+    return Dataset.from_dict({"input_ids": source.input_ids, "attention_mask": source.attention_mask,
+                              "labels": labels})
+
+
+def pipeline_dataset(tokenizer, rows: list[dict]) -> Dataset:
+    """The prepare stage's tokenization: truncated, unpadded (the collator pads per batch)."""
+    input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in rows], tokenizer, MAX_SOURCE)
+    labels, _ = tokenize([r["summary"] for r in rows], tokenizer, MAX_TARGET)
+    return Dataset.from_dict({"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids],
+                              "labels": labels})
+
+
+def real_tokens(dataset: Dataset, pad_id: int) -> list[int]:
+    return [sum(t != pad_id for t in i) + sum(t != -100 for t in l)
+            for i, l in zip(dataset["input_ids"], dataset["labels"])]
+
+
+def pipeline_train_params(batch_size: int) -> TrainParams:
+    return TrainParams(epochs=1, learning_rate=1.0e-4, batch_size=batch_size, gradient_accumulation_steps=1,
+                       eval_batch_size=batch_size, weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="constant",
+                       max_grad_norm=1.0, precision="auto", group_by_length=True, logging_steps=1000,
+                       save_steps=10**6, auto_find_batch_size=False, dataloader_workers=2)
+
+
+def timed_training(trainer, steps: int) -> tuple[float, int]:
+    """Seconds for `steps` optimizer steps and the samples they consumed."""
+    trainer.args.max_steps, trainer.args.eval_strategy, trainer.args.save_strategy = steps, "no", "no"
+    started = time.perf_counter()
+    trainer.train()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, steps * trainer.args.per_device_train_batch_size
+
+
+def seed_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path) -> Seq2SeqTrainer:
+    args = Seq2SeqTrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size, learning_rate=1.0e-4,
+                                    report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+                                    save_strategy="no", logging_steps=1000, seed=0)
+    return Seq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer))
+
+
+def pipeline_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path, device) -> Seq2SeqTrainer:
+    args = training_arguments(pipeline_train_params(batch_size), seed=0, output_dir=out, device=device)
+    return build_trainer(model, tokenizer, data, data, args)
+
+
+def lora(model):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=32, lora_alpha=32,
+                                            target_modules=["q", "v"]))
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """Child process: train a few steps of full or LoRA fine-tuning, print peak memory in MiB."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config_dir = SHARED / "models" / args.config
+    tokenizer = AutoTokenizer.from_pretrained(config_dir)
+    model = random_model(config_dir, device).train()
+    model = lora(model) if args.memory_probe == "lora" else model
+    data = pipeline_dataset(tokenizer, load_dialogues("train", args.batch_size * 3))
+    with tempfile.TemporaryDirectory() as out:
+        timed_training(pipeline_trainer(model, tokenizer, data, args.batch_size, Path(out), device), 3)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({"peak_mb": peak / 2**20}))
+
+
+def peak_memory_mb(args: argparse.Namespace, kind: str) -> float:
+    # a fresh process per measurement: peak RSS / allocator peaks never go back down
+    output = subprocess.run([sys.executable, __file__, "--config", args.config, "--batch-size", str(args.batch_size),
+                             "--memory-probe", kind], capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_mb"]
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16.items() if key in name), None)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.memory_probe:
+        return memory_probe(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config_dir = SHARED / "models" / args.config
+    tokenizer = AutoTokenizer.from_pretrained(config_dir)
+    rows, results = [], {}
+
+    # (a) generation
+    model = random_model(config_dir, device)
+    test = load_dialogues("test", args.dialogues)
+    seed_s = seed_generation(model, tokenizer, test, args.new_tokens)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)  # the evaluate stage generates in bf16 on GPU
+    ours_s = pipeline_generation(model, tokenizer, test, args.new_tokens, args.eval_batch_size)
+    results["generation_speedup"] = seed_s / ours_s
+    rows.append(["generation (dialogues/s)", f"{len(test) / seed_s:.2f}", f"{len(test) / ours_s:.2f}",
+                 f"{seed_s / ours_s:.1f}x"])
+
+    # (b) training throughput, full fine-tuning
+    train_rows = load_dialogues("train", args.train_steps * args.batch_size)
+    seed_data, ours_data = seed_dataset(tokenizer, train_rows), pipeline_dataset(tokenizer, train_rows)
+    with tempfile.TemporaryDirectory() as out:
+        seed_time, samples = timed_training(seed_trainer(random_model(config_dir, device).train(), tokenizer,
+                                                          seed_data, args.batch_size, Path(out)), args.train_steps)
+        ours_model = random_model(config_dir, device).train()
+        ours_time, _ = timed_training(pipeline_trainer(ours_model, tokenizer, ours_data, args.batch_size, Path(out),
+                                                       device), args.train_steps)
+    tokens = sum(real_tokens(ours_data, tokenizer.pad_token_id))  # same rows, same real tokens on both paths
+    results["training_speedup"] = seed_time / ours_time
+    rows.append(["training (samples/s)", f"{samples / seed_time:.2f}", f"{samples / ours_time:.2f}",
+                 f"{seed_time / ours_time:.1f}x"])
+    rows.append(["training (real tokens/s)", f"{tokens / seed_time:.0f}", f"{tokens / ours_time:.0f}",
+                 f"{seed_time / ours_time:.1f}x"])
+
+    # (c) peak memory, full vs LoRA, same batch size, ours path
+    full_mb, lora_mb = peak_memory_mb(args, "full"), peak_memory_mb(args, "lora")
+    results["lora_over_full_memory"] = lora_mb / full_mb
+    rows.append(["peak memory MiB (full -> LoRA)", f"{full_mb:.0f}", f"{lora_mb:.0f}", f"{lora_mb / full_mb:.2f}x"])
+
+    # (d) model FLOPs utilisation of full fine-tuning on CUDA: 6 x params x tokens / time / peak
+    if device.type == "cuda" and peak_bf16_flops(device):
+        params = sum(p.numel() for p in ours_model.parameters())
+        mfu = 6 * params * tokens / ours_time / peak_bf16_flops(device)
+        results["mfu"] = mfu
+        rows.append(["MFU, full fine-tuning bf16", "", f"{100 * mfu:.1f}%", ""])
+
+    header = (f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
+              f" ({torch.get_num_threads()} threads), torch {torch.__version__}, {date.today()}\n"
+              f"model: {args.config} architecture, random weights; generation: {args.dialogues} test dialogues x "
+              f"{args.new_tokens} forced new tokens, greedy, eval batch {args.eval_batch_size}; training: "
+              f"{args.train_steps} steps x batch {args.batch_size}, seed pads to {MAX_SOURCE}/{MAX_TARGET}")
+    print(header)
+    print(tabulate(rows, headers=["measure", "seed recipe", "this pipeline", "ratio"], tablefmt="github"))
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, **results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Summarize new dialogues with any trained variant: the base model, models/full or models/lora.
+
+    python -m summarize --model models/lora dialogue.txt more.jsonl "#Person1#: Hi! ..." [--output out.jsonl]
+
+Each input is a `.txt` file (one dialogue), a `.jsonl` file (one object per line with a
+`dialogue` field and optionally an `id`), `-` (one dialogue from stdin) or literal dialogue
+text. Prompts, truncation and generation settings come from params.yaml, through the same
+code the prepare and evaluate stages use, so a summary here is what evaluation would produce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from safetensors import SafetensorError
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stages.errors import StageError, run_stage
+from stages.evaluate import generate_summaries
+from stages.modeling import ModelLoadError, load_base, load_model, load_tokenizer, pick_device, use_bf16
+from stages.params import EvaluateParams, ModelParams, Params, PrepareParams, load_params
+from stages.prepare import format_prompt, tokenize
+
+BASE = "base"  # --model base: params.yaml's model.name at model.revision, not fine-tuned
+FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    id: Any  # a .jsonl row's own id is kept as written (string or number)
+    text: str
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m summarize", description="Summarize dialogues with the base, full or LoRA model.")
+    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_TEXT",
+                        help="a .txt file (one dialogue), a .jsonl file (a 'dialogue' field per line, "
+                             "optional 'id'), - for stdin, or the dialogue text itself")
+    parser.add_argument("--model", required=True, metavar="DIR|base",
+                        help="a full model directory (config.json, e.g. models/full), a LoRA adapter "
+                             "directory (adapter_config.json, e.g. models/lora), or 'base' for "
+                             "params.yaml's model.name (write ./base for a directory named base)")
+    parser.add_argument("--base-model", metavar="NAME_OR_DIR",
+                        help="base model for a LoRA adapter, instead of the base_model_name_or_path "
+                             "in its adapter_config.json")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="PATH",
+                        help="params file with the prompt template and generation defaults (default: %(default)s)")
+    parser.add_argument("--output", type=Path, metavar="FILE.jsonl",
+                        help="write {id, summary} JSON lines here instead of printing one summary per line")
+    for option in ("batch-size", "num-beams", "max-new-tokens"):  # the evaluate stage's settings by default
+        parser.add_argument(f"--{option}", type=positive_int, metavar="N",
+                            help=f"default: params.yaml evaluate.{option.replace('-', '_')}")
+    return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def read_params_file(path: Path) -> Params:
+    if not path.is_file():
+        raise StageError(f"params file {str(path)!r} not found; run from the repo root or pass --params PATH")
+    return load_params(path)
+
+
+def read_dialogues(inputs: list[str], stdin: TextIO) -> list[Dialogue]:
+    dialogues = [d for position, arg in enumerate(inputs, 1) for d in read_input(arg, position, stdin)]
+    if not dialogues:
+        raise StageError("no dialogues to summarize: the .jsonl inputs have no rows")
+    for dialogue in dialogues:
+        if not dialogue.text.strip():
+            raise StageError(f"dialogue {dialogue.id!r} is empty")
+    return dialogues
+
+
+def read_input(arg: str, position: int, stdin: TextIO) -> list[Dialogue]:
+    """The dialogues one positional argument stands for."""
+    if arg == "-":
+        return [Dialogue("stdin", stdin.read())]
+    # os.path, not pathlib: Path.is_file raises on literal text longer than a file name may be
+    if os.path.isfile(arg):
+        suffix = Path(arg).suffix.lower()
+        if suffix == ".txt":
+            return [Dialogue(arg, Path(arg).read_text(encoding="utf-8"))]
+        if suffix == ".jsonl":
+            return read_jsonl(Path(arg))
+        raise StageError(f"{arg}: unsupported file type {suffix or '(none)'!r}; "
+                         "use .txt (one dialogue) or .jsonl (a 'dialogue' field per line)")
+    if os.path.isdir(arg):
+        raise StageError(f"{arg}: is a directory; pass .txt or .jsonl files")
+    # a mistyped file name would otherwise be summarized as if it were the dialogue
+    if Path(arg).suffix.lower() in FILE_SUFFIXES and not any(c.isspace() for c in arg):
+        raise StageError(f"{arg}: no such file")
+    return [Dialogue(f"arg{position}", arg)]
+
+
+def read_jsonl(path: Path) -> list[Dialogue]:
+    dialogues = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise StageError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("dialogue"), str):
+                raise StageError(f"{path}:{number}: expected an object with a string 'dialogue' field")
+            dialogues.append(Dialogue(row.get("id", f"{path}:{number}"), row["dialogue"]))
+    return dialogues
+
+
+def generation_params(defaults: EvaluateParams, args: argparse.Namespace) -> EvaluateParams:
+    overrides = {"batch_size": args.batch_size, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    return dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_summarizer(model: str, base_model: str | None, defaults: ModelParams,
+                    device: torch.device) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer and eval-mode model on `device` for --model; any load failure is one StageError line."""
+    dtype = torch.bfloat16 if use_bf16("auto", device) else torch.float32
+    try:
+        if model == BASE:
+            reject_base_model(base_model, "--model base")
+            tokenizer, loaded = load_base(defaults, dtype)
+        else:
+            tokenizer, loaded = load_directory(Path(model), base_model, defaults, dtype)
+    except ModelLoadError as error:
+        # its second line is advice about params.yaml's model.name, which is beside the point here
+        raise StageError(first_line(error)) from None
+    except StageError:  # already says what to fix (StageError is a RuntimeError: keep it out of the next clause)
+        raise
+    except (SafetensorError, RuntimeError) as error:  # a truncated or mismatched weights file
+        raise StageError(f"could not load model {model!r}: {type(error).__name__}: {first_line(error)}") from None
+    return tokenizer, loaded.to(device).eval()
+
+
+def load_directory(directory: Path, base_model: str | None, defaults: ModelParams,
+                   dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    if not directory.is_dir():
+        raise StageError(f"model directory {str(directory)!r} not found; pass a trained model "
+                         "(models/full, models/lora) or --model base")
+    if (directory / "adapter_config.json").is_file():
+        return load_adapter(directory, base_model, defaults, dtype)
+    if (directory / "config.json").is_file():
+        reject_base_model(base_model, f"full model {str(directory)!r}")
+        return load_tokenizer(str(directory)), load_model(str(directory), dtype=dtype)
+    raise StageError(f"{str(directory)!r} has neither config.json (a full model) "
+                     "nor adapter_config.json (a LoRA adapter)")
+
+
+def reject_base_model(base_model: str | None, model: str) -> None:
+    # silently ignoring --base-model would summarize with a model the user did not ask for
+    if base_model is not None:
+        raise StageError(f"--base-model only applies to a LoRA adapter directory, not to {model}")
+
+
+def load_adapter(directory: Path, base_model: str | None, defaults: ModelParams,
+                 dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The base model with the LoRA adapter merged in (generation then costs what the base costs)."""
+    from peft import PeftModel  # imported here: only adapters need peft
+
+    config = read_adapter_config(directory / "adapter_config.json")
+    base_name = base_model or config.get("base_model_name_or_path")
+    if not base_name:
+        raise StageError(f"{directory / 'adapter_config.json'} names no base_model_name_or_path; pass --base-model")
+    # an adapter only fits the exact base weights it was trained on: the revision the adapter
+    # records, else the one params.yaml pins when the adapter was trained from params.yaml's model
+    revision = config.get("revision") or (defaults.revision if base_name == defaults.name else "main")
+    # train_lora saves the tokenizer beside the adapter; other adapters may not have one
+    has_tokenizer = (directory / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(directory) if has_tokenizer else base_name, revision)
+    model = load_model(base_name, revision, dtype)
+    try:
+        model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+    except RuntimeError as error:  # torch's load_state_dict: "Error(s) in loading ...", then one line per tensor
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise StageError(f"LoRA adapter {str(directory)!r} does not fit base model {base_name!r} ({detail}); "
+                         "pass the base it was trained on with --base-model") from None
+    except (OSError, ValueError, KeyError) as error:
+        raise StageError(f"could not attach LoRA adapter {str(directory)!r} to {base_name!r}: "
+                         f"{type(error).__name__}: {first_line(error)}") from None
+    return tokenizer, model
+
+
+def first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+def read_adapter_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise StageError(f"could not read {path}: {error}") from None
+    if not isinstance(config, dict):
+        raise StageError(f"{path}: expected a JSON object")
+    return config
+
+
+def encode(dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase, params: PrepareParams) -> list[list[int]]:
+    """Prompt ids exactly as the prepare stage builds them for training and evaluation."""
+    prompts = [format_prompt(params.prompt_template, d.text) for d in dialogues]
+    input_ids, truncated = tokenize(prompts, tokenizer, params.max_source_length)
+    if truncated:
+        print(f"note: {truncated} of {len(prompts)} dialogue(s) exceed prepare.max_source_length="
+              f"{params.max_source_length} tokens; their ends are cut off", file=sys.stderr)
+    return input_ids
+
+
+def print_progress(done: int, total: int) -> None:
+    print(f"summarized {done}/{total} dialogues", file=sys.stderr, flush=True)
+
+
+def summarize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]],
+              params: EvaluateParams) -> list[str]:
+    progress = print_progress if len(input_ids) > 1 else None  # one dialogue needs no progress
+    summaries, _, _ = generate_summaries(model, tokenizer, input_ids, params, progress=progress)
+    return summaries
+
+
+def write_summaries(dialogues: list[Dialogue], summaries: list[str], output: Path | None, stdout: TextIO) -> None:
+    if output is None:
+        for summary in summaries:  # one line per dialogue, so line N is input N's summary
+            print(" ".join(summary.splitlines()), file=stdout)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        for dialogue, summary in zip(dialogues, summaries):
+            f.write(json.dumps({"id": dialogue.id, "summary": summary}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(summaries)} summaries to {output}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    params = read_params_file(args.params)
+    dialogues = read_dialogues(args.inputs, sys.stdin)  # before loading: a bad input fails in seconds
+    tokenizer, model = load_summarizer(args.model, args.base_model, params.model, pick_device())
+    input_ids = encode(dialogues, tokenizer, params.prepare)
+    summaries = summarize(model, tokenizer, input_ids, generation_params(params.evaluate, args))
+    write_summaries(dialogues, summaries, args.output, sys.stdout)
+
+
+if __name__ == "__main__":
+    run_stage(lambda: main(sys.argv[1:]))
