@@ -130,10 +130,10 @@ def generation_params(defaults: EvaluateParams, args: argparse.Namespace) -> Eva
     return dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def load_summarizer(model: str, base_model: str | None, defaults: ModelParams,
+def load_summarizer(model: str, base_model: str | None, defaults: ModelParams, precision: str,
                     device: torch.device) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and eval-mode model on `device` for --model; any load failure is one StageError line."""
-    dtype = torch.bfloat16 if use_bf16("auto", device) else torch.float32
+    dtype = torch.bfloat16 if use_bf16(precision, device) else torch.float32
     try:
         if model == BASE:
             reject_base_model(base_model, "--model base")
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = read_params_file(args.params)
     dialogues = read_dialogues(args.inputs, sys.stdin)  # before loading: a bad input fails in seconds
-    tokenizer, model = load_summarizer(args.model, args.base_model, params.model, pick_device())
+    tokenizer, model = load_summarizer(args.model, args.base_model, params.model, params.evaluate.precision,
+                                       pick_device())
     input_ids = encode(dialogues, tokenizer, params.prepare)
     summaries = summarize(model, tokenizer, input_ids, generation_params(params.evaluate, args))
     write_summaries(dialogues, summaries, args.output, sys.stdout)

@@ -40,6 +40,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from stages.evaluate import generate_summaries  # noqa: E402
+from stages.modeling import use_bf16  # noqa: E402
 from stages.params import EvaluateParams, TrainParams  # noqa: E402
 from stages.prepare import format_prompt, tokenize  # noqa: E402
 from stages.training import build_trainer, training_arguments  # noqa: E402
@@ -54,9 +55,10 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="flan-t5-small-config", help="folder under ../shared/models")
-    parser.add_argument("--dialogues", type=int, default=32, help="test dialogues to generate for")
+    parser.add_argument("--dialogues", type=int, default=64, help="test dialogues to generate for")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per dialogue (forced)")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="the evaluate stage's batch size")
+    parser.add_argument("--eval-batch-size", type=int, default=16,
+                        help="the evaluate stage's batch size (16 is fastest on CPU; use 64+ on a GPU)")
     parser.add_argument("--train-steps", type=int, default=12, help="optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size (both paths)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -107,7 +109,7 @@ def seed_generation(model, tokenizer, dialogues: list[dict], new_tokens: int) ->
 def pipeline_generation(model, tokenizer, dialogues: list[dict], new_tokens: int, batch_size: int) -> float:
     """The evaluate stage's path: pre-tokenized, sorted batches, inference_mode, bf16 on GPU."""
     input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in dialogues], tokenizer, MAX_SOURCE)
-    params = EvaluateParams(batch_size=batch_size, num_beams=1, max_new_tokens=new_tokens, length_penalty=1.0,
+    params = EvaluateParams(batch_size=batch_size, precision="auto", num_beams=1, max_new_tokens=new_tokens, length_penalty=1.0,
                             no_repeat_ngram_size=0, bootstrap_resamples=100)
     started = time.perf_counter()
     generate_summaries(ForcedLength(model, new_tokens), tokenizer, input_ids, params)
@@ -214,8 +216,8 @@ def main() -> None:
     model = random_model(config_dir, device)
     test = load_dialogues("test", args.dialogues)
     seed_s = seed_generation(model, tokenizer, test, args.new_tokens)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)  # the evaluate stage generates in bf16 on GPU
+    if use_bf16("auto", device):
+        model = model.to(torch.bfloat16)  # as the evaluate stage: bf16 where the hardware has it
     ours_s = pipeline_generation(model, tokenizer, test, args.new_tokens, args.eval_batch_size)
     results["generation_speedup"] = seed_s / ours_s
     rows.append(["generation (dialogues/s)", f"{len(test) / seed_s:.2f}", f"{len(test) / ours_s:.2f}",
@@ -250,7 +252,8 @@ def main() -> None:
         rows.append(["MFU, full fine-tuning bf16", "", f"{100 * mfu:.1f}%", ""])
 
     header = (f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
-              f" ({torch.get_num_threads()} threads), torch {torch.__version__}, {date.today()}\n"
+              f" ({torch.get_num_threads()} threads), torch {torch.__version__}, {date.today()}, "
+              f"pipeline precision: {'bf16' if use_bf16('auto', device) else 'fp32'} (seed: fp32)\n"
               f"model: {args.config} architecture, random weights; generation: {args.dialogues} test dialogues x "
               f"{args.new_tokens} forced new tokens, greedy, eval batch {args.eval_batch_size}; training: "
               f"{args.train_steps} steps x batch {args.batch_size}, seed pads to {MAX_SOURCE}/{MAX_TARGET}")

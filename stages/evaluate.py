@@ -115,7 +115,7 @@ def summarize(variant: str, test: Dataset, model_params: ModelParams, params: Ev
         summaries = [lead_summary(d, lead_turns) for d in test["dialogue"]]
         return summaries, [0] * len(summaries), [False] * len(summaries)
     device = pick_device()
-    dtype = torch.bfloat16 if use_bf16("auto", device) else torch.float32
+    dtype = torch.bfloat16 if use_bf16(params.precision, device) else torch.float32
     tokenizer, model = load_variant(variant, model_params, dtype)
     model.to(device).eval()
     return generate_summaries(model, tokenizer, test["input_ids"], params)

@@ -107,11 +107,22 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the hardware computes bf16 natively: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu  # these probes are private in torch 2.x; treat their absence as "no"
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 when asked or when `auto` finds a GPU that supports it; T5 in fp16 overflows to NaN."""
+    """bf16 when asked, or when `auto` finds hardware that runs it natively; else fp32.
+
+    Measured on a 2-core AVX512-BF16 CPU: bf16 trains and generates flan-t5-small ~1.6x
+    faster than fp32. T5 in fp16 overflows to NaN, so fp16 is never an option.
+    """
     if precision == "fp32":
         return False
-    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "bf16" and not supported:
-        raise ModelLoadError("precision bf16 needs a CUDA GPU with bf16 support; use precision: auto or fp32")
-    return supported
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError("precision bf16 needs a GPU with bf16 support (Ampere or newer); use auto or fp32")
+    return precision == "bf16" or native_bf16(device)

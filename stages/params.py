@@ -138,6 +138,7 @@ class LoraParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
+    precision: Literal["auto", "bf16", "fp32"]
     num_beams: int
     max_new_tokens: int
     length_penalty: float

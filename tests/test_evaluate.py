@@ -31,7 +31,7 @@ def test_batched_sorted_generation_matches_per_example(tiny_model_dir, num_beams
     texts = ["hello", "how are you today my friend", "see you at the station tomorrow morning at nine",
              "thanks", "I would like to book a table for two people please"]
     input_ids = tokenizer(texts)["input_ids"]
-    params = EvaluateParams(batch_size=4, num_beams=num_beams, max_new_tokens=8, length_penalty=1.0,
+    params = EvaluateParams(batch_size=4, precision="fp32", num_beams=num_beams, max_new_tokens=8, length_penalty=1.0,
                             no_repeat_ngram_size=0, bootstrap_resamples=100)
     batched = generate_summaries(model, tokenizer, input_ids, params)
     one_by_one = [generate_summaries(model, tokenizer, [ids], EvaluateParams(**{**params.__dict__, "batch_size": 1}))
@@ -110,7 +110,7 @@ def test_generation_halves_the_batch_on_out_of_memory(tiny_model_dir, capsys):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).eval()
     input_ids = tokenizer(["hello", "how are you", "see you", "thanks", "a table for two"])["input_ids"]
-    params = EvaluateParams(batch_size=8, num_beams=1, max_new_tokens=5, length_penalty=1.0,
+    params = EvaluateParams(batch_size=8, precision="fp32", num_beams=1, max_new_tokens=5, length_penalty=1.0,
                             no_repeat_ngram_size=0, bootstrap_resamples=100)
     flaky = OutOfMemoryAbove(model, limit=2)
     summaries = generate_summaries(flaky, tokenizer, input_ids, params)

@@ -38,7 +38,8 @@ def workdir(tmp_path_factory, tiny_model_dir) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["name"] = str(tiny_model_dir)
     params["prepare"]["max_source_length"] = 128
-    params["evaluate"].update(num_beams=2, max_new_tokens=6, batch_size=2)
+    # fp32: the in-process reference below runs the model in fp32 too
+    params["evaluate"].update(num_beams=2, max_new_tokens=6, batch_size=2, precision="fp32")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
