@@ -144,7 +144,7 @@ def pipeline_train_params(batch_size: int) -> TrainParams:
     return TrainParams(epochs=1, learning_rate=1.0e-4, batch_size=batch_size, gradient_accumulation_steps=1,
                        eval_batch_size=batch_size, weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="constant",
                        max_grad_norm=1.0, precision="auto", group_by_length=True, logging_steps=1000,
-                       save_steps=10**6, auto_find_batch_size=False, dataloader_workers=2)
+                       save_steps=10**6, auto_find_batch_size=False, dataloader_workers=2, processes=1)
 
 
 def timed_training(trainer, steps: int) -> tuple[float, int]:

@@ -91,6 +91,7 @@ class TrainParams:
     save_steps: int
     auto_find_batch_size: bool
     dataloader_workers: int
+    processes: int
 
     def problems(self, section: str) -> list[str]:
         return (
@@ -112,6 +113,7 @@ class TrainParams:
             + _check(self.logging_steps >= 1,
                      f"{section}.logging_steps: must be >= 1, got {self.logging_steps}")
             + _check(self.save_steps >= 1, f"{section}.save_steps: must be >= 1, got {self.save_steps}")
+            + _check(self.processes >= 1, f"{section}.processes: must be >= 1, got {self.processes}")
             + _check(self.dataloader_workers >= 0,
                      f"{section}.dataloader_workers: must be >= 0, got {self.dataloader_workers}")
         )

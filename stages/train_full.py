@@ -5,6 +5,7 @@ Sibling of train_lora.py: `diff stages/train_full.py stages/train_lora.py` shows
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from transformers import set_seed
@@ -16,6 +17,7 @@ from stages.training import (
     build_trainer,
     fingerprint,
     load_training_splits,
+    model_card,
     remove_checkpoints,
     resumable_checkpoint,
     training_arguments,
@@ -26,6 +28,7 @@ from stages.training import (
 PREPARED_DIR = Path("data/prepared")
 MODEL_DIR = Path("models/full")
 CHECKPOINT_DIR = Path("checkpoints/train_full")
+CURVES_DIR = Path("dvclive/train_full")
 METRICS_FILE = Path("metrics/train_full.json")
 
 
@@ -36,13 +39,18 @@ def main() -> None:
     tokenizer, model = load_base(params.model)
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_full, params.seed, CHECKPOINT_DIR, device)
-    trainer = build_trainer(model, tokenizer, train, validation, args)
-    resume = resumable_checkpoint(CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
-                                                              params.train_full))
+    trainer = build_trainer(model, tokenizer, train, validation, args, CURVES_DIR)
+    resume = resumable_checkpoint(trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
+                                                                       params.train_full))
     result = trainer.train(resume_from_checkpoint=resume)
-    save_seq2seq(trainer.model, tokenizer, MODEL_DIR)
-    write_json(training_metrics(trainer, result), METRICS_FILE)
-    remove_checkpoints(CHECKPOINT_DIR)
+    if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
+        save_seq2seq(trainer.model, tokenizer, MODEL_DIR)
+        metrics = training_metrics(trainer, result)
+        write_json(metrics, METRICS_FILE)
+        card_params = {"seed": params.seed, "model": asdict(params.model), "train_full": asdict(params.train_full)}
+        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, params.data.source, "transformers",
+                                                        card_params, metrics))
+        remove_checkpoints(CHECKPOINT_DIR)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Sibling of train_full.py: `diff stages/train_full.py stages/train_lora.py` shows
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from peft import LoraConfig, TaskType, get_peft_model
@@ -17,6 +18,7 @@ from stages.training import (
     build_trainer,
     fingerprint,
     load_training_splits,
+    model_card,
     remove_checkpoints,
     resumable_checkpoint,
     training_arguments,
@@ -27,6 +29,7 @@ from stages.training import (
 PREPARED_DIR = Path("data/prepared")
 MODEL_DIR = Path("models/lora")
 CHECKPOINT_DIR = Path("checkpoints/train_lora")
+CURVES_DIR = Path("dvclive/train_lora")
 METRICS_FILE = Path("metrics/train_lora.json")
 
 
@@ -56,13 +59,19 @@ def main() -> None:
     model = get_peft_model(model, config)
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_lora, params.seed, CHECKPOINT_DIR, device)
-    trainer = build_trainer(model, tokenizer, train, validation, args)
-    resume = resumable_checkpoint(CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
-                                                              params.train_lora, params.lora))
+    trainer = build_trainer(model, tokenizer, train, validation, args, CURVES_DIR)
+    resume = resumable_checkpoint(trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
+                                                                       params.train_lora, params.lora))
     result = trainer.train(resume_from_checkpoint=resume)
-    save_adapter(trainer.model, tokenizer, MODEL_DIR)
-    write_json(training_metrics(trainer, result), METRICS_FILE)
-    remove_checkpoints(CHECKPOINT_DIR)
+    if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
+        save_adapter(trainer.model, tokenizer, MODEL_DIR)
+        metrics = training_metrics(trainer, result)
+        write_json(metrics, METRICS_FILE)
+        card_params = {"seed": params.seed, "model": asdict(params.model), "train_lora": asdict(params.train_lora),
+                       "lora": asdict(params.lora)}
+        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, params.data.source, "peft",
+                                                        card_params, metrics))
+        remove_checkpoints(CHECKPOINT_DIR)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,17 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from datasets import Dataset, load_from_disk
 from transformers import (
     DataCollatorForSeq2Seq,
+    TrainerCallback,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
 )
+from transformers.integrations import DVCLiveCallback
 from transformers.trainer_utils import TrainOutput
 
 from stages.modeling import use_bf16
@@ -63,12 +66,8 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return complete
 
 
-def resumable_checkpoint(checkpoint_dir: Path, run_fingerprint: str) -> str | None:
-    """The newest complete checkpoint of an interrupted run with the same fingerprint, else None.
-
-    Checkpoints from a run with other params or data are deleted, not resumed; so are
-    incomplete ones.
-    """
+def discard_unusable_checkpoints(checkpoint_dir: Path, run_fingerprint: str) -> None:
+    """Delete checkpoints made with other params or data, and ones cut short by a kill."""
     marker = checkpoint_dir / "fingerprint.txt"
     if checkpoint_dir.exists() and (not marker.is_file() or marker.read_text() != run_fingerprint):
         if list(checkpoint_dir.glob("checkpoint-*")):
@@ -76,14 +75,20 @@ def resumable_checkpoint(checkpoint_dir: Path, run_fingerprint: str) -> str | No
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run_fingerprint)
-    complete = complete_checkpoints(checkpoint_dir)
-    for path in set(checkpoint_dir.glob("checkpoint-*")) - set(complete):
+    for path in sorted(set(checkpoint_dir.glob("checkpoint-*")) - set(complete_checkpoints(checkpoint_dir))):
         print(f"removing incomplete checkpoint {path} (the run was killed while saving it)")
         shutil.rmtree(path)
-    if complete:
+
+
+def resumable_checkpoint(trainer: Seq2SeqTrainer, checkpoint_dir: Path, run_fingerprint: str) -> str | None:
+    """The newest usable checkpoint of an interrupted run with the same fingerprint, else None."""
+    if trainer.is_world_process_zero():  # under torchrun, one process cleans up, the others wait
+        discard_unusable_checkpoints(checkpoint_dir, run_fingerprint)
+    trainer.accelerator.wait_for_everyone()
+    complete = complete_checkpoints(checkpoint_dir)
+    if complete and trainer.is_world_process_zero():
         print(f"resuming from {complete[-1]}")
-        return str(complete[-1])
-    return None
+    return str(complete[-1]) if complete else None
 
 
 def remove_checkpoints(checkpoint_dir: Path) -> None:
@@ -109,7 +114,7 @@ def training_arguments(params: TrainParams, seed: int, output_dir: Path,
         bf16=use_bf16(params.precision, device),
         # TF32 matmuls on Ampere and newer GPUs; the flag raises on CPU and older GPUs
         tf32=True if cuda and torch.cuda.get_device_capability(device)[0] >= 8 else None,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        optim="adamw_torch_fused",  # one fused kernel per step; measured +17% samples/s on a 2-core CPU
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         eval_strategy="epoch",
         save_strategy="steps",
@@ -127,13 +132,29 @@ def training_arguments(params: TrainParams, seed: int, output_dir: Path,
     )
 
 
+def curve_loggers(curves_dir: Path, args: Seq2SeqTrainingArguments) -> list[TrainerCallback]:
+    """transformers' built-in DVCLive callback writing loss/learning-rate curves to curves_dir.
+
+    dvcyaml=None: DVCLive must not rewrite the project's dvc.yaml (the plots are declared there);
+    save_dvc_exp=False: the stage runs inside `dvc repro`/`dvc exp run`, which own experiments.
+    Only the first process logs under torchrun.
+    """
+    if args.process_index != 0:
+        return []
+    from dvclive import Live  # imported here: only the training stages log curves
+
+    return [DVCLiveCallback(live=Live(dir=str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None))]
+
+
 def build_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Dataset,
-                  validation: Dataset, args: Seq2SeqTrainingArguments) -> Seq2SeqTrainer:
+                  validation: Dataset, args: Seq2SeqTrainingArguments,
+                  curves_dir: Path | None = None) -> Seq2SeqTrainer:
     # pad per batch (not to max length); -100 labels are ignored by the loss; multiples of 8
     # keep tensor-core shapes on GPU
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                             data_collator=collator, processing_class=tokenizer)
+                             data_collator=collator, processing_class=tokenizer,
+                             callbacks=curve_loggers(curves_dir, args) if curves_dir else None)
     # T5's forward takes **kwargs, so the Trainer assumes it divides the loss by
     # num_items_in_batch; it does not (plain mean), so with 4 accumulation steps the loss and
     # gradients would be 4x too large (and clipping 4x too tight). Let the Trainer divide.
@@ -166,11 +187,25 @@ def training_metrics(trainer: Seq2SeqTrainer, result: TrainOutput) -> dict[str, 
         "train_loss_mean": round(result.training_loss, 6),
         "eval_loss": round(eval_losses[-1], 6),
         "train_steps": result.global_step,
+        "processes": trainer.args.world_size,
         "train_runtime_s": round(result.metrics["train_runtime"], 2),
         "train_samples_per_second": round(result.metrics["train_samples_per_second"], 3),
         "peak_memory_mb": round(peak_memory_mb(trainer.args.device), 1),
         **count_parameters(trainer.model),
     }
+
+
+def model_card(base_model: str, source: str, library: str, params: dict, metrics: dict) -> str:
+    """A Hugging Face Hub model card (README.md): YAML metadata, then what was trained and how."""
+    front_matter = {"base_model": base_model, "library_name": library, "pipeline_tag": "summarization",
+                    "datasets": [source], "tags": ["dialogue-summarization", "dvc", "flan-t5"]}
+    rows = "\n".join(f"| `{k}` | {v} |" for k, v in metrics.items())
+    return (f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n\n"
+            f"# {base_model} fine-tuned on {source} ({'LoRA adapter' if library == 'peft' else 'full fine-tuning'})\n\n"
+            "Trained by this repository's DVC pipeline (`dvc repro`); ROUGE on the test split is in "
+            "`metrics/evaluate/*.json` and `metrics/report.md`. The data (DialogSum) is licensed CC BY-NC-SA 4.0.\n\n"
+            f"## Params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n\n"
+            f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n")
 
 
 def write_json(data: dict, path: Path) -> None:

@@ -22,7 +22,7 @@ from tests.conftest import REPO
 TRAIN = TrainParams(epochs=1, learning_rate=1.0e-2, batch_size=2, gradient_accumulation_steps=1, eval_batch_size=2,
                     weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=1.0, precision="fp32",
                     group_by_length=False, logging_steps=1, save_steps=100, auto_find_batch_size=False,
-                    dataloader_workers=0)
+                    dataloader_workers=0, processes=1)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,34 @@ def test_prompt_change_does_not_refetch_but_data_change_does(pipeline_repo, repr
     assert dry_run_with(pipeline_repo, "report", "examples", 1) == {"report"}
 
 
+def test_training_curves_and_model_cards(pipeline_repo, reproduced):
+    repo = pipeline_repo
+    for stage in ("train_full", "train_lora"):
+        rows = (repo / "dvclive" / stage / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+        assert rows[0].split("\t")[-1] == "loss" and len(rows) > 2  # logging_steps=1: a row per step
+        assert (repo / "dvclive" / stage / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], repo))["data"]
+    assert {"training_loss", "learning_rate", "rouge_by_variant"} <= set(plots)
+    assert (repo / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()  # DVCLive left it alone
+    full_card, lora_card = ((repo / "models" / v / "README.md").read_text() for v in ("full", "lora"))
+    assert full_card.startswith("---\nbase_model: ") and "library_name: transformers" in full_card
+    assert "library_name: peft" in lora_card and "r: 32" in lora_card and "| `eval_loss` |" in lora_card
+
+
+def test_remote_push_clone_pull_is_clean(pipeline_repo, reproduced, tmp_path):
+    repo = pipeline_repo
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "reproduced, with a remote"], repo)
+    run(["dvc", "push"], repo)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run(["dvc", "pull"], clone)
+    assert (clone / "models" / "full" / "model.safetensors").is_file()
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone)
+    assert stages_run(run(["dvc", "repro"], clone)) == set()
+
+
 def test_lora_experiment_reruns_exactly_its_stages(pipeline_repo, reproduced):
     repo = pipeline_repo
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
@@ -176,3 +205,24 @@ def test_lora_experiment_reruns_exactly_its_stages(pipeline_repo, reproduced):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo))
     text = json.dumps(shown)
     assert "metrics/evaluate/lora.json" in text and '"rougeL"' in text
+
+
+def test_queued_grid_of_lora_ranks_lands_in_exp_show(pipeline_repo, reproduced):
+    repo = pipeline_repo
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lora r=16", "--allow-empty"], repo)
+    run(["dvc", "exp", "run", "--queue", "-S", "lora.r=4,8"], repo)  # a grid: one queued experiment per value
+    run(["dvc", "queue", "start", "--jobs", "1"], repo)
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", run(["dvc", "queue", "status"], repo)):
+        assert time.monotonic() < deadline, "queued experiments did not finish in 600 s"
+        time.sleep(2)
+    status = run(["dvc", "queue", "status"], repo)
+    assert status.count("Success") == 2, status
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo))
+    ranks = {}
+    for experiment in shown[0]["experiments"] or []:
+        data = experiment["revs"][0]["data"]
+        ranks[data["params"]["params.yaml"]["data"]["lora"]["r"]] = \
+            data["metrics"]["metrics/evaluate/lora.json"]["data"]["rougeL"]
+    assert {4, 8} <= set(ranks)

@@ -142,3 +142,15 @@ def test_incomplete_checkpoint_from_a_kill_during_save_is_skipped(tmp_path, caps
     assert resumable_checkpoint(tmp_path, "abc") == str(tmp_path / "checkpoint-4")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert f"resuming from {tmp_path}/checkpoint-4" in capsys.readouterr().out
+
+
+def test_two_process_ddp_training_on_cpu(repo):
+    set_params(repo, {"train_lora": {"processes": 2, "epochs": 1, "save_steps": 1000}})
+    try:
+        run(["dvc", "repro", "train_lora"], repo)  # torchrun --nproc_per_node=2, gloo on CPU
+        metrics = json.loads((repo / "metrics" / "train_lora.json").read_text())
+        assert metrics["processes"] == 2
+        assert metrics["train_steps"] == 15  # 30 rows / (1 per process x 2 processes)
+        assert (repo / "models" / "lora" / "adapter_model.safetensors").is_file()
+    finally:
+        set_params(repo, {"train_lora": {"processes": 1, "epochs": 2, "save_steps": 2}})
