@@ -16,9 +16,10 @@ training at the same batch size; (d) on CUDA, model FLOPs utilisation of full fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,11 +42,12 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from stages.evaluate import generate_summaries  # noqa: E402
 from stages.modeling import use_bf16  # noqa: E402
-from stages.params import EvaluateParams, TrainParams  # noqa: E402
+from stages.params import EvaluateParams, TrainParams, load_params  # noqa: E402
 from stages.prepare import format_prompt, tokenize  # noqa: E402
 from stages.training import build_trainer, training_arguments  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 MAX_SOURCE, MAX_TARGET = 512, 128  # the seed pads to these; the pipeline truncates to them
 # dense bf16 peak FLOP/s by device name (no sparsity), for MFU
@@ -141,10 +143,10 @@ def real_tokens(dataset: Dataset, pad_id: int) -> list[int]:
 
 
 def pipeline_train_params(batch_size: int) -> TrainParams:
-    return TrainParams(epochs=1, learning_rate=1.0e-4, batch_size=batch_size, gradient_accumulation_steps=1,
-                       eval_batch_size=batch_size, weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="constant",
-                       max_grad_norm=1.0, precision="auto", group_by_length=True, logging_steps=1000,
-                       save_steps=10**6, auto_find_batch_size=False, dataloader_workers=2, processes=1)
+    """params.yaml's train_full recipe (precision, grouping, workers...), at the benchmark's batch size."""
+    recipe = load_params(REPO / "params.yaml").train_full
+    return dataclasses.replace(recipe, batch_size=batch_size, gradient_accumulation_steps=1, logging_steps=10**6,
+                               save_steps=10**6, auto_find_batch_size=False, processes=1)
 
 
 def timed_training(trainer, steps: int) -> tuple[float, int]:
@@ -186,9 +188,11 @@ def memory_probe(args: argparse.Namespace) -> None:
     data = pipeline_dataset(tokenizer, load_dialogues("train", args.batch_size * 3))
     with tempfile.TemporaryDirectory() as out:
         timed_training(pipeline_trainer(model, tokenizer, data, args.batch_size, Path(out), device), 3)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"peak_mb": peak / 2**20}))
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec
+        peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+    print(json.dumps({"peak_mb": peak_mb}))
 
 
 def peak_memory_mb(args: argparse.Namespace, kind: str) -> float:
