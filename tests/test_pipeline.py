@@ -34,6 +34,20 @@ def run(args: list[str], cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
+def run_json(args: list[str], cwd: Path):
+    """A DVC command's --json output (stdout only: DVC writes notes to stderr)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def git_commit(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty"], repo)
+
+
 def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -62,8 +76,7 @@ def pipeline_repo(tmp_path_factory) -> Path:
     params = smoke_params(yaml.safe_load((repo / "params.yaml").read_text()), model_dir)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo)
+    git_commit(repo, "baseline")
     return repo
 
 
@@ -128,7 +141,7 @@ def test_report_states_significance_in_words(pipeline_repo, reproduced):
 
 
 def test_dvc_plots_render_rouge_by_variant(pipeline_repo, reproduced):
-    plots = json.loads(run(["dvc", "plots", "show", "--json"], pipeline_repo))["data"]["rouge_by_variant"]
+    plots = run_json(["dvc", "plots", "show", "--json"], pipeline_repo)["data"]["rouge_by_variant"]
     values = plots[0]["content"]["data"]["values"]
     assert [v["variant"] for v in values] == list(VARIANTS) and all("rougeL" in v for v in values)
 
@@ -160,11 +173,12 @@ def test_prompt_change_does_not_refetch_but_data_change_does(pipeline_repo, repr
 def test_training_curves_and_model_cards(pipeline_repo, reproduced):
     repo = pipeline_repo
     for stage in ("train_full", "train_lora"):
-        rows = (repo / "dvclive" / stage / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+        rows = (repo / "dvclive" / stage / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
         assert rows[0].split("\t")[-1] == "loss" and len(rows) > 2  # logging_steps=1: a row per step
         assert (repo / "dvclive" / stage / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
-    plots = json.loads(run(["dvc", "plots", "show", "--json"], repo))["data"]
-    assert {"training_loss", "learning_rate", "rouge_by_variant"} <= set(plots)
+    shown = run_json(["dvc", "plots", "show", "--json"], repo)
+    assert {"training_loss", "learning_rate", "rouge_by_variant"} <= set(shown["data"])
+    assert not shown.get("errors"), shown["errors"]  # every declared curve file exists
     assert (repo / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()  # DVCLive left it alone
     full_card, lora_card = ((repo / "models" / v / "README.md").read_text() for v in ("full", "lora"))
     assert full_card.startswith("---\nbase_model: ") and "library_name: transformers" in full_card
@@ -174,8 +188,7 @@ def test_training_curves_and_model_cards(pipeline_repo, reproduced):
 def test_remote_push_clone_pull_is_clean(pipeline_repo, reproduced, tmp_path):
     repo = pipeline_repo
     run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "reproduced, with a remote"], repo)
+    git_commit(repo, "reproduced, with a remote")
     run(["dvc", "push"], repo)
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
@@ -187,30 +200,28 @@ def test_remote_push_clone_pull_is_clean(pipeline_repo, reproduced, tmp_path):
 
 def test_lora_experiment_reruns_exactly_its_stages(pipeline_repo, reproduced):
     repo = pipeline_repo
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "reproduced"], repo)
+    git_commit(repo, "reproduced")
     output = run(["dvc", "exp", "run", "-S", "lora.r=16"], repo)
     assert stages_run(output) == {"train_lora", "evaluate@lora", "report"}
 
-    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo))
+    diff = run_json(["dvc", "metrics", "diff", "--json"], repo)
     trainable = diff["metrics/train_lora.json"]["trainable_params"]
     assert trainable["new"] * 2 == trainable["old"]  # rank 32 -> 16 halves the adapter
     assert "metrics/evaluate/full.json" not in diff  # untouched variants show no change
     # a random tiny model may score the same after the change, so ask for unchanged rows too
-    rouge = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], repo))["metrics/evaluate/lora.json"]
+    rouge = run_json(["dvc", "metrics", "diff", "--all", "--json"], repo)["metrics/evaluate/lora.json"]
     assert ROUGE_KEYS <= set(rouge) and {"old", "new"} <= set(rouge["rougeL"])
-    params_diff = json.loads(run(["dvc", "params", "diff", "--json"], repo))
+    params_diff = run_json(["dvc", "params", "diff", "--json"], repo)
     assert params_diff["params.yaml"]["lora.r"] == {"old": 32, "new": 16, "diff": -16}
 
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo))
+    shown = run_json(["dvc", "exp", "show", "--json"], repo)
     text = json.dumps(shown)
     assert "metrics/evaluate/lora.json" in text and '"rougeL"' in text
 
 
 def test_queued_grid_of_lora_ranks_lands_in_exp_show(pipeline_repo, reproduced):
     repo = pipeline_repo
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lora r=16", "--allow-empty"], repo)
+    git_commit(repo, "lora r=16")
     run(["dvc", "exp", "run", "--queue", "-S", "lora.r=4,8"], repo)  # a grid: one queued experiment per value
     run(["dvc", "queue", "start", "--jobs", "1"], repo)
     deadline = time.monotonic() + 600
@@ -219,9 +230,10 @@ def test_queued_grid_of_lora_ranks_lands_in_exp_show(pipeline_repo, reproduced):
         time.sleep(2)
     status = run(["dvc", "queue", "status"], repo)
     assert status.count("Success") == 2, status
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo))
+    shown = run_json(["dvc", "exp", "show", "--json"], repo)
     ranks = {}
-    for experiment in shown[0]["experiments"] or []:
+    baseline = next(row for row in shown if row["rev"] != "workspace")
+    for experiment in baseline["experiments"] or []:
         data = experiment["revs"][0]["data"]
         ranks[data["params"]["params.yaml"]["data"]["lora"]["r"]] = \
             data["metrics"]["metrics/evaluate/lora.json"]["data"]["rougeL"]
