@@ -15,6 +15,7 @@ from stages.modeling import load_base, pick_device, save_seq2seq
 from stages.params import load_params
 from stages.training import (
     build_trainer,
+    exit_with_launcher,
     fingerprint,
     load_training_splits,
     model_card,
@@ -34,6 +35,7 @@ METRICS_FILE = Path("metrics/train_full.json")
 
 def main() -> None:
     params = load_params()
+    exit_with_launcher()
     set_seed(params.seed)
     device = pick_device()
     tokenizer, model = load_base(params.model)

@@ -16,6 +16,7 @@ from stages.modeling import linear_layer_names, load_base, pick_device
 from stages.params import LoraParams, load_params
 from stages.training import (
     build_trainer,
+    exit_with_launcher,
     fingerprint,
     load_training_splits,
     model_card,
@@ -52,6 +53,7 @@ def save_adapter(model, tokenizer, out_dir: Path) -> None:
 
 def main() -> None:
     params = load_params()
+    exit_with_launcher()
     set_seed(params.seed)
     device = pick_device()
     config = lora_config(params.lora, linear_layer_names(params.model))  # fail fast, before the weights

@@ -14,8 +14,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import resource
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +37,24 @@ from transformers.trainer_utils import TrainOutput
 
 from stages.modeling import use_bf16
 from stages.params import TrainParams
+
+
+def exit_with_launcher() -> None:
+    """Under torchrun, exit when the launcher dies (e.g. `dvc repro` killed with SIGKILL).
+
+    torchrun starts workers in their own session, so a kill aimed at DVC's process group never
+    reaches them; an orphaned worker would keep training and race the next run's checkpoints.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:  # re-parented once the launcher is gone
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def load_training_splits(prepared_dir: Path) -> tuple[Dataset, Dataset]:

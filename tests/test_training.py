@@ -132,16 +132,19 @@ def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
 
 
 def test_incomplete_checkpoint_from_a_kill_during_save_is_skipped(tmp_path, capsys):
-    from stages.training import resumable_checkpoint
+    from stages.training import complete_checkpoints, discard_unusable_checkpoints
 
     for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st')):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-8").mkdir()  # killed before trainer_state.json was written
     (tmp_path / "fingerprint.txt").write_text("abc")
-    assert resumable_checkpoint(tmp_path, "abc") == str(tmp_path / "checkpoint-4")
+    discard_unusable_checkpoints(tmp_path, "abc")
+    assert complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert f"resuming from {tmp_path}/checkpoint-4" in capsys.readouterr().out
+    assert f"removing incomplete checkpoint {tmp_path}/checkpoint-6" in capsys.readouterr().out
+    discard_unusable_checkpoints(tmp_path, "other params")
+    assert not list(tmp_path.glob("checkpoint-*")) and (tmp_path / "fingerprint.txt").read_text() == "other params"
 
 
 def test_two_process_ddp_training_on_cpu(repo):
