@@ -114,6 +114,7 @@ def test_bad_lora_target_from_dvc_exp_run_fails_fast_with_the_names(repo):
     git_commit(repo, "baseline")  # dvc exp run needs a committed baseline
     started = time.monotonic()
     result = run(["dvc", "exp", "run", "-S", "lora.target_modules=[q,qv]", "train_lora"], repo, check=False)
+    run(["git", "checkout", "--", "params.yaml"], repo)  # a failed experiment leaves its -S values behind
     assert result.returncode != 0
     assert ("error: lora.target_modules: qv not found in the model; linear layers available: k, lm_head, o, q, v, "
             "wi_0, wi_1, wo") in result.stderr + result.stdout
@@ -124,6 +125,7 @@ def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
     git_commit(repo, "baseline")
     # DVC refuses to override a key that does not exist; "+" appends it, as a user would after that hint
     result = run(["dvc", "exp", "run", "-S", "lora.r=0", "-S", "+lora.rank=8", "train_lora"], repo, check=False)
+    run(["git", "checkout", "--", "params.yaml"], repo)
     assert result.returncode != 0
     output = result.stderr + result.stdout
     assert "error: 2 problem(s) in params.yaml:" in output
