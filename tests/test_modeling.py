@@ -3,6 +3,7 @@ merging; weights load from safetensors only; unloadable models give one clear li
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -101,3 +102,17 @@ def test_unreachable_model_is_one_clear_line(tmp_path):
     assert first.startswith("error: could not load 'no-such-org/no-such-model' (revision 'main'): ")
     assert hint.startswith("If the Hugging Face Hub is unreachable or the id is wrong, point model.name at a local")
     assert "Traceback" not in result.stderr
+
+
+def test_no_code_path_enables_remote_code():
+    sources = [*REPO.glob("stages/*.py"), REPO / "summarize.py", *REPO.glob("scripts/*.py")]
+    offenders = [str(p) for p in sources if "trust_remote_code=True" in p.read_text()]
+    assert offenders == []
+    assert (REPO / "stages" / "modeling.py").read_text().count("trust_remote_code=False") == 3  # every loader
+
+
+def test_training_retries_smaller_batches_on_out_of_memory(tmp_path):
+    # transformers' auto_find_batch_size halves the batch on CUDA OOM; it must reach the Trainer
+    args = training_arguments(dataclasses.replace(TRAIN, auto_find_batch_size=True), seed=0,
+                              output_dir=tmp_path, device=torch.device("cpu"))
+    assert args.auto_find_batch_size is True
