@@ -135,7 +135,7 @@ def training_arguments(params: TrainParams, seed: int, output_dir: Path,
         bf16=use_bf16(params.precision, device),
         # TF32 matmuls on Ampere and newer GPUs; the flag raises on CPU and older GPUs
         tf32=True if cuda and torch.cuda.get_device_capability(device)[0] >= 8 else None,
-        optim="adamw_torch_fused",  # one fused kernel per step; measured +17% samples/s on a 2-core CPU
+        optim="adamw_torch_fused",  # one fused kernel per step (transformers' default with torch >= 2.8)
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         eval_strategy="epoch",
         save_strategy="steps",
