@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError
@@ -53,7 +54,7 @@ def load_model(name: str, revision: str = "main", dtype: torch.dtype = torch.flo
             name, revision=_revision(name, revision), dtype=dtype,
             use_safetensors=True, trust_remote_code=False,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a truncated weights file
         raise _load_hint(name, revision, error) from None
     return model
 

@@ -116,3 +116,12 @@ def test_training_retries_smaller_batches_on_out_of_memory(tmp_path):
     args = training_arguments(dataclasses.replace(TRAIN, auto_find_batch_size=True), seed=0,
                               output_dir=tmp_path, device=torch.device("cpu"))
     assert args.auto_find_batch_size is True
+
+
+def test_truncated_weights_file_is_one_clear_error(tiny_model_dir, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download or copy cut short
+    with pytest.raises(ModelLoadError, match=r"could not load '.*' \(revision 'main'\): SafetensorError: "):
+        load_model(str(tmp_path))

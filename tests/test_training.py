@@ -159,3 +159,31 @@ def test_two_process_ddp_training_on_cpu(repo):
         assert (repo / "models" / "lora" / "adapter_model.safetensors").is_file()
     finally:
         set_params(repo, {"train_lora": {"processes": 1, "epochs": 2, "save_steps": 2}})
+
+
+def training_processes(repo: Path) -> list[int]:
+    """PIDs of stage processes running in `repo` (read from /proc: Linux)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"stages.train_" in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve() == repo.resolve():
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_killing_dvc_also_stops_torchrun_workers(repo):
+    # torchrun puts its workers in their own session: a SIGKILL to DVC's group does not reach them,
+    # so they watch their launcher and exit when it is gone
+    set_params(repo, {"train_lora": {"processes": 2, "epochs": 40}})  # minutes of work left at the kill
+    try:
+        start_and_kill_after_first_checkpoint(repo, "train_lora")
+        deadline = time.monotonic() + 5  # the watch polls every second
+        while training_processes(repo):
+            assert time.monotonic() < deadline, f"orphaned workers still running: {training_processes(repo)}"
+            time.sleep(0.5)
+    finally:
+        for pid in training_processes(repo):  # never leave a runaway trainer behind a failed test
+            os.kill(pid, signal.SIGKILL)
+        set_params(repo, {"train_lora": {"processes": 1, "epochs": 2}})
