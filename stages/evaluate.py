@@ -158,6 +158,7 @@ def main(variant: str) -> None:
                                  params.seed)
     write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, summaries, per_dialogue, lengths, hit_max)
     write_json(metrics, METRICS_DIR / f"{variant}.json")
+    # wall clock of summarize(): model loading included, as a user waits for it
     write_json({"generation_runtime_s": round(runtime, 2),
                 "generation_dialogues_per_second": round(len(summaries) / runtime, 3)},
                TIMING_DIR / f"evaluate_{variant}.json")
