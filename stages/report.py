@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from stages.errors import run_stage
 from stages.params import load_params
-from stages.rouge import ROUGE_TYPES, paired_test
+from stages.rouge import ROUGE_TYPES, holm_adjust, paired_test
 
 VARIANTS = ("base", "full", "lora", "lead")  # same names as the evaluate stage's foreach keys
 TRAINED = ("full", "lora")
@@ -27,7 +27,7 @@ TRAIN_METRICS = {"full": Path("metrics/train_full.json"), "lora": Path("metrics/
 REPORT_FILE = Path("metrics/report.md")
 PLOT_FILE = Path("metrics/rouge_plot.json")
 PER_DIALOGUE_FILE = Path("data/per_dialogue.jsonl")
-SIGNIFICANCE = 0.05
+SIGNIFICANCE = 0.05  # family-wise error rate over all COMPARISONS together (Holm)
 
 
 def read_json(path: Path) -> dict:
@@ -71,20 +71,27 @@ def diagnostics_table(evaluation: dict[str, dict]) -> str:
 
 
 def comparisons(predictions: dict[str, list[dict]], resamples: int, seed: int) -> list[dict]:
-    """Paired tests on per-dialogue multi-reference ROUGE-L for each pair in COMPARISONS."""
+    """Paired tests on per-dialogue multi-reference ROUGE-L for each pair in COMPARISONS.
+
+    Each result has the raw `p_value` and `p_holm`, Holm-adjusted over all COMPARISONS.
+    """
     results = []
     for a, b in COMPARISONS:
         test = paired_test([r["rougeL"] for r in predictions[a]], [r["rougeL"] for r in predictions[b]],
                            resamples, seed)
         results.append({"a": a, "b": b, **{k: (100 * v if k != "p_value" else v) for k, v in test.items()}})
+    # Four tests at 0.05 each would call a difference significant by chance far more often than
+    # 5% of the time; Holm's adjustment keeps that chance at SIGNIFICANCE for the whole family.
+    for result, p_holm in zip(results, holm_adjust([r["p_value"] for r in results])):
+        result["p_holm"] = p_holm
     return results
 
 
 def comparison_sentence(result: dict) -> str:
     a, b = LABELS[result["a"]], LABELS[result["b"]]
     span = f"{result['diff']:+.2f} ROUGE-L points, 95% CI [{result['ci_low']:+.2f}, {result['ci_high']:+.2f}], " \
-           f"p = {result['p_value']:.4f}"
-    if result["p_value"] < SIGNIFICANCE:
+           f"p = {result['p_value']:.4f}, Holm-adjusted p = {result['p_holm']:.4f}"
+    if result["p_holm"] < SIGNIFICANCE:
         direction = "better" if result["diff"] > 0 else "worse"
         return f"- **{a}** is significantly {direction} than **{b}** ({span})."
     return f"- **{a}** vs **{b}**: no significant difference ({span})."
@@ -127,7 +134,12 @@ def render(evaluation: dict[str, dict], training: dict[str, dict], tests: list[d
         rouge_table(evaluation, training, "_mean_ref"),
         "## 95% bootstrap confidence intervals (multi-reference, resampling dialogues)",
         interval_table(evaluation),
-        f"## Paired tests on ROUGE-L (significance level {SIGNIFICANCE})",
+        f"## Paired tests on ROUGE-L (Holm-adjusted over {len(tests)} comparisons, family-wise error rate "
+        f"{SIGNIFICANCE})",
+        f"Paired sign-flip tests on per-dialogue multi-reference ROUGE-L. The p-values are Holm-adjusted over "
+        f"the {len(tests)} comparisons, so the chance of wrongly calling any of them significant is at "
+        f"most {SIGNIFICANCE} (family-wise error rate); \"significantly\" means Holm-adjusted p < {SIGNIFICANCE}. "
+        f"Each line shows the raw p too; the 95% CIs (paired bootstrap of the mean difference) are not adjusted.",
         "\n".join(comparison_sentence(t) for t in tests),
         "## Generation diagnostics",
         diagnostics_table(evaluation),

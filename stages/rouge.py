@@ -197,3 +197,27 @@ def paired_test(
     p_value = (count + 1) / (n_resamples + 1)
 
     return {"diff": observed, "ci_low": ci_low, "ci_high": ci_high, "p_value": p_value}
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in input order.
+
+    Rejecting where adjusted p < alpha keeps the family-wise error rate at
+    alpha over all the tests together, without Bonferroni's cost of
+    multiplying every p-value by the number of tests.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError("p_values must be a 1-D sequence")
+    if np.any(np.isnan(p)) or np.any((p < 0.0) | (p > 1.0)):
+        raise ValueError(f"p-values must lie in [0, 1], got {list(p_values)}")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    # The i-th smallest (0-based) is tested against alpha / (m - i): scale it up by (m - i).
+    scaled = p[order] * (m - np.arange(m))
+    # Step-down: a test is rejected only if every smaller p-value was, so an
+    # adjusted p can never fall below the one before it in sorted order.
+    stepped = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    adjusted = np.empty(m, dtype=np.float64)
+    adjusted[order] = stepped
+    return [float(x) for x in adjusted]

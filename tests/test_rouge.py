@@ -9,6 +9,7 @@ from rouge_score import rouge_scorer
 from stages.rouge import (
     ROUGE_TYPES,
     bootstrap_ci,
+    holm_adjust,
     make_scorer,
     mean_scores,
     paired_test,
@@ -243,3 +244,37 @@ def test_paired_test_is_deterministic() -> None:
 def test_paired_test_length_mismatch() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         paired_test([0.1, 0.2], [0.1], n_resamples=10, seed=0)
+
+
+# --- holm_adjust ------------------------------------------------------------
+
+
+def test_holm_adjust_hand_computed() -> None:
+    # sorted: 0.005 x4 = 0.02, 0.01 x3 = 0.03, 0.03 x2 = 0.06, 0.04 x1 = 0.04 -> step-down keeps 0.06;
+    # back in input order: [0.01, 0.04, 0.03, 0.005] -> [0.03, 0.06, 0.06, 0.02]
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_adjust_is_monotone_capped_and_never_below_raw() -> None:
+    raw = list(np.random.default_rng(9).uniform(0.0, 0.6, size=12))
+    adjusted = holm_adjust(raw)
+    order = np.argsort(raw)
+    assert all(np.diff(np.asarray(adjusted)[order]) >= 0.0)  # same ranking as the raw p-values
+    assert all(r <= a <= 1.0 for r, a in zip(raw, adjusted))
+    assert max(adjusted) == 1.0  # 12 x ~0.1 and more exceed 1: capped, not above
+
+
+def test_holm_adjust_smallest_is_bonferroni_single_is_unchanged() -> None:
+    assert holm_adjust([0.2, 0.01, 0.3])[1] == pytest.approx(0.03)
+    assert holm_adjust([0.04]) == [0.04]
+    assert holm_adjust([]) == []
+
+
+def test_holm_adjust_ties_get_equal_values() -> None:
+    assert holm_adjust([0.02, 0.02, 0.5]) == pytest.approx([0.06, 0.06, 0.5])
+
+
+@pytest.mark.parametrize("bad", [[0.1, -0.01], [1.5], [float("nan")]])
+def test_holm_adjust_rejects_values_outside_0_1(bad: list[float]) -> None:
+    with pytest.raises(ValueError, match="must lie in"):
+        holm_adjust(bad)

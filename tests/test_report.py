@@ -1,0 +1,133 @@
+"""Tests for stages.report: direction, pairing and Holm correction of the paired comparisons."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages.report import COMPARISONS, SIGNIFICANCE, VARIANTS, comparison_sentence, comparisons, render
+from stages.rouge import ROUGE_TYPES, paired_test
+
+RESAMPLES = 4000
+
+
+def as_predictions(**scores: np.ndarray) -> dict[str, list[dict]]:
+    """Per-dialogue rows as the evaluate stage writes them (only ROUGE-L matters here)."""
+    return {variant: [{"rougeL": float(x)} for x in values] for variant, values in scores.items()}
+
+
+def by_pair(results: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(r["a"], r["b"]): r for r in results}
+
+
+def verdict(sentence: str) -> str:
+    """The sentence up to its numbers: who, and better / worse / no significant difference."""
+    return sentence.split("(")[0]
+
+
+def clear_effects() -> dict[str, list[dict]]:
+    """full and lead clearly above base; lora identical to base."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.5, size=150)
+    return as_predictions(base=base, lora=base.copy(), full=base + 0.1 + rng.normal(0.0, 0.02, size=150),
+                          lead=base + 0.1 + rng.normal(0.0, 0.02, size=150))
+
+
+# --- direction ----------------------------------------------------------------
+
+
+def test_better_and_worse_follow_the_sign_of_a_minus_b() -> None:
+    results = by_pair(comparisons(clear_effects(), RESAMPLES, seed=0))
+    assert set(results) == set(COMPARISONS)
+    assert results[("full", "base")]["diff"] == pytest.approx(10.0, abs=0.5)  # x100: ROUGE-L points
+    assert "**full fine-tuning** is significantly better than **original" in comparison_sentence(
+        results[("full", "base")])
+    assert "**full fine-tuning** is significantly better than **LoRA**" in comparison_sentence(
+        results[("full", "lora")])
+    # base is the `a` side of (base, lead): lead is better, so base is worse
+    assert results[("base", "lead")]["diff"] < 0
+    assert "**original (zero-shot)** is significantly worse than **lead baseline**" in comparison_sentence(
+        results[("base", "lead")])
+    assert "no significant difference" in comparison_sentence(results[("lora", "base")])
+    assert results[("lora", "base")]["p_holm"] == 1.0
+
+
+def test_sentence_direction_from_hand_built_results() -> None:
+    common = {"a": "full", "b": "lora", "ci_low": 0.5, "ci_high": 1.5, "p_value": 0.001, "p_holm": 0.004}
+    assert "full fine-tuning** is significantly better than **LoRA" in comparison_sentence({**common, "diff": 1.0})
+    assert "full fine-tuning** is significantly worse than **LoRA" in comparison_sentence(
+        {**common, "diff": -1.0, "ci_low": -1.5, "ci_high": -0.5})
+
+
+def test_significant_raw_but_not_after_holm_is_no_significant_difference() -> None:
+    sentence = comparison_sentence({"a": "full", "b": "base", "diff": 1.2, "ci_low": 0.2, "ci_high": 2.2,
+                                    "p_value": 0.02, "p_holm": 0.08})
+    assert "**full fine-tuning** vs **original (zero-shot)**: no significant difference" in sentence
+    assert "p = 0.0200" in sentence and "Holm-adjusted p = 0.0800" in sentence
+
+
+def test_comparisons_decide_on_the_holm_adjusted_p() -> None:
+    # full - base: a small effect, t = 2.3 on 100 dialogues (raw p ~ 0.025); lora and lead equal base,
+    # so (full, base) and (full, lora) share that p and the other two have p = 1.
+    # Holm: both small ones x4 (tie, step-down) ~ 0.1 > 0.05.
+    n, spread = 100, 0.05
+    z = np.random.default_rng(1).normal(size=n)
+    d = spread * (z - z.mean()) / z.std(ddof=1) + 2.3 * spread / np.sqrt(n)
+    base = np.random.default_rng(2).uniform(0.2, 0.6, size=n)
+    results = by_pair(comparisons(as_predictions(base=base, full=base + d, lora=base.copy(), lead=base.copy()),
+                                  RESAMPLES, seed=0))
+    small = results[("full", "base")]
+    assert SIGNIFICANCE / 4 < small["p_value"] < SIGNIFICANCE  # significant alone...
+    assert small["p_holm"] == pytest.approx(4 * small["p_value"])
+    assert small["p_holm"] > SIGNIFICANCE  # ...but not as one of four
+    for pair in (("full", "base"), ("full", "lora")):
+        assert "no significant difference" in comparison_sentence(results[pair])
+
+
+def test_report_says_p_values_are_holm_adjusted() -> None:
+    tests = comparisons(clear_effects(), RESAMPLES, seed=0)
+    evaluation = {v: {**{f"{t}{s}": 40.0 for t in ROUGE_TYPES for s in ("", "_mean_ref", "_ci_low", "_ci_high")},
+                      "dialogues": 150, "references": 450, "gen_mean_tokens": 20.0, "gen_hit_max_share": 0.0}
+                  for v in VARIANTS}
+    training = {v: {"trainable_params": 1000, "trainable_percent": 1.0, "train_runtime_s": 60.0}
+                for v in ("full", "lora")}
+    report = render(evaluation, training, tests, "")
+    assert "## Paired tests on ROUGE-L (Holm-adjusted over 4 comparisons, family-wise error rate 0.05)" in report
+    assert "Holm-adjusted p = " in report
+
+
+# --- pairing ------------------------------------------------------------------
+
+
+def test_shuffling_dialogues_in_all_systems_alike_keeps_the_result() -> None:
+    predictions = clear_effects()
+    order = np.random.default_rng(3).permutation(len(predictions["base"]))
+    shuffled = {v: [rows[i] for i in order] for v, rows in predictions.items()}
+    before = by_pair(comparisons(predictions, RESAMPLES, seed=0))
+    after = by_pair(comparisons(shuffled, RESAMPLES, seed=0))
+    for pair in COMPARISONS:
+        assert after[pair]["diff"] == pytest.approx(before[pair]["diff"], abs=1e-9)
+        # clear effects sit at the floor 1 / (resamples + 1) and ties at 1 in any order
+        assert after[pair]["p_value"] == before[pair]["p_value"]
+        assert after[pair]["p_holm"] == before[pair]["p_holm"]
+        assert verdict(comparison_sentence(after[pair])) == verdict(comparison_sentence(before[pair]))
+
+
+def test_consistent_small_gain_is_found_only_because_the_test_is_paired() -> None:
+    # Every dialogue gains exactly 1 ROUGE-L point, but dialogues differ by up to 80 points, so the
+    # two systems' score distributions overlap almost entirely.
+    n = 200
+    base = np.random.default_rng(4).uniform(0.05, 0.85, size=n)
+    full = base + 0.01
+    results = by_pair(comparisons(as_predictions(base=base, full=full, lora=base.copy(), lead=base.copy()),
+                                  RESAMPLES, seed=0))
+    assert results[("full", "base")]["p_holm"] < 0.01
+    assert "**full fine-tuning** is significantly better than **original" in comparison_sentence(
+        results[("full", "base")])
+
+    # An unpaired look at the same numbers finds nothing: Welch's z is far below 1.96 ...
+    welch_z = (full.mean() - base.mean()) / np.sqrt(full.var(ddof=1) / n + base.var(ddof=1) / n)
+    assert abs(welch_z) < 1.0
+    # ... and so does the paired test once the pairing is broken (same marginals, shuffled partner).
+    unpaired = paired_test(np.random.default_rng(5).permutation(full), base, RESAMPLES, seed=0)
+    assert unpaired["p_value"] > 0.2
