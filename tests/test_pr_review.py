@@ -111,11 +111,18 @@ def test_workflow_runs_the_script_on_pull_requests():
     workflow = yaml.safe_load(WORKFLOW.read_text())
     triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` key as True
     assert "pull_request" in triggers
-    assert workflow["permissions"]["pull-requests"] == "write"
-    steps = [step for job in workflow["jobs"].values() for step in job["steps"]]
+    assert workflow["permissions"] == {}  # granted per job, not workflow-wide
+    (job,) = workflow["jobs"].values()
+    assert job["permissions"] == {"contents": "read", "pull-requests": "write"}
+    steps = job["steps"]
     checkout = next(s for s in steps if s.get("uses", "").startswith("actions/checkout@"))
     assert checkout["with"]["fetch-depth"] == 0
+    assert checkout["with"]["persist-credentials"] is False
     runs = "\n".join(step.get("run", "") for step in steps)
     assert "pip install dvc==3.67.1" in runs
-    assert "bash scripts/pr_comment.sh \"origin/${{ github.base_ref }}\" > comment.md" in runs
+    build = next(s for s in steps if "scripts/pr_comment.sh" in s.get("run", ""))
+    assert build["env"]["BASE_REF"] == "${{ github.base_ref }}"  # via env: no template injection
+    assert 'bash scripts/pr_comment.sh "origin/$BASE_REF" > comment.md' in build["run"]
+    assert 'cat comment.md >> "$GITHUB_STEP_SUMMARY"' in build["run"]
+    assert "${{" not in runs  # no expression is expanded into a script
     assert "gh pr comment" in runs
