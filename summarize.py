@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError, run_stage
 from stages.evaluate import generate_summaries
+from stages.evaluate import load_adapter as attach_adapter
 from stages.modeling import ModelLoadError, load_base, load_model, load_tokenizer, pick_device, use_bf16
 from stages.params import EvaluateParams, ModelParams, Params, PrepareParams, load_params
 from stages.prepare import format_prompt, tokenize
@@ -172,9 +173,8 @@ def reject_base_model(base_model: str | None, model: str) -> None:
 
 def load_adapter(directory: Path, base_model: str | None, defaults: ModelParams,
                  dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """The base model with the LoRA adapter merged in (generation then costs what the base costs)."""
-    from peft import PeftModel  # imported here: only adapters need peft
-
+    """The base model with the LoRA adapter applied unmerged, exactly as the evaluate stage scores it
+    (a merge in bf16 would round the update away: see stages.evaluate.load_adapter)."""
     config = read_adapter_config(directory / "adapter_config.json")
     base_name = base_model or config.get("base_model_name_or_path")
     if not base_name:
@@ -187,7 +187,7 @@ def load_adapter(directory: Path, base_model: str | None, defaults: ModelParams,
     tokenizer = load_tokenizer(str(directory) if has_tokenizer else base_name, revision)
     model = load_model(base_name, revision, dtype)
     try:
-        model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+        model = attach_adapter(model, directory)
     except RuntimeError as error:  # torch's load_state_dict: "Error(s) in loading ...", then one line per tensor
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
         detail = lines[1] if len(lines) > 1 else lines[0]

@@ -1,7 +1,7 @@
 """Stage `evaluate@<variant>`: summarize each unique test dialogue and score it with ROUGE.
 
 Variants: `base` (the original model, zero-shot), `full` (models/full), `lora` (base model +
-models/lora adapter, merged for speed) and `lead` (the first turns of the dialogue, no model:
+models/lora adapter, unmerged) and `lead` (the first turns of the dialogue, no model:
 the trivial baseline every reader should see). All go through the same scoring code.
 
 Outputs: metrics/evaluate/<variant>.json (flat ROUGE means with 95% bootstrap intervals and
@@ -21,10 +21,10 @@ from typing import Callable
 
 import torch
 from datasets import Dataset, load_from_disk
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError, run_stage
-from stages.modeling import load_base, load_model, load_tokenizer, pick_device, use_bf16
+from stages.modeling import load_base, load_model, load_tokenizer, pick_device, set_determinism, use_bf16
 from stages.params import EvaluateParams, ModelParams, load_params
 from stages.rouge import ROUGE_TYPES, bootstrap_ci, mean_scores, score_corpus
 
@@ -52,27 +52,71 @@ def load_variant(variant: str, model_params: ModelParams,
     if variant == "lora":
         from peft import PeftModel  # imported here: only the lora variant needs peft
 
-        # merging folds B @ A into the base weights: generation then costs what the base costs
-        model = PeftModel.from_pretrained(model, str(LORA_DIR)).merge_and_unload()
+        model = load_adapter(model, LORA_DIR)
     return tokenizer, model
 
 
-def generation_kwargs(params: EvaluateParams) -> dict:
-    kwargs = {"num_beams": params.num_beams, "max_new_tokens": params.max_new_tokens,
-              "no_repeat_ngram_size": params.no_repeat_ngram_size, "do_sample": False}
-    if params.num_beams > 1:  # length_penalty only applies to beam search
-        kwargs["length_penalty"] = params.length_penalty
-    return kwargs
+def load_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
+    """The base model with its LoRA adapter applied unmerged, as in training.
+
+    Not merge_and_unload(): merging adds B @ A onto the base weights in their dtype, and in bf16
+    that rounds a small update onto the coarse bf16 grid of the (much larger) base weights (a
+    1%-norm update came out 16.5% wrong), which full fine-tuning never suffers: the comparison
+    would be biased against LoRA. Unmerged, peft keeps the adapter weights in fp32
+    (autocast_adapter_dtype) and adds their output to the base output, as training did.
+    It costs two small extra matmuls per adapted layer.
+    """
+    from peft import PeftModel  # imported here: only adapters need peft
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def generation_config(params: EvaluateParams) -> GenerationConfig:
+    """Every setting generate() uses, from params alone (see `use_generation_config`)."""
+    return GenerationConfig(
+        num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
+        min_new_tokens=params.min_new_tokens, length_penalty=params.length_penalty,
+        no_repeat_ngram_size=params.no_repeat_ngram_size, repetition_penalty=params.repetition_penalty,
+        early_stopping=params.early_stopping, do_sample=False,
+    )
+
+
+def use_generation_config(model: PreTrainedModel, config: GenerationConfig) -> None:
+    """Make `config` the model's own generation config, replacing the checkpoint's.
+
+    generate() fills every setting its `generation_config` argument leaves unset from the
+    model's generation_config.json, so a checkpoint could otherwise inject a min_length, a
+    forced first token or a repetition penalty into what gets scored. The special tokens
+    (decoder start, end, padding) are the one thing taken from the model's config: they belong
+    to the architecture and its tokenizer, not to decoding choices.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+    if hasattr(inner, "config"):  # test doubles that only wrap generate() have none
+        for token in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, token, getattr(inner.config, token))
+        inner.generation_config = config
+
+
+def recorded_generation(config: GenerationConfig) -> dict[str, float]:
+    """The settings that shape a summary, as flat metrics (bools as 0/1), so `dvc metrics diff`
+    shows when two evaluations generated differently."""
+    keys = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
+            "repetition_penalty", "early_stopping", "do_sample")
+    return {f"generation_{k}": float(getattr(config, k)) if isinstance(getattr(config, k), float)
+            else int(getattr(config, k)) for k in keys}
 
 
 @torch.inference_mode()
 def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_ids: list[list[int]],
-                   kwargs: dict) -> tuple[list[str], list[int], list[bool]]:
+                   config: GenerationConfig) -> tuple[list[str], list[int], list[bool]]:
     """Summaries, generated token counts and whether each hit max_new_tokens without </s>."""
     inputs = tokenizer.pad({"input_ids": batch_ids}, pad_to_multiple_of=8, return_tensors="pt").to(model.device)
-    output = model.generate(**inputs, **kwargs)[:, 1:]  # drop the decoder start token
-    finished = (output == tokenizer.eos_token_id).any(dim=1)
-    lengths = (output != tokenizer.pad_token_id).sum(dim=1)
+    output = model.generate(**inputs, generation_config=config)[:, 1:]  # drop the decoder start token
+    is_eos = output == tokenizer.eos_token_id
+    finished = is_eos.any(dim=1)
+    # tokens up to and including the first </s>: after it come pads (or, from beam search with
+    # early stopping, repeated </s>), which were never generated for this dialogue
+    lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, (output != tokenizer.pad_token_id).sum(dim=1))
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     return [t.strip() for t in texts], lengths.tolist(), (~finished).tolist()
 
@@ -87,13 +131,14 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     `progress(done, total)`, if given, is called after each batch.
     """
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
-    kwargs = generation_kwargs(params)
+    config = generation_config(params)
+    use_generation_config(model, config)
     results: dict[int, tuple[str, int, bool]] = {}
     batch_size, start = params.batch_size, 0
     while start < len(order):
         chunk = order[start:start + batch_size]
         try:
-            texts, lengths, hit_max = generate_batch(model, tokenizer, [input_ids[i] for i in chunk], kwargs)
+            texts, lengths, hit_max = generate_batch(model, tokenizer, [input_ids[i] for i in chunk], config)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -149,6 +194,7 @@ def main(variant: str) -> None:
     if variant not in VARIANTS:
         raise StageError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     params = load_params()
+    set_determinism(params.seed, params.deterministic)
     test = load_from_disk(str(PREPARED_DIR))["test"]
     started = time.perf_counter()
     summaries, lengths, hit_max = summarize(variant, test, params.model, params.evaluate, params.lead.turns)
@@ -156,6 +202,8 @@ def main(variant: str) -> None:
     per_dialogue = score_corpus(summaries, test["references"])
     metrics = evaluation_metrics(per_dialogue, test, lengths, hit_max, params.evaluate.bootstrap_resamples,
                                  params.seed)
+    if variant != "lead":  # the settings every summary was generated with
+        metrics.update(recorded_generation(generation_config(params.evaluate)))
     write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, summaries, per_dialogue, lengths, hit_max)
     write_json(metrics, METRICS_DIR / f"{variant}.json")
     # wall clock of summarize(): model loading included, as a user waits for it

@@ -25,12 +25,33 @@ def command(stage: str, processes: int) -> list[str]:
     return [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m", f"stages.{stage}"]
 
 
+def one_gpu_env(environ: dict[str, str], visible_gpus: int, stage: str) -> dict[str, str]:
+    """For a one-process run, the environment restricted to the first visible GPU.
+
+    With several GPUs visible, the Trainer would wrap the model in nn.DataParallel: the batch
+    per step would grow by the GPU count and the LR schedule shrink, while the params and metrics
+    still said one process. Data parallelism is asked for with `processes`, and then uses DDP.
+    """
+    if visible_gpus <= 1:
+        return environ
+    first = environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    print(f"{visible_gpus} GPUs visible and {stage}.processes is 1: training on one GPU "
+          f"(CUDA_VISIBLE_DEVICES={first}); set {stage}.processes={visible_gpus} to use all of them (DDP)")
+    return {**environ, "CUDA_VISIBLE_DEVICES": first}
+
+
 def main(stage: str) -> None:
     if stage not in STAGES:
         raise StageError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
-    argv = command(stage, getattr(load_params(), stage).processes)
+    processes = getattr(load_params(), stage).processes
+    argv = command(stage, processes)
+    environ = dict(os.environ)
+    if processes == 1:
+        import torch  # imported here: counting GPUs is the only use, and the exec replaces us anyway
+
+        environ = one_gpu_env(environ, torch.cuda.device_count(), stage)
     sys.stdout.flush()
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, environ)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Weights load from safetensors only and `trust_remote_code` is never enabled.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -109,11 +110,36 @@ def pick_device() -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether the hardware computes bf16 natively: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX."""
+    """Whether the hardware computes bf16 natively: GPUs of compute capability >= 8.0 (Ampere and
+    newer), CPUs with AVX512-BF16 or AMX.
+
+    Not torch.cuda.is_bf16_supported(): in torch 2.13 it is also True on T4/V100 (7.x), which
+    emulate bf16 slowly, so `auto` would pick a slower path than fp32 there.
+    """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     cpu = torch.cpu  # these probes are private in torch 2.x; treat their absence as "no"
     return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def set_determinism(seed: int, strict: bool) -> None:
+    """Seed python, numpy and torch; with `strict` (param `deterministic`), also force
+    deterministic CUDA kernels.
+
+    Without it, GPU reductions (atomics in backward passes, split-K matmuls) may add up in a
+    different order on each run, so GPU losses and summaries can differ in the last bits; CPU
+    kernels here are deterministic either way. cuBLAS reads CUBLAS_WORKSPACE_CONFIG at its first
+    call, so this runs before any model touches the GPU. (transformers' enable_full_determinism
+    also sets CUDA_LAUNCH_BLOCKING=1, which serialises every kernel launch: not needed for this.)
+    """
+    from transformers import set_seed
+
+    set_seed(seed)
+    if strict:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -126,4 +152,5 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return False
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ModelLoadError("precision bf16 needs a GPU with bf16 support (Ampere or newer); use auto or fp32")
+    # explicit bf16 on a GPU that only emulates it is allowed (the user asked); auto never picks it
     return precision == "bf16" or native_bf16(device)

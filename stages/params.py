@@ -72,6 +72,13 @@ class PrepareParams:
         )
 
 
+# Schedulers that transformers builds from a name alone (cosine_with_min_lr, warmup_stable_decay and
+# reduce_lr_on_plateau need extra arguments this recipe does not pass); a test keeps this list a
+# subset of transformers.SchedulerType.
+LR_SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                        "constant_with_warmup", "inverse_sqrt"]
+
+
 @dataclass(frozen=True)
 class TrainParams:
     """One training recipe; `train_full` and `train_lora` each have their own."""
@@ -83,7 +90,7 @@ class TrainParams:
     eval_batch_size: int
     weight_decay: float
     warmup_ratio: float
-    lr_scheduler: str
+    lr_scheduler: LR_SCHEDULERS
     max_grad_norm: float
     precision: Literal["auto", "bf16", "fp32"]
     group_by_length: bool
@@ -143,8 +150,11 @@ class EvaluateParams:
     precision: Literal["auto", "bf16", "fp32"]
     num_beams: int
     max_new_tokens: int
+    min_new_tokens: int
     length_penalty: float
     no_repeat_ngram_size: int
+    repetition_penalty: float
+    early_stopping: bool
     bootstrap_resamples: int
 
     def problems(self, section: str) -> list[str]:
@@ -157,6 +167,14 @@ class EvaluateParams:
             + _check(self.num_beams >= 1, f"{section}.num_beams: must be >= 1, got {self.num_beams}")
             + _check(self.max_new_tokens >= 1,
                      f"{section}.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+            + _check(0 <= self.min_new_tokens <= self.max_new_tokens,
+                     f"{section}.min_new_tokens: must be in [0, max_new_tokens={self.max_new_tokens}], "
+                     f"got {self.min_new_tokens}")
+            + _check(self.length_penalty > 0,
+                     f"{section}.length_penalty: must be > 0 (1.0 = plain average log-probability), "
+                     f"got {self.length_penalty}")
+            + _check(self.repetition_penalty > 0,
+                     f"{section}.repetition_penalty: must be > 0 (1.0 = off), got {self.repetition_penalty}")
             + _check(self.no_repeat_ngram_size >= 0,
                      f"{section}.no_repeat_ngram_size: must be >= 0 (0 = off), "
                      f"got {self.no_repeat_ngram_size}")
@@ -182,6 +200,7 @@ class ReportParams:
 @dataclass(frozen=True)
 class Params:
     seed: int
+    deterministic: bool
     model: ModelParams
     data: DataParams
     prepare: PrepareParams

@@ -8,12 +8,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from transformers import set_seed
-
 from stages.errors import run_stage
-from stages.modeling import load_base, pick_device, save_seq2seq
+from stages.modeling import load_base, pick_device, save_seq2seq, set_determinism
 from stages.params import load_params
 from stages.training import (
+    attach_curves,
     build_trainer,
     exit_with_launcher,
     fingerprint,
@@ -36,18 +35,19 @@ METRICS_FILE = Path("metrics/train_full.json")
 def main() -> None:
     params = load_params()
     exit_with_launcher()
-    set_seed(params.seed)
+    set_determinism(params.seed, params.deterministic)
     device = pick_device()
     tokenizer, model = load_base(params.model)
     train, validation = load_training_splits(PREPARED_DIR)
-    args = training_arguments(params.train_full, params.seed, CHECKPOINT_DIR, device)
-    trainer = build_trainer(model, tokenizer, train, validation, args, CURVES_DIR)
+    args = training_arguments(params.train_full, params.seed, CHECKPOINT_DIR, device, "train_full")
+    trainer = build_trainer(model, tokenizer, train, validation, args)
     resume = resumable_checkpoint(trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
                                                                        params.train_full))
-    result = trainer.train(resume_from_checkpoint=resume)
+    attach_curves(trainer, CURVES_DIR, resume)
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
         save_seq2seq(trainer.model, tokenizer, MODEL_DIR)
-        metrics = training_metrics(trainer, result)
+        metrics = training_metrics(trainer)
         write_json(metrics, METRICS_FILE)
         card_params = {"seed": params.seed, "model": asdict(params.model), "train_full": asdict(params.train_full)}
         (MODEL_DIR / "README.md").write_text(model_card(params.model.name, params.data.source, "transformers",

@@ -9,12 +9,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from peft import LoraConfig, TaskType, get_peft_model
-from transformers import set_seed
 
 from stages.errors import StageError, run_stage
-from stages.modeling import linear_layer_names, load_base, pick_device
+from stages.modeling import linear_layer_names, load_base, pick_device, set_determinism
 from stages.params import LoraParams, load_params
 from stages.training import (
+    attach_curves,
     build_trainer,
     exit_with_launcher,
     fingerprint,
@@ -54,20 +54,21 @@ def save_adapter(model, tokenizer, out_dir: Path) -> None:
 def main() -> None:
     params = load_params()
     exit_with_launcher()
-    set_seed(params.seed)
+    set_determinism(params.seed, params.deterministic)
     device = pick_device()
     config = lora_config(params.lora, linear_layer_names(params.model))  # fail fast, before the weights
     tokenizer, model = load_base(params.model)
     model = get_peft_model(model, config)
     train, validation = load_training_splits(PREPARED_DIR)
-    args = training_arguments(params.train_lora, params.seed, CHECKPOINT_DIR, device)
-    trainer = build_trainer(model, tokenizer, train, validation, args, CURVES_DIR)
+    args = training_arguments(params.train_lora, params.seed, CHECKPOINT_DIR, device, "train_lora")
+    trainer = build_trainer(model, tokenizer, train, validation, args)
     resume = resumable_checkpoint(trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
                                                                        params.train_lora, params.lora))
-    result = trainer.train(resume_from_checkpoint=resume)
+    attach_curves(trainer, CURVES_DIR, resume)
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
         save_adapter(trainer.model, tokenizer, MODEL_DIR)
-        metrics = training_metrics(trainer, result)
+        metrics = training_metrics(trainer)
         write_json(metrics, METRICS_FILE)
         card_params = {"seed": params.seed, "model": asdict(params.model), "train_lora": asdict(params.train_lora),
                        "lora": asdict(params.lora)}

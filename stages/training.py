@@ -26,15 +26,18 @@ import yaml
 from datasets import Dataset, load_from_disk
 from transformers import (
     DataCollatorForSeq2Seq,
-    TrainerCallback,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
 )
 from transformers.integrations import DVCLiveCallback
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_callback import ExportableState
 
+from stages.errors import StageError
 from stages.modeling import use_bf16
 from stages.params import TrainParams
 
@@ -118,10 +121,10 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
         shutil.rmtree(path)
 
 
-def training_arguments(params: TrainParams, seed: int, output_dir: Path,
-                       device: torch.device) -> Seq2SeqTrainingArguments:
+def training_arguments(params: TrainParams, seed: int, output_dir: Path, device: torch.device,
+                       section: str) -> Seq2SeqTrainingArguments:
     cuda = device.type == "cuda"
-    return Seq2SeqTrainingArguments(
+    args = Seq2SeqTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=params.epochs,
         learning_rate=params.learning_rate,
@@ -151,31 +154,131 @@ def training_arguments(params: TrainParams, seed: int, output_dir: Path,
         use_cpu=not cuda,
         disable_tqdm=True,  # DVC captures stdout; per-step bars would flood it
     )
+    check_one_device_per_process(args.n_gpu, section)
+    return args
 
 
-def curve_loggers(curves_dir: Path, args: Seq2SeqTrainingArguments) -> list[TrainerCallback]:
-    """transformers' built-in DVCLive callback writing loss/learning-rate curves to curves_dir.
+def check_one_device_per_process(visible_gpus: int, section: str) -> None:
+    """Refuse nn.DataParallel: the Trainer silently wraps the model in it when one process sees
+    several GPUs, which multiplies the batch per step by the GPU count and shortens the LR
+    schedule while the metrics still say one process. `stages.launch` pins a single-process run
+    to one GPU; this catches a stage started some other way."""
+    if visible_gpus > 1:
+        raise StageError(f"{visible_gpus} GPUs are visible to one training process; set "
+                         f"{section}.processes={visible_gpus} for data-parallel training (DDP), or run on one GPU "
+                         "with CUDA_VISIBLE_DEVICES=0 (dvc repro does this for processes: 1)")
+
+
+class OptimizerStepCurves(DVCLiveCallback):
+    """transformers' DVCLive callback with optimizer steps on the step axis.
+
+    The stock callback counts log events (train and eval logs of one step become two "steps"),
+    and restarts at 0 after a resume; here each row carries the Trainer's global step.
+    """
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if state.is_world_process_zero and self.live is not None:
+            self.live.step = state.global_step
+        super().on_log(args, state, control, model=model, logs=logs, **kwargs)
+
+
+def attach_curves(trainer: Seq2SeqTrainer, curves_dir: Path, resume: str | None) -> None:
+    """Log loss/learning-rate curves to curves_dir/plots, continued across a resume.
 
     dvcyaml=None: DVCLive must not rewrite the project's dvc.yaml (the plots are declared there);
     save_dvc_exp=False: the stage runs inside `dvc repro`/`dvc exp run`, which own experiments.
-    Only the first process logs under torchrun.
+    On a resume, rows logged after the resumed checkpoint (work the kill threw away, about to be
+    redone) are dropped first. Only the first process logs under torchrun.
     """
-    if args.process_index != 0:
-        return []
+    if trainer.args.process_index != 0:
+        return
     from dvclive import Live  # imported here: only the training stages log curves
 
-    return [DVCLiveCallback(live=Live(dir=str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None))]
+    if resume is not None:
+        drop_rows_after(curves_dir / "plots" / "metrics", checkpoint_step(resume))
+    live = Live(dir=str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume is not None)
+    trainer.add_callback(OptimizerStepCurves(live=live))
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
+def drop_rows_after(metrics_dir: Path, step: int) -> None:
+    """Keep only the rows of DVCLive's TSV files (timestamp, step, value) up to `step`."""
+    for path in metrics_dir.rglob("*.tsv"):
+        header, *rows = path.read_text().splitlines()
+        column = header.split("\t").index("step")
+        kept = [row for row in rows if int(row.split("\t")[column]) <= step]
+        path.write_text("\n".join([header, *kept]) + "\n")
+
+
+class RunLedger(TrainerCallback, ExportableState):
+    """Whole-run figures that survive a resume: wall time and peak memory, saved in every
+    checkpoint's trainer_state.json (as this callback's state) and read back on resume.
+
+    It also makes the Trainer log the loss at every checkpoint and at the last step, so the
+    loss history in trainer_state.json covers every step and the whole-run mean loss can be
+    computed from it exactly (see `whole_run_loss`).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.prior_runtime_s, self.prior_peak_mb, self.started = device, 0.0, 0.0, None
+
+    def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__, {})  # a resumed run's saved state
+        attributes = saved.get("attributes", {}) if isinstance(saved, dict) else {}
+        self.prior_runtime_s = attributes.get("runtime_s", 0.0)
+        self.prior_peak_mb = attributes.get("peak_memory_mb", 0.0)
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+
+    def runtime_s(self) -> float:
+        return self.prior_runtime_s + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def peak_memory_mb(self) -> float:
+        return max(self.prior_peak_mb, peak_memory_mb(self.device))
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"runtime_s": self.runtime_s(), "peak_memory_mb": self.peak_memory_mb()}}
+
+
+class PipelineTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer whose out-of-memory retry keeps the batch per optimizer step.
+
+    auto_find_batch_size halves the per-device batch on CUDA out-of-memory; alone, that halves
+    the batch per step and doubles the step count, so the run would silently train with another
+    recipe. Here gradient accumulation grows by the same factor (8 x 4 -> 4 x 8 = 32 per step).
+    Under several processes each one finds its batch alone: this keeps each process's share.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.samples_per_device_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+
+    def _update_auto_batch_size(self, batch_size):
+        # accelerate retries with ~0.9x the batch; take the largest batch that divides the samples
+        # per step (8 x 4: 32 -> 28 becomes 16 x 2), so the batch per step stays exactly the same
+        batch_size = max(b for b in range(1, batch_size + 1) if self.samples_per_device_step % b == 0)
+        accumulation = self.samples_per_device_step // batch_size
+        if accumulation != self.args.gradient_accumulation_steps:
+            print(f"per-device batch {batch_size}: gradient accumulation {self.args.gradient_accumulation_steps} -> "
+                  f"{accumulation}, keeping {self.samples_per_device_step} samples per device per optimizer step")
+            self.args.gradient_accumulation_steps = accumulation
+        super()._update_auto_batch_size(batch_size)
 
 
 def build_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Dataset,
-                  validation: Dataset, args: Seq2SeqTrainingArguments,
-                  curves_dir: Path | None = None) -> Seq2SeqTrainer:
+                  validation: Dataset, args: Seq2SeqTrainingArguments) -> PipelineTrainer:
     # pad per batch (not to max length); -100 labels are ignored by the loss; multiples of 8
     # keep tensor-core shapes on GPU
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
-    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                             data_collator=collator, processing_class=tokenizer,
-                             callbacks=curve_loggers(curves_dir, args) if curves_dir else None)
+    trainer = PipelineTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
+                              data_collator=collator, processing_class=tokenizer,
+                              callbacks=[RunLedger(args.device)])
     # T5's forward takes **kwargs, so the Trainer assumes it divides the loss by
     # num_items_in_batch; it does not (plain mean), so with 4 accumulation steps the loss and
     # gradients would be 4x too large (and clipping 4x too tight). Let the Trainer divide.
@@ -197,21 +300,43 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def training_metrics(trainer: Seq2SeqTrainer, result: TrainOutput) -> dict[str, float]:
-    """Flat metrics: losses (deterministic on CPU) apart from noisy figures named as such
-    (`*_s`, `*_per_second`, `peak_memory_mb`)."""
+def whole_run_loss(log_history: list[dict]) -> float:
+    """Mean training loss over every optimizer step of the run, across resumes.
+
+    Each logged `loss` is the mean over the steps since the previous log; RunLedger makes the
+    Trainer log at every checkpoint and at the last step, and a resume restores the history up
+    to its checkpoint, so weighting each entry by its window covers each step exactly once.
+    (The Trainer's own train_loss covers only the steps run since the last resume.)
+    """
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total / max(previous, 1)
+
+
+def training_metrics(trainer: PipelineTrainer) -> dict[str, float]:
+    """Flat metrics for the whole run (across resumes): losses and counts (deterministic on CPU)
+    apart from noisy figures named as such (`*_s`, `*_per_second`, `peak_memory_mb`)."""
     history = trainer.state.log_history
-    train_losses = [entry["loss"] for entry in history if "loss" in entry]
-    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    ledger = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RunLedger))
+    runtime = ledger.runtime_s()
+    samples = len(trainer.train_dataset) * trainer.args.num_train_epochs
     return {
-        "train_loss": round(train_losses[-1] if train_losses else result.training_loss, 6),
-        "train_loss_mean": round(result.training_loss, 6),
-        "eval_loss": round(eval_losses[-1], 6),
-        "train_steps": result.global_step,
+        "train_loss": round([entry["loss"] for entry in history if "loss" in entry][-1], 6),
+        "train_loss_mean": round(whole_run_loss(history), 6),
+        "eval_loss": round([entry["eval_loss"] for entry in history if "eval_loss" in entry][-1], 6),
+        "train_steps": trainer.state.global_step,
         "processes": trainer.args.world_size,
-        "train_runtime_s": round(result.metrics["train_runtime"], 2),
-        "train_samples_per_second": round(result.metrics["train_samples_per_second"], 3),
-        "peak_memory_mb": round(peak_memory_mb(trainer.args.device), 1),
+        # what one optimizer step averaged over, after any out-of-memory retry:
+        # per-device batch x accumulation x processes
+        "batch_per_step": trainer.get_total_train_batch_size(trainer.args),
+        "per_device_batch_size": trainer._train_batch_size,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        "train_runtime_s": round(runtime, 2),
+        "train_samples_per_second": round(samples / runtime, 3),
+        "peak_memory_mb": round(ledger.peak_memory_mb(), 1),
         **count_parameters(trainer.model),
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,8 +15,13 @@ import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from stages.evaluate import generate_summaries, lead_summary
-from stages.params import EvaluateParams
+from stages.params import EvaluateParams, load_params
 from tests.conftest import REPO, dialogsum_rows, write_jsonl
+
+
+def evaluate_params(**overrides) -> EvaluateParams:
+    """The committed evaluate params with `overrides` (the defaults are what users run)."""
+    return dataclasses.replace(load_params(REPO / "params.yaml").evaluate, **overrides)
 
 
 def test_lead_summary_takes_first_turns_without_speaker_tags():
@@ -31,10 +37,9 @@ def test_batched_sorted_generation_matches_per_example(tiny_model_dir, num_beams
     texts = ["hello", "how are you today my friend", "see you at the station tomorrow morning at nine",
              "thanks", "I would like to book a table for two people please"]
     input_ids = tokenizer(texts)["input_ids"]
-    params = EvaluateParams(batch_size=4, precision="fp32", num_beams=num_beams, max_new_tokens=8, length_penalty=1.0,
-                            no_repeat_ngram_size=0, bootstrap_resamples=100)
+    params = evaluate_params(batch_size=4, precision="fp32", num_beams=num_beams, max_new_tokens=8)
     batched = generate_summaries(model, tokenizer, input_ids, params)
-    one_by_one = [generate_summaries(model, tokenizer, [ids], EvaluateParams(**{**params.__dict__, "batch_size": 1}))
+    one_by_one = [generate_summaries(model, tokenizer, [ids], dataclasses.replace(params, batch_size=1))
                   for ids in input_ids]
     assert batched[0] == [s[0][0] for s in one_by_one]  # same summaries, in input order
     assert batched[1] == [s[1][0] for s in one_by_one]  # same generated lengths
@@ -110,8 +115,7 @@ def test_generation_halves_the_batch_on_out_of_memory(tiny_model_dir, capsys):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).eval()
     input_ids = tokenizer(["hello", "how are you", "see you", "thanks", "a table for two"])["input_ids"]
-    params = EvaluateParams(batch_size=8, precision="fp32", num_beams=1, max_new_tokens=5, length_penalty=1.0,
-                            no_repeat_ngram_size=0, bootstrap_resamples=100)
+    params = evaluate_params(batch_size=8, precision="fp32", num_beams=1, max_new_tokens=5)
     flaky = OutOfMemoryAbove(model, limit=2)
     summaries = generate_summaries(flaky, tokenizer, input_ids, params)
     assert summaries == generate_summaries(model, tokenizer, input_ids, params)

@@ -3,7 +3,6 @@ merging; weights load from safetensors only; unloadable models give one clear li
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -42,7 +41,7 @@ def tiny_dataset(tokenizer) -> Dataset:
 
 def train(model, tokenizer, output_dir) -> None:
     data = tiny_dataset(tokenizer)
-    args = training_arguments(TRAIN, seed=0, output_dir=output_dir, device=torch.device("cpu"))
+    args = training_arguments(TRAIN, seed=0, output_dir=output_dir, device=torch.device("cpu"), section="train_full")
     build_trainer(model, tokenizer, data, data, args).train()
 
 
@@ -109,13 +108,6 @@ def test_no_code_path_enables_remote_code():
     offenders = [str(p) for p in sources if "trust_remote_code=True" in p.read_text()]
     assert offenders == []
     assert (REPO / "stages" / "modeling.py").read_text().count("trust_remote_code=False") == 3  # every loader
-
-
-def test_training_retries_smaller_batches_on_out_of_memory(tmp_path):
-    # transformers' auto_find_batch_size halves the batch on CUDA OOM; it must reach the Trainer
-    args = training_arguments(dataclasses.replace(TRAIN, auto_find_batch_size=True), seed=0,
-                              output_dir=tmp_path, device=torch.device("cpu"))
-    assert args.auto_find_batch_size is True
 
 
 def test_truncated_weights_file_is_one_clear_error(tiny_model_dir, tmp_path):
