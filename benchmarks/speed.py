@@ -10,7 +10,9 @@ dialogues, so the ratios are measured, not quoted.
 
 Measures (a) generation, with the number of new tokens forced (min = max) so random weights
 compare fairly; (b) training samples/s and real tokens/s; (c) peak memory of full vs LoRA
-training at the same batch size; (d) on CUDA, model FLOPs utilisation of full fine-tuning.
+training at the same batch size; (d) on CUDA, model FLOPs utilisation of full fine-tuning: the FLOPs
+torch counts for the timed steps' actual padded batches (forward + backward), per second, over the
+card's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from tabulate import tabulate
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -51,8 +54,37 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 MAX_SOURCE, MAX_TARGET = 512, 128  # the seed pads to these; the pipeline truncates to them
-# dense bf16 peak FLOP/s by device name (no sparsity), for MFU
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+# Dense bf16 peak FLOP/s (no sparsity), for MFU, matched against torch.cuda.get_device_name() in this
+# order: the form factor first, because "NVIDIA H100 PCIe" and "NVIDIA H100 80GB HBM3" (SXM) share "H100"
+# but not their peak. Whole words only, so "A10G", "L40S" and "GH200" (other peaks) match nothing.
+PEAK_BF16 = (
+    (("H100", "NVL"), "H100 NVL", 835e12),
+    (("H100", "PCIe"), "H100 PCIe", 756e12),
+    (("H100",), "H100 SXM", 989e12),
+    (("H200", "NVL"), "H200 NVL", 835e12),
+    (("H200",), "H200", 989e12),
+    (("A100",), "A100", 312e12),
+    (("L4",), "L4", 121e12),
+    (("A10",), "A10", 125e12),
+)
+
+
+# torch's FLOP counter has formulas for the CUDA attention kernels but not for the CPU flash kernel, which
+# SDPA picks for unmasked attention (T5's cross-attention): without these, that attention counts as free.
+# Same formulas as torch's for the CUDA kernels (backward includes their recompute of the scores).
+def _cpu_flash_flops(query, key, value, *args, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+_cpu_flash_flops._get_raw = _cpu_flash_backward_flops._get_raw = True  # called with tensors, not shapes
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -214,9 +246,41 @@ def peak_memory_mb(args: argparse.Namespace, kind: str) -> float:
     return json.loads(output.strip().splitlines()[-1])["peak_mb"]
 
 
-def peak_bf16_flops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16.items() if key in name), None)
+def peak_bf16(device_name: str) -> tuple[str, float] | None:
+    """(card, dense bf16 peak FLOP/s) for a CUDA device name, or None for a card not in PEAK_BF16."""
+    words = set(re.split(r"[\s\-_/]+", device_name.upper()))
+    return next(((card, flops) for keys, card, flops in PEAK_BF16 if words.issuperset(k.upper() for k in keys)), None)
+
+
+def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], backward: bool = True) -> int:
+    """FLOPs of one training step (forward, and backward unless told not) on `batch`, as torch counts them.
+
+    6 x all parameters x all tokens overstates a seq2seq model: source tokens only pass the encoder,
+    target tokens the decoder and the LM head, cross-attention scales with source x target, and the
+    embeddings do no matmuls at all. Counting the matmuls actually dispatched on the padded batch gets
+    all of that right. Runs on any device (meta too); clears the model's gradients afterwards.
+    """
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        loss = model(**batch).loss
+        if backward:
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+class BatchRecorder:
+    """Keeps every batch the model is called on during training, to count those steps' FLOPs afterwards."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        self.batches.append({k: v.detach() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+    def remove(self) -> list[dict[str, torch.Tensor]]:
+        self.handle.remove()
+        return self.batches
 
 
 def main() -> None:
@@ -246,8 +310,10 @@ def main() -> None:
         seed_time, samples = timed_training(seed_trainer(random_model(config_dir, device).train(), tokenizer,
                                                           seed_data, args.batch_size, Path(out)), args.train_steps)
         ours_model = random_model(config_dir, device).train()
+        recorder = BatchRecorder(ours_model)
         ours_time, _ = timed_training(pipeline_trainer(ours_model, tokenizer, ours_data, args.batch_size, Path(out),
                                                        device), args.train_steps)
+        step_batches = recorder.remove()
     # both paths consume the same rows; steps 2..N carry (N-1)/N of their real tokens on average
     tokens = sum(real_tokens(ours_data, tokenizer.pad_token_id)) * (args.train_steps - 1) / args.train_steps
     results["training_speedup"] = seed_time / ours_time
@@ -261,12 +327,23 @@ def main() -> None:
     results["lora_over_full_memory"] = lora_mb / full_mb
     rows.append(["peak memory MiB (full -> LoRA)", f"{full_mb:.0f}", f"{lora_mb:.0f}", f"{lora_mb / full_mb:.2f}x"])
 
-    # (d) model FLOPs utilisation of full fine-tuning on CUDA: 6 x params x tokens / time / peak
-    if device.type == "cuda" and peak_bf16_flops(device):
-        params = sum(p.numel() for p in ours_model.parameters())
-        mfu = 6 * params * tokens / ours_time / peak_bf16_flops(device)
-        results["mfu"] = mfu
-        rows.append(["MFU, full fine-tuning bf16", "", f"{100 * mfu:.1f}%", ""])
+    # (d) model FLOPs utilisation of full fine-tuning on CUDA: counted FLOPs of the timed steps / time / peak
+    peak_line = ""
+    if device.type == "cuda":
+        peak = peak_bf16(torch.cuda.get_device_name(device))
+        if peak is None:
+            peak_line = f"unknown card: MFU not computed ({torch.cuda.get_device_name(device)} is not in PEAK_BF16)"
+        else:
+            # one forward per optimizer step (no gradient accumulation): the timed steps 2..N are calls 2..N
+            if len(step_batches) != args.train_steps:
+                raise SystemExit(f"error: expected one forward per step, saw {len(step_batches)} for "
+                                 f"{args.train_steps} steps; the MFU would count the wrong batches")
+            flops = sum(step_flops(ours_model, batch) for batch in step_batches[1:])
+            mfu = flops / ours_time / peak[1]
+            results.update(mfu=mfu, model_flops_per_s=flops / ours_time, mfu_peak_card=peak[0])
+            rows.append(["MFU, full fine-tuning bf16", "", f"{100 * mfu:.1f}%", ""])
+            peak_line = (f"MFU: FLOPs counted by torch on the timed steps' padded batches (forward + backward) per "
+                         f"second / {peak[0]} dense bf16 peak {peak[1] / 1e12:.0f} TFLOP/s")
 
     header = (f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
               f" ({torch.get_num_threads()} threads), torch {torch.__version__}, {date.today()}, "
@@ -276,6 +353,9 @@ def main() -> None:
               f"{args.train_steps} steps x batch {args.batch_size}, seed pads to {MAX_SOURCE}/{MAX_TARGET}")
     print(header)
     print(tabulate(rows, headers=["measure", "seed recipe", "this pipeline", "ratio"], tablefmt="github"))
+    if peak_line:
+        print(peak_line)
+        results["mfu_note"] = peak_line
     if args.json:
         args.json.write_text(json.dumps({"header": header, **results}, indent=2) + "\n")
 
