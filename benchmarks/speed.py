@@ -46,7 +46,7 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from stages.evaluate import generate_summaries  # noqa: E402
 from stages.modeling import use_bf16  # noqa: E402
-from stages.params import EvaluateParams, TrainParams, load_params  # noqa: E402
+from stages.params import TrainParams, load_params  # noqa: E402
 from stages.prepare import format_prompt, tokenize  # noqa: E402
 from stages.training import build_trainer, training_arguments  # noqa: E402
 
@@ -122,16 +122,6 @@ def random_model(config_dir: Path, device: torch.device) -> torch.nn.Module:
     return AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(config_dir)).to(device).eval()
 
 
-class ForcedLength:
-    """Forces exactly `n` new tokens from generate() so random-weight models compare fairly."""
-
-    def __init__(self, model: torch.nn.Module, n: int):
-        self.model, self.n, self.device = model, n, model.device
-
-    def generate(self, **kwargs):
-        return self.model.generate(**kwargs, min_new_tokens=self.n)
-
-
 def seed_generation(model, tokenizer, dialogues: list[dict], new_tokens: int) -> float:
     """The seed: one dialogue at a time, greedy, fp32, no inference_mode. Returns seconds."""
     started = time.perf_counter()
@@ -144,10 +134,11 @@ def seed_generation(model, tokenizer, dialogues: list[dict], new_tokens: int) ->
 def pipeline_generation(model, tokenizer, dialogues: list[dict], new_tokens: int, batch_size: int) -> float:
     """The evaluate stage's path: pre-tokenized, sorted batches, inference_mode, bf16 on GPU."""
     input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in dialogues], tokenizer, MAX_SOURCE)
-    params = EvaluateParams(batch_size=batch_size, precision="auto", num_beams=1, max_new_tokens=new_tokens, length_penalty=1.0,
-                            no_repeat_ngram_size=0, bootstrap_resamples=100)
+    # greedy like the seed, and min = max new tokens so random-weight models compare fairly
+    params = dataclasses.replace(load_params(REPO / "params.yaml").evaluate, batch_size=batch_size, precision="auto",
+                                 num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     started = time.perf_counter()
-    generate_summaries(ForcedLength(model, new_tokens), tokenizer, input_ids, params)
+    generate_summaries(model, tokenizer, input_ids, params)
     return time.perf_counter() - started
 
 
@@ -211,7 +202,8 @@ def seed_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path) ->
 
 
 def pipeline_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path, device) -> Seq2SeqTrainer:
-    args = training_arguments(pipeline_train_params(batch_size), seed=0, output_dir=out, device=device)
+    args = training_arguments(pipeline_train_params(batch_size), seed=0, output_dir=out, device=device,
+                              section="train_full")
     return build_trainer(model, tokenizer, data, data, args)
 
 

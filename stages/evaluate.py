@@ -77,7 +77,7 @@ def generation_config(params: EvaluateParams) -> GenerationConfig:
         num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
         min_new_tokens=params.min_new_tokens, length_penalty=params.length_penalty,
         no_repeat_ngram_size=params.no_repeat_ngram_size, repetition_penalty=params.repetition_penalty,
-        early_stopping=params.early_stopping, do_sample=False,
+        early_stopping=params.early_stopping and params.num_beams > 1, do_sample=False,  # greedy has no beams to stop
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from stages.evaluate import generate_summaries, lead_summary
 from stages.params import EvaluateParams, load_params
-from tests.conftest import REPO, dialogsum_rows, write_jsonl
+from tests.conftest import FLAN_SMALL, REPO, dialogsum_rows, require_shared, write_jsonl
 
 
 def evaluate_params(**overrides) -> EvaluateParams:
@@ -121,3 +122,86 @@ def test_generation_halves_the_batch_on_out_of_memory(tiny_model_dir, capsys):
     assert summaries == generate_summaries(model, tokenizer, input_ids, params)
     assert flaky.batch_sizes == [5, 4, 2, 2, 1]  # 8 -> 4 -> 2, then the remaining dialogue
     assert "CUDA out of memory: retrying with evaluate.batch_size=2" in capsys.readouterr().err
+
+
+def test_checkpoint_generation_config_cannot_change_what_is_scored(tiny_model_dir, tmp_path):
+    # a checkpoint whose generation_config.json forces a first token, a minimum length and a
+    # repetition penalty: generate() would apply them to every setting params leave unset
+    shipped = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, shipped)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    forced = tokenizer.convert_tokens_to_ids("▁the")
+    (shipped / "generation_config.json").write_text(json.dumps({
+        "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "forced_bos_token_id": forced,
+        "min_length": 7, "repetition_penalty": 5.0, "no_repeat_ngram_size": 1}))
+    input_ids = tokenizer(["hello", "see you at the station tomorrow", "thanks a lot"])["input_ids"]
+    params = evaluate_params(batch_size=2, precision="fp32", num_beams=2, max_new_tokens=8)
+    clean = generate_summaries(AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).eval(), tokenizer, input_ids, params)
+    model = AutoModelForSeq2SeqLM.from_pretrained(shipped).eval()
+    assert model.generation_config.forced_bos_token_id == forced  # the premise: the checkpoint ships these
+    assert generate_summaries(model, tokenizer, input_ids, params) == clean
+
+
+def test_generation_settings_are_recorded_with_the_scores(workdir):
+    run_stage_module("stages.evaluate", "base", cwd=workdir)
+    metrics = json.loads((workdir / "metrics" / "evaluate" / "base.json").read_text())
+    assert {k: v for k, v in metrics.items() if k.startswith("generation_")} == {
+        "generation_num_beams": 2, "generation_max_new_tokens": 6, "generation_min_new_tokens": 0,
+        "generation_length_penalty": 1.0, "generation_no_repeat_ngram_size": 0, "generation_repetition_penalty": 1.0,
+        "generation_early_stopping": 1, "generation_do_sample": 0}
+
+
+def test_default_generation_can_write_a_reference_with_repeated_speaker_tags():
+    # FLAN-T5 splits "#Person1#" into 5 tokens; a summary naming both speakers twice repeats
+    # 3-grams, so no_repeat_ngram_size 3 (the old default) made such references unwritable
+    require_shared()
+    tokenizer = AutoTokenizer.from_pretrained(FLAN_SMALL)
+    reference = "#Person1# asks #Person2# for help. #Person2# tells #Person1# the way."
+    ids = tokenizer(reference)["input_ids"]
+    n = load_params(REPO / "params.yaml").evaluate.no_repeat_ngram_size
+    if n > 0:
+        ngrams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        assert len(set(ngrams)) == len(ngrams), f"no_repeat_ngram_size={n} forbids this reference"
+
+
+def tiny_lora(tiny_model_dir, out_dir: Path) -> Path:
+    """A LoRA adapter on every linear layer with a non-zero update of about 1% of the weights' norm."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=4, target_modules=["q", "k", "v", "o", "wi_0",
+                        "wi_1", "wo"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_B") and "default" in module.lora_B:
+                base = module.base_layer.weight
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                a.normal_(), b.normal_()
+                b.mul_(0.01 * base.norm() / (b @ a).norm())  # the update is 1% of the base weight's norm
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def test_lora_is_evaluated_as_trained_not_merged_in_bf16(tiny_model_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    from stages import evaluate
+
+    adapter = tiny_lora(tiny_model_dir, tmp_path / "lora")
+    monkeypatch.setattr(evaluate, "LORA_DIR", adapter)
+    model_params = load_params(REPO / "params.yaml").model.__class__(name=str(tiny_model_dir), revision="main")
+    tokenizer, evaluated = evaluate.load_variant("lora", model_params, torch.bfloat16)
+    reference = PeftModel.from_pretrained(
+        AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), str(adapter)).eval()
+    batch = tokenizer(["how are you today my friend", "see you at the station"], return_tensors="pt", padding=True)
+    labels = tokenizer(["fine thanks", "see you"], return_tensors="pt", padding=True)["input_ids"]
+    with torch.no_grad():
+        got = evaluated(**batch, labels=labels).logits.float()
+        want = reference(**batch, labels=labels).logits.float()
+        base = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()(**batch, labels=labels).logits.float()
+    scale = want.abs().max()
+    assert (merged - want).abs().max() > 1e-3 * scale  # the premise: a bf16 merge moves the logits
+    assert (got - want).abs().max() <= 1e-6 * scale  # the evaluated model is the unmerged adapter

@@ -14,7 +14,16 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file
 
-from stages.modeling import ModelLoadError, head_is_tied, linear_layer_names, load_model, load_tokenizer, save_seq2seq
+from stages.modeling import (
+    ModelLoadError,
+    head_is_tied,
+    linear_layer_names,
+    load_model,
+    load_tokenizer,
+    native_bf16,
+    save_seq2seq,
+    use_bf16,
+)
 from stages.params import ModelParams, TrainParams
 from stages.training import build_trainer, training_arguments
 from tests.conftest import REPO
@@ -117,3 +126,27 @@ def test_truncated_weights_file_is_one_clear_error(tiny_model_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])  # a download or copy cut short
     with pytest.raises(ModelLoadError, match=r"could not load '.*' \(revision 'main'\): SafetensorError: "):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(("capability", "emulated_bf16", "expected"), [
+    ((7, 5), True, False),  # T4: torch 2.13 reports bf16 "supported" through slow emulation
+    ((7, 0), True, False),  # V100
+    ((8, 0), True, True),  # A100
+    ((9, 0), True, True),  # H100
+])
+def test_auto_precision_picks_only_native_bf16_on_gpus(monkeypatch, capability, emulated_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: emulated_bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    cuda = torch.device("cuda")
+    assert native_bf16(cuda) is expected
+    assert use_bf16("auto", cuda) is expected
+    assert use_bf16("fp32", cuda) is False
+    assert use_bf16("bf16", cuda) is True  # asked for explicitly: allowed where torch supports it at all
+
+
+def test_strict_determinism_turns_on_deterministic_kernels():
+    code = ("import torch, os; from stages.modeling import set_determinism; set_determinism(0, {strict}); "
+            "print(torch.are_deterministic_algorithms_enabled(), os.environ.get('CUBLAS_WORKSPACE_CONFIG'))")
+    outputs = [subprocess.run([sys.executable, "-c", code.format(strict=strict)], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.split() for strict in (False, True)]
+    assert outputs == [["False", "None"], ["True", ":4096:8"]]

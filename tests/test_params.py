@@ -107,3 +107,31 @@ def test_stage_exits_2_with_the_message_before_any_work(tmp_path, raw):
     assert result.returncode == 2
     assert result.stderr == "error: 1 problem(s) in params.yaml:\n  - lora.r: must be >= 1, got 0\n"
     assert not (tmp_path / "data").exists()
+
+
+def test_scheduler_typo_is_caught_with_the_other_params(raw):
+    raw["train_full"]["lr_scheduler"] = "cosin"
+    raw["train_lora"]["precision"] = "fp16"
+    message = problems(raw)
+    assert message.startswith("2 problem(s) in params.yaml:")
+    assert ("train_full.lr_scheduler: expected one of 'linear', 'cosine', 'cosine_with_restarts', 'polynomial', "
+            "'constant', 'constant_with_warmup', 'inverse_sqrt', got 'cosin'") in message
+    assert "train_lora.precision: expected one of 'auto', 'bf16', 'fp32', got 'fp16'" in message
+
+
+def test_every_accepted_scheduler_is_one_transformers_builds_from_its_name():
+    import typing
+
+    from transformers import SchedulerType
+
+    from stages.params import LR_SCHEDULERS
+
+    assert set(typing.get_args(LR_SCHEDULERS)) <= {s.value for s in SchedulerType}
+
+
+def test_generation_bounds_are_checked(raw):
+    raw["evaluate"].update(min_new_tokens=200, length_penalty=0.0, repetition_penalty=-1.0)
+    message = problems(raw)
+    assert "evaluate.min_new_tokens: must be in [0, max_new_tokens=128], got 200" in message
+    assert "evaluate.length_penalty: must be > 0 (1.0 = plain average log-probability), got 0.0" in message
+    assert "evaluate.repetition_penalty: must be > 0 (1.0 = off), got -1.0" in message
