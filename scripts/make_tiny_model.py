@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else train_tokenizer()
-    model = build_model(vocab_size=padded_vocab_size(len(tokenizer)), seed=args.seed)
+    model = build_model(vocab_size=padded_vocab_size(len(tokenizer)), seed=args.seed, width=args.width)
     untie_lm_head(model, random_head(model, seed=args.seed))
     save_seq2seq(model, tokenizer, out_dir)  # safetensors, config says tie_word_embeddings: false
 
@@ -104,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "instead of training a small one",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
+    parser.add_argument("--width", type=int, default=TINY_ARCH["d_model"],
+                        help="d_model (multiple of 16; d_ff = 2 x width, one head per 16): a wider model has the "
+                             "capacity to memorize a few real summaries (default %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -257,7 +260,7 @@ def padded_vocab_size(n_tokens: int) -> int:
     return -(-n_tokens // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
 
-def build_model(vocab_size: int, seed: int):
+def build_model(vocab_size: int, seed: int, width: int = TINY_ARCH["d_model"]):
     torch.manual_seed(seed)  # weight init draws from torch's global RNG
     config = T5Config(
         vocab_size=vocab_size,
@@ -267,7 +270,7 @@ def build_model(vocab_size: int, seed: int):
         # Ignored by T5Config in transformers 5.x (it forces True and keeps the
         # False only as scale_decoder_outputs); the head is untied explicitly below.
         tie_word_embeddings=False,
-        **TINY_ARCH,
+        **{**TINY_ARCH, "d_model": width, "d_ff": 2 * width, "num_heads": width // TINY_ARCH["d_kv"]},
     )
     return AutoModelForSeq2SeqLM.from_config(config)
 

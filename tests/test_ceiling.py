@@ -1,0 +1,103 @@
+"""The ceiling: a model that memorized its data must reach the top score through the real train ->
+evaluate -> report stages under the DEFAULT generation params.
+
+Random tiny models cannot show whether a generation default biases ROUGE; a memorized model can.
+The data are real DialogSum training dialogues whose summaries name the speakers three or more
+times ("#Person1# thanks #Person2# for #Person2#'s help."), the case that the old default
+no_repeat_ngram_size: 3 made unwritable (FLAN-T5 splits "#Person1#" into 5 tokens): under it,
+full fine-tuning scores about 52 ROUGE-L here instead of about 98.
+
+How the overlap guard is bypassed, plainly: the test writes the data snapshot data/raw/ itself,
+with the same 4 dialogues as train, validation and test, and runs the stages after `data`. The
+data stage would (rightly) drop train rows that appear in test; memorization needs exactly that.
+Needs ../shared (real DialogSum and the FLAN-T5 tokenizer): runs in CI, skips elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, make_tiny_model, require_shared
+
+# Memorizing costs a tiny model capacity: width 128 (d_ff 256, 8 heads, 2+2 layers) memorizes 4
+# dialogues in 150 epochs (~25 s); width 32 stalls near 96 for full fine-tuning.
+WIDTH = 128
+OVERFIT = {"batch_size": 4, "gradient_accumulation_steps": 1, "eval_batch_size": 4, "warmup_ratio": 0.0,
+           "weight_decay": 0.0, "logging_steps": 50, "save_steps": 100000}
+FULL = {**OVERFIT, "epochs": 150, "learning_rate": 3.0e-3}  # 4 rows / 4 per step = 150 optimizer steps
+# LoRA on every linear layer and the output head (the embedding stays frozen and random), with
+# rank 32 and no dropout: enough capacity to memorize. 5e-3 reaches 100 in 200 epochs; 1e-2
+# diverges late (gradient norm ~10) and ends near 82
+LORA_TRAIN = {**OVERFIT, "epochs": 200, "learning_rate": 5.0e-3}
+LORA = {"r": 32, "alpha": 32, "dropout": 0.0, "target_modules": ["q", "k", "v", "o", "wi_0", "wi_1", "wo", "lm_head"]}
+
+
+def speaker_heavy_dialogues(count: int) -> list[dict]:
+    """The `count` shortest training rows whose summary has 3+ speaker tags (deterministic)."""
+    with open(DIALOGSUM / "train.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    heavy = [r for r in rows if r["summary"].count("#Person") >= 3]
+    return sorted(heavy, key=lambda r: (len(r["dialogue"]) + 3 * len(r["summary"]), r["id"]))[:count]
+
+
+def run_stage(module: str, *args: str, cwd: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"{module} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def memorized(tmp_path_factory) -> Path:
+    require_shared()
+    root = tmp_path_factory.mktemp("ceiling")
+    model_dir = make_tiny_model(root / "tiny", "--tokenizer", str(FLAN_SMALL), "--width", str(WIDTH))
+    work = root / "work"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, work / name)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["model"]["name"] = str(model_dir)
+    params["train_full"].update(FULL)
+    params["train_lora"].update(LORA_TRAIN)
+    params["lora"].update(LORA)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rows = speaker_heavy_dialogues(4)
+    for split in ("train", "validation", "test"):  # the snapshot the data stage would write, overlap kept
+        (work / "data" / "raw").mkdir(parents=True, exist_ok=True)
+        (work / "data" / "raw" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for module, *args in (("stages.prepare",), ("stages.train_full",), ("stages.train_lora",),
+                          *(("stages.evaluate", v) for v in ("base", "full", "lora", "lead")), ("stages.report",)):
+        run_stage(module, *args, cwd=work)
+    return work
+
+
+def test_the_ceiling_test_uses_the_default_generation_params(memorized):
+    used = yaml.safe_load((memorized / "params.yaml").read_text())["evaluate"]
+    assert used == yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]
+    assert all(r["summary"].count("#Person") >= 3 for r in speaker_heavy_dialogues(4))
+
+
+def test_full_fine_tuning_reaches_the_ceiling(memorized):
+    metrics = json.loads((memorized / "metrics" / "evaluate" / "full.json").read_text())
+    assert metrics["rougeL"] >= 90, metrics
+    assert "| full fine-tuning" in (memorized / "metrics" / "report.md").read_text()
+
+
+def test_lora_reaches_the_ceiling(memorized):
+    metrics = json.loads((memorized / "metrics" / "evaluate" / "lora.json").read_text())
+    assert metrics["rougeL"] >= 90, metrics
+
+
+def test_the_untrained_model_is_far_below_it(memorized):
+    # the premise: the score comes from training, not from the data being easy to score
+    assert json.loads((memorized / "metrics" / "evaluate" / "base.json").read_text())["rougeL"] < 30
