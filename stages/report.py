@@ -23,7 +23,8 @@ LABELS = {"base": "original (zero-shot)", "full": "full fine-tuning", "lora": "L
 COMPARISONS = (("full", "base"), ("lora", "base"), ("full", "lora"), ("base", "lead"))
 EVALUATE_DIR = Path("metrics/evaluate")
 PREDICTIONS_DIR = Path("data/predictions")
-TRAIN_METRICS = {"full": Path("metrics/train_full.json"), "lora": Path("metrics/train_lora.json")}
+TRAIN_METRICS = {"full": Path("metrics/train/full.json"), "lora": Path("metrics/train/lora.json")}
+TRAIN_COSTS = {"full": Path("metrics/timing/train_full.json"), "lora": Path("metrics/timing/train_lora.json")}
 REPORT_FILE = Path("metrics/report.md")
 PLOT_FILE = Path("metrics/rouge_plot.json")
 PER_DIALOGUE_FILE = Path("data/per_dialogue.jsonl")
@@ -151,7 +152,7 @@ def render(evaluation: dict[str, dict], training: dict[str, dict], tests: list[d
 def main() -> None:
     params = load_params()
     evaluation = {v: read_json(EVALUATE_DIR / f"{v}.json") for v in VARIANTS}
-    training = {v: read_json(TRAIN_METRICS[v]) for v in TRAINED}
+    training = {v: {**read_json(TRAIN_METRICS[v]), **read_json(TRAIN_COSTS[v])} for v in TRAINED}
     predictions = {v: read_jsonl(PREDICTIONS_DIR / f"{v}.jsonl") for v in VARIANTS}
     tests = comparisons(predictions, params.evaluate.bootstrap_resamples, params.seed)
     REPORT_FILE.write_text(render(evaluation, training, tests, examples_section(predictions, params.report.examples)))

@@ -21,6 +21,7 @@ from stages.training import (
     remove_checkpoints,
     resumable_checkpoint,
     training_arguments,
+    training_costs,
     training_metrics,
     write_json,
 )
@@ -29,7 +30,8 @@ PREPARED_DIR = Path("data/prepared")
 MODEL_DIR = Path("models/full")
 CHECKPOINT_DIR = Path("checkpoints/train_full")
 CURVES_DIR = Path("dvclive/train_full")
-METRICS_FILE = Path("metrics/train_full.json")
+METRICS_FILE = Path("metrics/train/full.json")
+COSTS_FILE = Path("metrics/timing/train_full.json")
 
 
 def main() -> None:
@@ -49,8 +51,9 @@ def main() -> None:
         save_seq2seq(trainer.model, tokenizer, MODEL_DIR)
         metrics = training_metrics(trainer)
         write_json(metrics, METRICS_FILE)
+        write_json(training_costs(trainer), COSTS_FILE)
         card_params = {"seed": params.seed, "model": asdict(params.model), "train_full": asdict(params.train_full)}
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, params.data.source, "transformers",
+        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "transformers",
                                                         card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 

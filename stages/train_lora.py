@@ -23,6 +23,7 @@ from stages.training import (
     remove_checkpoints,
     resumable_checkpoint,
     training_arguments,
+    training_costs,
     training_metrics,
     write_json,
 )
@@ -31,7 +32,8 @@ PREPARED_DIR = Path("data/prepared")
 MODEL_DIR = Path("models/lora")
 CHECKPOINT_DIR = Path("checkpoints/train_lora")
 CURVES_DIR = Path("dvclive/train_lora")
-METRICS_FILE = Path("metrics/train_lora.json")
+METRICS_FILE = Path("metrics/train/lora.json")
+COSTS_FILE = Path("metrics/timing/train_lora.json")
 
 
 def lora_config(params: LoraParams, linear_layers: list[str]) -> LoraConfig:
@@ -70,9 +72,10 @@ def main() -> None:
         save_adapter(trainer.model, tokenizer, MODEL_DIR)
         metrics = training_metrics(trainer)
         write_json(metrics, METRICS_FILE)
+        write_json(training_costs(trainer), COSTS_FILE)
         card_params = {"seed": params.seed, "model": asdict(params.model), "train_lora": asdict(params.train_lora),
                        "lora": asdict(params.lora)}
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, params.data.source, "peft",
+        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft",
                                                         card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 

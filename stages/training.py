@@ -317,12 +317,9 @@ def whole_run_loss(log_history: list[dict]) -> float:
 
 
 def training_metrics(trainer: PipelineTrainer) -> dict[str, float]:
-    """Flat metrics for the whole run (across resumes): losses and counts (deterministic on CPU)
-    apart from noisy figures named as such (`*_s`, `*_per_second`, `peak_memory_mb`)."""
+    """Flat, deterministic metrics of the whole run (across resumes): losses, counts, the recipe
+    actually used. Bit-identical for the same params and data on the same machine (CPU)."""
     history = trainer.state.log_history
-    ledger = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RunLedger))
-    runtime = ledger.runtime_s()
-    samples = len(trainer.train_dataset) * trainer.args.num_train_epochs
     return {
         "train_loss": round([entry["loss"] for entry in history if "loss" in entry][-1], 6),
         "train_loss_mean": round(whole_run_loss(history), 6),
@@ -334,21 +331,36 @@ def training_metrics(trainer: PipelineTrainer) -> dict[str, float]:
         "batch_per_step": trainer.get_total_train_batch_size(trainer.args),
         "per_device_batch_size": trainer._train_batch_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
-        "train_runtime_s": round(runtime, 2),
-        "train_samples_per_second": round(samples / runtime, 3),
-        "peak_memory_mb": round(ledger.peak_memory_mb(), 1),
         **count_parameters(trainer.model),
     }
 
 
-def model_card(base_model: str, source: str, library: str, params: dict, metrics: dict) -> str:
-    """A Hugging Face Hub model card (README.md): YAML metadata, then what was trained and how."""
+def training_costs(trainer: PipelineTrainer) -> dict[str, float]:
+    """Whole-run wall time, throughput and peak memory (noisy by nature: kept apart from the
+    deterministic metrics and out of the model folder). Peak memory is the accelerator's
+    max_memory_allocated on CUDA and the process's peak RSS on CPU, named accordingly."""
+    ledger = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RunLedger))
+    runtime = ledger.runtime_s()
+    samples = len(trainer.train_dataset) * trainer.args.num_train_epochs
+    memory_key = "peak_gpu_memory_mb" if trainer.args.device.type == "cuda" else "peak_rss_mb"
+    return {"train_runtime_s": round(runtime, 2), "train_samples_per_second": round(samples / runtime, 3),
+            memory_key: round(ledger.peak_memory_mb(), 1)}
+
+
+def model_card(base_model: str, library: str, params: dict, metrics: dict) -> str:
+    """A Hugging Face Hub model card (README.md): YAML metadata, then what was trained and how.
+
+    Only deterministic content: the card sits in the cached model folder, so a run time in it
+    would give identical weights a new hash and rerun every evaluation. Where the data came from
+    is in metrics/data.json and the report (a renamed copy of the same data must not retrain).
+    """
     front_matter = {"base_model": base_model, "library_name": library, "pipeline_tag": "summarization",
-                    "datasets": [source], "tags": ["dialogue-summarization", "dvc", "flan-t5"]}
+                    "tags": ["dialogue-summarization", "dvc", "flan-t5"]}
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in metrics.items())
     return (f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n\n"
-            f"# {base_model} fine-tuned on {source} ({'LoRA adapter' if library == 'peft' else 'full fine-tuning'})\n\n"
-            "Trained by this repository's DVC pipeline (`dvc repro`); ROUGE on the test split is in "
+            f"# {base_model} fine-tuned for dialogue summarization ({'PEFT adapter' if library == 'peft' else 'full fine-tuning'})\n\n"
+            "Trained by this repository's DVC pipeline (`dvc repro`) on its DialogSum snapshot (`data/raw`; "
+            "source and revision in `metrics/data.json`); ROUGE on the test split is in "
             "`metrics/evaluate/*.json` and `metrics/report.md`. The data (DialogSum) is licensed CC BY-NC-SA 4.0.\n\n"
             f"## Params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n\n"
             f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n")

@@ -115,13 +115,14 @@ def test_metric_files_have_the_expected_keys(pipeline_repo, reproduced):
     prepared = json.loads((metrics / "prepare.json").read_text())
     assert prepared["test_dialogues"] == 8 and prepared["test_references"] == 24
     assert {"train_source_truncated", "train_target_truncated"} <= set(prepared)
-    for stage in ("train_full", "train_lora"):
-        train = json.loads((metrics / f"{stage}.json").read_text())
-        assert {"train_runtime_s", "train_samples_per_second", "trainable_params", "total_params",
-                "train_loss", "eval_loss"} <= set(train)
+    for method in ("full", "lora"):
+        train = json.loads((metrics / "train" / f"{method}.json").read_text())
+        assert {"trainable_params", "total_params", "train_loss", "eval_loss", "batch_per_step"} <= set(train)
+        costs = json.loads((metrics / "timing" / f"train_{method}.json").read_text())
+        assert {"train_runtime_s", "train_samples_per_second", "peak_rss_mb"} <= set(costs)
         # the logged train loss is per token like eval_loss, not multiplied by accumulation steps
         assert train["train_loss_mean"] < 1.3 * train["eval_loss"]
-    full, lora = (json.loads((metrics / f"{s}.json").read_text()) for s in ("train_full", "train_lora"))
+    full, lora = (json.loads((metrics / "train" / f"{m}.json").read_text()) for m in ("full", "lora"))
     assert full["trainable_params"] == full["total_params"]
     assert 0 < lora["trainable_params"] < full["trainable_params"] / 10
     for variant in VARIANTS:
@@ -205,7 +206,7 @@ def test_lora_experiment_reruns_exactly_its_stages(pipeline_repo, reproduced):
     assert stages_run(output) == {"train_lora", "evaluate@lora", "report"}
 
     diff = run_json(["dvc", "metrics", "diff", "--json"], repo)
-    trainable = diff["metrics/train_lora.json"]["trainable_params"]
+    trainable = diff["metrics/train/lora.json"]["trainable_params"]
     assert trainable["new"] * 2 == trainable["old"]  # rank 32 -> 16 halves the adapter
     assert "metrics/evaluate/full.json" not in diff  # untouched variants show no change
     # a random tiny model may score the same after the change, so ask for unchanged rows too

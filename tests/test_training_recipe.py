@@ -22,6 +22,7 @@ from stages.training import (
     build_trainer,
     check_one_device_per_process,
     training_arguments,
+    training_costs,
     training_metrics,
     whole_run_loss,
 )
@@ -102,12 +103,12 @@ def test_interrupted_run_reports_whole_run_figures_and_continuous_curves(tiny_mo
     attach_curves(resumed, tmp_path / "curves", resume=checkpoint)
     resumed.train(resume_from_checkpoint=checkpoint)
 
-    metrics = training_metrics(resumed)
+    metrics, costs = training_metrics(resumed), training_costs(resumed)
     assert metrics["train_steps"] == 8
     # the Trainer's own figure covers steps 5-8 only; the whole run's mean covers 1-8
     assert metrics["train_loss_mean"] == pytest.approx(expected_loss, rel=1e-5)
     resumed_part_s = [e for e in resumed.state.log_history if "train_runtime" in e][-1]["train_runtime"]
-    assert resumed_part_s < 1.5 <= metrics["train_runtime_s"]  # the 1.5 s before the checkpoint count
+    assert resumed_part_s < 1.5 <= costs["train_runtime_s"]  # the 1.5 s before the checkpoint count
     # one row per optimizer step, continuous across the resume; step 5 (lost to the kill) once
     assert read_steps(tmp_path / "curves" / "plots" / "metrics" / "loss.tsv") == list(range(1, 9))
     assert read_steps(tmp_path / "curves" / "plots" / "metrics" / "learning_rate.tsv") == list(range(1, 9))
