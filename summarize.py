@@ -24,10 +24,10 @@ from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError, run_stage
-from stages.evaluate import generate_summaries
-from stages.evaluate import load_adapter as attach_adapter
+from stages.generate import generate_summaries
+from stages.generate import load_adapter as attach_adapter
 from stages.modeling import ModelLoadError, load_base, load_model, load_tokenizer, pick_device, use_bf16
-from stages.params import EvaluateParams, ModelParams, Params, PrepareParams, load_params
+from stages.params import GenerateParams, ModelParams, Params, PrepareParams, load_params
 from stages.prepare import format_prompt, tokenize
 
 BASE = "base"  # --model base: params.yaml's model.name at model.revision, not fine-tuned
@@ -126,7 +126,7 @@ def read_jsonl(path: Path) -> list[Dialogue]:
     return dialogues
 
 
-def generation_params(defaults: EvaluateParams, args: argparse.Namespace) -> EvaluateParams:
+def generation_params(defaults: GenerateParams, args: argparse.Namespace) -> GenerateParams:
     overrides = {"batch_size": args.batch_size, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
     return dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -174,7 +174,7 @@ def reject_base_model(base_model: str | None, model: str) -> None:
 def load_adapter(directory: Path, base_model: str | None, defaults: ModelParams,
                  dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The base model with the LoRA adapter applied unmerged, exactly as the evaluate stage scores it
-    (a merge in bf16 would round the update away: see stages.evaluate.load_adapter)."""
+    (a merge in bf16 would round the update away: see stages.generate.load_adapter)."""
     config = read_adapter_config(directory / "adapter_config.json")
     base_name = base_model or config.get("base_model_name_or_path")
     if not base_name:
@@ -228,7 +228,7 @@ def print_progress(done: int, total: int) -> None:
 
 
 def summarize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]],
-              params: EvaluateParams) -> list[str]:
+              params: GenerateParams) -> list[str]:
     progress = print_progress if len(input_ids) > 1 else None  # one dialogue needs no progress
     summaries, _, _ = generate_summaries(model, tokenizer, input_ids, params, progress=progress)
     return summaries
@@ -250,10 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = read_params_file(args.params)
     dialogues = read_dialogues(args.inputs, sys.stdin)  # before loading: a bad input fails in seconds
-    tokenizer, model = load_summarizer(args.model, args.base_model, params.model, params.evaluate.precision,
+    tokenizer, model = load_summarizer(args.model, args.base_model, params.model, params.generate.precision,
                                        pick_device())
     input_ids = encode(dialogues, tokenizer, params.prepare)
-    summaries = summarize(model, tokenizer, input_ids, generation_params(params.evaluate, args))
+    summaries = summarize(model, tokenizer, input_ids, generation_params(params.generate, args))
     write_summaries(dialogues, summaries, args.output, sys.stdout)
 
 

@@ -44,7 +44,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from stages.evaluate import generate_summaries  # noqa: E402
+from stages.generate import generate_summaries  # noqa: E402
 from stages.modeling import use_bf16  # noqa: E402
 from stages.params import TrainParams, load_params  # noqa: E402
 from stages.prepare import format_prompt, tokenize  # noqa: E402
@@ -135,7 +135,7 @@ def pipeline_generation(model, tokenizer, dialogues: list[dict], new_tokens: int
     """The evaluate stage's path: pre-tokenized, sorted batches, inference_mode, bf16 on GPU."""
     input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in dialogues], tokenizer, MAX_SOURCE)
     # greedy like the seed, and min = max new tokens so random-weight models compare fairly
-    params = dataclasses.replace(load_params(REPO / "params.yaml").evaluate, batch_size=batch_size, precision="auto",
+    params = dataclasses.replace(load_params(REPO / "params.yaml").generate, batch_size=batch_size, precision="auto",
                                  num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     started = time.perf_counter()
     generate_summaries(model, tokenizer, input_ids, params)

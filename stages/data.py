@@ -16,6 +16,7 @@ What is repaired and what is an error (nothing is dropped silently):
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -102,8 +103,11 @@ def load_local(directory: Path) -> dict[str, list[dict]]:
 def load_hub(source: str, revision: str) -> dict[str, list[dict]]:
     import datasets  # imported here: local sources never touch the Hub client
 
+    from stages.progress import download_progress  # here too: it imports transformers (seconds)
+
     try:
-        dataset = datasets.load_dataset(source, revision=revision)
+        with download_progress(f"{source}@{revision}"):
+            dataset = datasets.load_dataset(source, revision=revision)
     except Exception as error:  # the Hub client raises many types for "offline" and "not found"
         raise DataError(
             f"could not load dataset {source!r} (revision {revision!r}) from the Hugging Face Hub: "
@@ -164,10 +168,33 @@ def fetch(params: DataParams) -> dict[str, list[dict]]:
     return load_hub(params.source, params.revision)
 
 
+def resolved_revision(params: DataParams) -> str:
+    """What the data came from, exactly: the Hub commit the revision points to now, or a content
+    hash (sha256 over file names and bytes) of a local directory's split files. Recorded in
+    metrics/data.json, so a moved Hub branch or an edited local file shows in `dvc metrics diff`."""
+    local = Path(params.source)
+    if local.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(find_split_file(local, split) for split in SPLITS):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        return "sha256:" + digest.hexdigest()
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        return HfApi().dataset_info(params.source, revision=params.revision).sha
+    except Exception:  # offline or unreachable: the cached snapshot's commit, if any
+        try:
+            return Path(snapshot_download(params.source, repo_type="dataset", revision=params.revision,
+                                          local_files_only=True)).name
+        except Exception:
+            return "unresolved (offline, not in the Hub cache)"
+
+
 def main() -> None:
     params = load_params()
     splits = fetch(params.data)
-    cleaned, stats = {}, {}
+    cleaned, stats = {}, {"source": params.data.source, "source_revision": params.data.revision,
+                          "source_resolved_revision": resolved_revision(params.data)}
     for split in SPLITS:
         cleaned[split], stats[f"{split}_dropped_empty"] = clean_split(splits[split], split, params.data.source)
     for split in ("train", "validation"):

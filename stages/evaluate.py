@@ -1,215 +1,99 @@
-"""Stage `evaluate@<variant>`: summarize each unique test dialogue and score it with ROUGE.
+"""Stage `evaluate@<variant>`: score a variant's summaries with multi-reference ROUGE.
 
-Variants: `base` (the original model, zero-shot), `full` (models/full), `lora` (base model +
-models/lora adapter, unmerged) and `lead` (the first turns of the dialogue, no model:
-the trivial baseline every reader should see). All go through the same scoring code.
+Reads only files: data/predictions/<variant>.jsonl (from generate@<variant>) and the variant's
+training metrics. Scoring is separate from generation, so changing a statistics param reruns
+this and the report in seconds, never the hours of generation.
 
-Outputs: metrics/evaluate/<variant>.json (flat ROUGE means with 95% bootstrap intervals and
-generation diagnostics: a pure, seeded function of the predictions, so the same predictions give
-a bit-identical file), metrics/timing/evaluate_<variant>.json (wall-clock, noisy by nature) and
-data/predictions/<variant>.jsonl (one line per dialogue).
+Outputs: metrics/evaluate/<variant>.json (flat ROUGE means with 95% bootstrap intervals: a pure,
+seeded function of the predictions, bit-identical for the same predictions),
+data/scores/<variant>.jsonl (per-dialogue ROUGE, for paired tests and worst-case reading) and
+metrics/cost/<variant>.json (what the variant cost: trainable params, size, train time, peak
+memory, generation throughput; noisy by nature, kept apart).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
-import time
 from pathlib import Path
-from typing import Callable
-
-import torch
-from datasets import Dataset, load_from_disk
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError, run_stage
-from stages.modeling import load_base, load_model, load_tokenizer, pick_device, set_determinism, use_bf16
-from stages.params import EvaluateParams, ModelParams, load_params
-from stages.rouge import ROUGE_TYPES, bootstrap_ci, mean_scores, score_corpus
+from stages.params import load_params
+from stages.rouge import ROUGE_TYPES, bootstrap_ci
 
-VARIANTS = ("base", "full", "lora", "lead")
-PREPARED_DIR = Path("data/prepared")
-FULL_DIR = Path("models/full")
-LORA_DIR = Path("models/lora")
-METRICS_DIR = Path("metrics/evaluate")
-TIMING_DIR = Path("metrics/timing")
 PREDICTIONS_DIR = Path("data/predictions")
-SPEAKER_TAG = re.compile(r"^\s*#[^#]+#\s*:\s*")  # DialogSum turns start with "#Person1#: "
+SCORES_DIR = Path("data/scores")
+METRICS_DIR = Path("metrics/evaluate")
+TRAIN_DIR = Path("metrics/train")
+TIMING_DIR = Path("metrics/timing")
+COST_DIR = Path("metrics/cost")
+# the project's multi-reference ROUGE as a Hugging Face `evaluate` module: the same numbers here,
+# in a notebook (evaluate.load("stages/rouge_multiref")) and in a Trainer's compute_metrics
+ROUGE_MODULE = Path(__file__).resolve().parent / "rouge_multiref"
 
 
-def lead_summary(dialogue: str, turns: int) -> str:
-    """The first `turns` turns of the dialogue, speaker tags removed, as one paragraph."""
-    lines = [SPEAKER_TAG.sub("", line).strip() for line in dialogue.splitlines()]
-    return " ".join([line for line in lines if line][:turns])
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
-def load_variant(variant: str, model_params: ModelParams,
-                 dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    if variant == "full":
-        return load_tokenizer(str(FULL_DIR)), load_model(str(FULL_DIR), dtype=dtype)
-    tokenizer, model = load_base(model_params, dtype)
-    if variant == "lora":
-        from peft import PeftModel  # imported here: only the lora variant needs peft
-
-        model = load_adapter(model, LORA_DIR)
-    return tokenizer, model
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
-def load_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
-    """The base model with its LoRA adapter applied unmerged, as in training.
+def score(predictions: list[dict]) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Corpus ROUGE (x100) and per-dialogue ROUGE (0..1), through the evaluate module."""
+    import evaluate  # the Hugging Face package (this module is stages.evaluate)
 
-    Not merge_and_unload(): merging adds B @ A onto the base weights in their dtype, and in bf16
-    that rounds a small update onto the coarse bf16 grid of the (much larger) base weights (a
-    1%-norm update came out 16.5% wrong), which full fine-tuning never suffers: the comparison
-    would be biased against LoRA. Unmerged, peft keeps the adapter weights in fp32
-    (autocast_adapter_dtype) and adds their output to the base output, as training did.
-    It costs two small extra matmuls per adapted layer.
-    """
-    from peft import PeftModel  # imported here: only adapters need peft
-
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    rouge = evaluate.load(str(ROUGE_MODULE), keep_in_memory=True)  # a local path: never the Hub
+    scores = rouge.compute(predictions=[p["prediction"] for p in predictions],
+                           references=[p["references"] for p in predictions], per_dialogue=True)
+    return scores, scores.pop("per_dialogue")
 
 
-def generation_config(params: EvaluateParams) -> GenerationConfig:
-    """Every setting generate() uses, from params alone (see `use_generation_config`)."""
-    return GenerationConfig(
-        num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
-        min_new_tokens=params.min_new_tokens, length_penalty=params.length_penalty,
-        no_repeat_ngram_size=params.no_repeat_ngram_size, repetition_penalty=params.repetition_penalty,
-        early_stopping=params.early_stopping and params.num_beams > 1, do_sample=False,  # greedy has no beams to stop
-    )
-
-
-def use_generation_config(model: PreTrainedModel, config: GenerationConfig) -> None:
-    """Make `config` the model's own generation config, replacing the checkpoint's.
-
-    generate() fills every setting its `generation_config` argument leaves unset from the
-    model's generation_config.json, so a checkpoint could otherwise inject a min_length, a
-    forced first token or a repetition penalty into what gets scored. The special tokens
-    (decoder start, end, padding) are the one thing taken from the model's config: they belong
-    to the architecture and its tokenizer, not to decoding choices.
-    """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-    if hasattr(inner, "config"):  # test doubles that only wrap generate() have none
-        for token in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
-            setattr(config, token, getattr(inner.config, token))
-        inner.generation_config = config
-
-
-def recorded_generation(config: GenerationConfig) -> dict[str, float]:
-    """The settings that shape a summary, as flat metrics (bools as 0/1), so `dvc metrics diff`
-    shows when two evaluations generated differently."""
-    keys = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
-            "repetition_penalty", "early_stopping", "do_sample")
-    return {f"generation_{k}": float(getattr(config, k)) if isinstance(getattr(config, k), float)
-            else int(getattr(config, k)) for k in keys}
-
-
-@torch.inference_mode()
-def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_ids: list[list[int]],
-                   config: GenerationConfig) -> tuple[list[str], list[int], list[bool]]:
-    """Summaries, generated token counts and whether each hit max_new_tokens without </s>."""
-    inputs = tokenizer.pad({"input_ids": batch_ids}, pad_to_multiple_of=8, return_tensors="pt").to(model.device)
-    output = model.generate(**inputs, generation_config=config)[:, 1:]  # drop the decoder start token
-    is_eos = output == tokenizer.eos_token_id
-    finished = is_eos.any(dim=1)
-    # tokens up to and including the first </s>: after it come pads (or, from beam search with
-    # early stopping, repeated </s>), which were never generated for this dialogue
-    lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, (output != tokenizer.pad_token_id).sum(dim=1))
-    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
-    return [t.strip() for t in texts], lengths.tolist(), (~finished).tolist()
-
-
-def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]],
-                       params: EvaluateParams, progress: Callable[[int, int], None] | None = None,
-                       ) -> tuple[list[str], list[int], list[bool]]:
-    """Batched generation, longest inputs first, halving the batch on CUDA out-of-memory.
-
-    Sorting by length keeps padding (wasted compute) small; longest-first makes an
-    out-of-memory error happen on the first batch, not after an hour.
-    `progress(done, total)`, if given, is called after each batch.
-    """
-    order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
-    config = generation_config(params)
-    use_generation_config(model, config)
-    results: dict[int, tuple[str, int, bool]] = {}
-    batch_size, start = params.batch_size, 0
-    while start < len(order):
-        chunk = order[start:start + batch_size]
-        try:
-            texts, lengths, hit_max = generate_batch(model, tokenizer, [input_ids[i] for i in chunk], config)
-        except torch.cuda.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size //= 2
-            torch.cuda.empty_cache()
-            print(f"CUDA out of memory: retrying with evaluate.batch_size={batch_size}", file=sys.stderr)
-            continue
-        results.update(zip(chunk, zip(texts, lengths, hit_max)))
-        start += len(chunk)
-        if progress is not None:
-            progress(start, len(order))
-    summaries, lengths, hit_max = zip(*(results[i] for i in range(len(input_ids)))) if results else ((), (), ())
-    return list(summaries), list(lengths), list(hit_max)
-
-
-def summarize(variant: str, test: Dataset, model_params: ModelParams, params: EvaluateParams,
-              lead_turns: int) -> tuple[list[str], list[int], list[bool]]:
-    if variant == "lead":
-        summaries = [lead_summary(d, lead_turns) for d in test["dialogue"]]
-        return summaries, [0] * len(summaries), [False] * len(summaries)
-    device = pick_device()
-    dtype = torch.bfloat16 if use_bf16(params.precision, device) else torch.float32
-    tokenizer, model = load_variant(variant, model_params, dtype)
-    model.to(device).eval()
-    return generate_summaries(model, tokenizer, test["input_ids"], params)
-
-
-def evaluation_metrics(per_dialogue: list[dict[str, float]], test: Dataset, lengths: list[int],
-                       hit_max: list[bool], resamples: int, seed: int) -> dict[str, float]:
-    metrics = mean_scores(per_dialogue)
+def evaluation_metrics(means: dict[str, float], per_dialogue: list[dict[str, float]], predictions: list[dict],
+                       resamples: int, seed: int) -> dict[str, float]:
+    metrics = dict(means)
     for rouge_type in ROUGE_TYPES:  # intervals for the multi-reference scores, resampling dialogues
         low, high = bootstrap_ci([s[rouge_type] for s in per_dialogue], resamples, seed)
         metrics[f"{rouge_type}_ci_low"], metrics[f"{rouge_type}_ci_high"] = round(100 * low, 4), round(100 * high, 4)
     metrics["dialogues"] = len(per_dialogue)
-    metrics["references"] = sum(len(r) for r in test["references"])
-    metrics["gen_mean_tokens"] = round(sum(lengths) / max(len(lengths), 1), 4)
-    metrics["gen_hit_max_share"] = round(sum(hit_max) / max(len(hit_max), 1), 4)
+    metrics["references"] = sum(len(p["references"]) for p in predictions)
     return metrics
 
 
-def write_predictions(path: Path, test: Dataset, summaries: list[str], per_dialogue: list[dict],
-                      lengths: list[int], hit_max: list[bool]) -> None:
+def cost_row(train: dict, train_timing: dict, generate_timing: dict) -> dict[str, float]:
+    """One variant's cost, flat: deterministic counts beside the noisy wall-clock figures."""
+    memory = {k: v for k, v in train_timing.items() if k.startswith("peak_")}  # peak_gpu_memory_mb or peak_rss_mb
+    return {
+        "trainable_params": train["trainable_params"],
+        "trainable_percent": train["trainable_percent"],
+        "total_params": train["total_params"],
+        "saved_mb": train["saved_mb"],
+        "train_runtime_s": train_timing["train_runtime_s"],
+        **memory,
+        "generation_dialogues_per_second": generate_timing["generation_dialogues_per_second"],
+    }
+
+
+def write_scores(path: Path, predictions: list[dict], per_dialogue: list[dict[str, float]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for row, summary, scores, length, hit in zip(test, summaries, per_dialogue, lengths, hit_max):
-            record = {"id": row["id"], "dialogue": row["dialogue"], "prediction": summary, "references": row["references"],
-                      "generated_tokens": length, "hit_max_new_tokens": hit,
-                      **{k: round(v, 6) for k, v in scores.items()}}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for row, scores in zip(predictions, per_dialogue):
+            f.write(json.dumps({"id": row["id"], **{k: round(v, 6) for k, v in scores.items()}}) + "\n")
 
 
 def main(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise StageError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     params = load_params()
-    set_determinism(params.seed, params.deterministic)
-    test = load_from_disk(str(PREPARED_DIR))["test"]
-    started = time.perf_counter()
-    summaries, lengths, hit_max = summarize(variant, test, params.model, params.evaluate, params.lead.turns)
-    runtime = time.perf_counter() - started
-    per_dialogue = score_corpus(summaries, test["references"])
-    metrics = evaluation_metrics(per_dialogue, test, lengths, hit_max, params.evaluate.bootstrap_resamples,
-                                 params.seed)
-    if variant != "lead":  # the settings every summary was generated with
-        metrics.update(recorded_generation(generation_config(params.evaluate)))
-    write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, summaries, per_dialogue, lengths, hit_max)
+    if variant not in params.variants:
+        raise StageError(f"unknown variant {variant!r}; params.yaml variants are {', '.join(params.variants)}")
+    predictions = read_jsonl(PREDICTIONS_DIR / f"{variant}.jsonl")
+    means, per_dialogue = score(predictions)
+    metrics = evaluation_metrics(means, per_dialogue, predictions, params.evaluate.bootstrap_resamples, params.seed)
+    write_scores(SCORES_DIR / f"{variant}.jsonl", predictions, per_dialogue)
     write_json(metrics, METRICS_DIR / f"{variant}.json")
-    # wall clock of summarize(): model loading included, as a user waits for it
-    write_json({"generation_runtime_s": round(runtime, 2),
-                "generation_dialogues_per_second": round(len(summaries) / runtime, 3)},
-               TIMING_DIR / f"evaluate_{variant}.json")
+    write_json(cost_row(read_json(TRAIN_DIR / f"{variant}.json"), read_json(TIMING_DIR / f"train_{variant}.json"),
+                        read_json(TIMING_DIR / f"generate_{variant}.json")), COST_DIR / f"{variant}.json")
 
 
 def write_json(data: dict, path: Path) -> None:

@@ -10,6 +10,7 @@ Weights load from safetensors only and `trust_remote_code` is never enabled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -64,21 +65,67 @@ def load_base(params: ModelParams, dtype: torch.dtype = torch.float32) -> tuple[
     return load_tokenizer(params.name, params.revision), load_model(params.name, params.revision, dtype)
 
 
-def linear_layer_names(params: ModelParams) -> list[str]:
-    """Names of the model's linear layers (LoRA targets), from its config alone.
-
-    The model is built on the meta device: no weights are downloaded or allocated, so a bad
-    lora.target_modules fails in a second instead of after loading the weights.
-    """
+def meta_model(params: ModelParams) -> PreTrainedModel:
+    """The model built from its config alone on the meta device: shapes and names, no weights
+    downloaded or allocated, so checks against it fail in a second instead of after a load."""
     try:
         config = AutoConfig.from_pretrained(params.name, revision=_revision(params.name, params.revision),
                                             trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise _load_hint(params.name, params.revision, error) from None
     with torch.device("meta"):
-        model = AutoModelForSeq2SeqLM.from_config(config)
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+        return AutoModelForSeq2SeqLM.from_config(config)
+
+
+def linear_layer_names(params: ModelParams) -> list[str]:
+    """Names of the model's linear layers (LoRA targets), from its config alone."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in meta_model(params).named_modules()
                    if isinstance(module, torch.nn.Linear)})
+
+
+def count_parameters_from_config(params: ModelParams) -> int:
+    """Parameters of the model as loaded (FLAN-T5 base: 247.6M), from its config alone.
+
+    from_config ties the output head to the embedding; a T5 v1.1 checkpoint keeps it apart,
+    which transformers 5.x records as scale_decoder_outputs=False (see make_tiny_model.py).
+    """
+    model = meta_model(params)
+    total = sum(p.numel() for p in model.parameters())
+    if head_is_tied(model) and getattr(model.config, "scale_decoder_outputs", True) is False:
+        total += model.get_output_embeddings().weight.numel()
+    return total
+
+
+def resolve_revision(name: str, revision: str) -> str:
+    """The exact commit a Hub revision (branch, tag or SHA) points to now, or a content hash
+    (sha256 over file names and bytes) of a local model directory."""
+    if Path(name).is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(p for p in Path(name).rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(name)).encode() + b"\0" + path.read_bytes())
+        return "sha256:" + digest.hexdigest()
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        return HfApi().model_info(name, revision=revision).sha
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError):
+        pass
+    try:  # offline: the commit of the cached snapshot (its folder is named after it)
+        return Path(snapshot_download(name, revision=revision, local_files_only=True)).name
+    except (OSError, ValueError) as error:
+        raise _load_hint(name, revision, error) from None
+
+
+def read_pin(pin_file: Path, params: ModelParams) -> ModelParams:
+    """`params` at the commit the baselines stage pinned (models/base/pin.json), so every stage
+    loads the same base weights even if the Hub branch moved since."""
+    pin = json.loads(pin_file.read_text())
+    if (pin["name"], pin["revision"]) != (params.name, params.revision):
+        raise ModelLoadError(f"{pin_file} pins {pin['name']!r} at {pin['revision']!r} but params.yaml has "
+                             f"{params.name!r} at {params.revision!r}; run dvc repro baselines")
+    return ModelParams(name=params.name, revision=params.revision if Path(params.name).is_dir()
+                       else pin["resolved_revision"])
 
 
 def head_is_tied(model: PreTrainedModel) -> bool:
@@ -124,22 +171,27 @@ def native_bf16(device: torch.device) -> bool:
 
 def set_determinism(seed: int, strict: bool) -> None:
     """Seed python, numpy and torch; with `strict` (param `deterministic`), also force
-    deterministic CUDA kernels.
+    deterministic CUDA kernels (see `deterministic_kernels`)."""
+    from transformers import set_seed
 
-    Without it, GPU reductions (atomics in backward passes, split-K matmuls) may add up in a
+    set_seed(seed)
+    if strict:
+        deterministic_kernels()
+
+
+def deterministic_kernels() -> None:
+    """Deterministic CUDA kernels, at a speed cost.
+
+    Without them, GPU reductions (atomics in backward passes, split-K matmuls) may add up in a
     different order on each run, so GPU losses and summaries can differ in the last bits; CPU
     kernels here are deterministic either way. cuBLAS reads CUBLAS_WORKSPACE_CONFIG at its first
     call, so this runs before any model touches the GPU. (transformers' enable_full_determinism
     also sets CUDA_LAUNCH_BLOCKING=1, which serialises every kernel launch: not needed for this.)
     """
-    from transformers import set_seed
-
-    set_seed(seed)
-    if strict:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

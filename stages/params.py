@@ -131,21 +131,66 @@ class LoraParams:
     r: int
     alpha: int
     dropout: float
-    target_modules: list[str]
+    # a list of module names, or peft's shorthand "all-linear" (every linear layer but the output
+    # head); typed `object` because the loader's type check has no "either" type: problems() checks it
+    target_modules: object
     bias: Literal["none", "all", "lora_only"]
+    use_dora: bool
+    use_rslora: bool
+    init: Literal["default", "gaussian", "pissa", "olora"]
 
     def problems(self, section: str) -> list[str]:
+        targets = self.target_modules
+        names_ok = isinstance(targets, list) and all(isinstance(m, str) for m in targets)
         return (
             _check(self.r >= 1, f"{section}.r: must be >= 1, got {self.r}")
             + _check(self.alpha >= 1, f"{section}.alpha: must be >= 1, got {self.alpha}")
             + _check(0 <= self.dropout < 1, f"{section}.dropout: must be in [0, 1), got {self.dropout}")
-            + _check(len(self.target_modules) > 0,
-                     f"{section}.target_modules: must name at least one module, e.g. [q, v]")
+            + _check(names_ok or targets == "all-linear",
+                     f"{section}.target_modules: expected a list of strings or all-linear, got {targets!r}")
+            + _check(not names_ok or len(targets) > 0,
+                     f"{section}.target_modules: must name at least one module, e.g. [q, v], or be all-linear")
+            # PiSSA/OLoRA adapters are saved as the plain-LoRA difference to their initial value, which
+            # has no place for DoRA's trained magnitudes: the saved adapter would not be the trained one
+            + _check(not (self.use_dora and self.init in ("pissa", "olora")),
+                     f"{section}.use_dora: DoRA cannot be combined with init {self.init!r} (its adapter is "
+                     "saved converted to plain LoRA, which drops DoRA's magnitudes); use init default or gaussian")
         )
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
+class Ia3Params:
+    target_modules: list[str]
+    feedforward_modules: list[str]
+
+    def problems(self, section: str) -> list[str]:
+        outside = [m for m in self.feedforward_modules if m not in self.target_modules]
+        return (
+            _check(len(self.target_modules) > 0,
+                   f"{section}.target_modules: must name at least one module, e.g. [k, v, wo]")
+            + _check(not outside, f"{section}.feedforward_modules: {', '.join(outside)} not in "
+                     "target_modules; a feed-forward module must also be a target")
+        )
+
+
+@dataclass(frozen=True)
+class PromptParams:
+    num_virtual_tokens: int
+    init: Literal["text", "sample_vocab", "random"]
+    init_text: str
+
+    def problems(self, section: str) -> list[str]:
+        return (
+            _check(self.num_virtual_tokens >= 1,
+                   f"{section}.num_virtual_tokens: must be >= 1, got {self.num_virtual_tokens}")
+            + _check(self.init != "text" or bool(self.init_text.strip()),
+                     f"{section}.init_text: must not be empty with init text; write the task, "
+                     "e.g. \"Summarize the following conversation:\"")
+        )
+
+
+@dataclass(frozen=True)
+class GenerateParams:
     batch_size: int
     precision: Literal["auto", "bf16", "fp32"]
     num_beams: int
@@ -155,14 +200,9 @@ class EvaluateParams:
     no_repeat_ngram_size: int
     repetition_penalty: float
     early_stopping: bool
-    bootstrap_resamples: int
 
     def problems(self, section: str) -> list[str]:
         return (
-            _check(self.bootstrap_resamples >= 100,
-                   f"{section}.bootstrap_resamples: must be >= 100 for a usable 95% interval, "
-                   f"got {self.bootstrap_resamples}")
-            +
             _check(self.batch_size >= 1, f"{section}.batch_size: must be >= 1, got {self.batch_size}")
             + _check(self.num_beams >= 1, f"{section}.num_beams: must be >= 1, got {self.num_beams}")
             + _check(self.max_new_tokens >= 1,
@@ -179,6 +219,16 @@ class EvaluateParams:
                      f"{section}.no_repeat_ngram_size: must be >= 0 (0 = off), "
                      f"got {self.no_repeat_ngram_size}")
         )
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    bootstrap_resamples: int
+
+    def problems(self, section: str) -> list[str]:
+        return _check(self.bootstrap_resamples >= 100,
+                      f"{section}.bootstrap_resamples: must be >= 100 for a usable 95% interval, "
+                      f"got {self.bootstrap_resamples}")
 
 
 @dataclass(frozen=True)
@@ -201,12 +251,18 @@ class ReportParams:
 class Params:
     seed: int
     deterministic: bool
+    variants: list[str]
     model: ModelParams
     data: DataParams
     prepare: PrepareParams
     train_full: TrainParams
     train_lora: TrainParams
     lora: LoraParams
+    train_ia3: TrainParams
+    ia3: Ia3Params
+    train_prompt: TrainParams
+    prompt: PromptParams
+    generate: GenerateParams
     evaluate: EvaluateParams
     lead: LeadParams
     report: ReportParams
@@ -299,6 +355,24 @@ def _leaf_types(annotation: Any) -> tuple:
     return args if args else (annotation,)
 
 
+UNTRAINED = ("base", "lead")  # the original model and the lead-N rule: written by the baselines stage
+
+
+def trained_methods(params: Params) -> list[str]:
+    """Methods with a training stage: every `train_<method>` section of params.yaml."""
+    return [f.name.removeprefix("train_") for f in dataclasses.fields(params) if f.name.startswith("train_")]
+
+
+def variant_problems(variants: list[str], methods: list[str]) -> list[str]:
+    known = [*UNTRAINED, *methods]
+    unknown = [v for v in variants if v not in known]
+    return (
+        _check(not unknown, f"variants: unknown {', '.join(unknown)}; each must be one of {', '.join(known)}")
+        + _check(len(set(variants)) == len(variants), f"variants: {variants} names a variant twice")
+        + _check(bool(variants), "variants: must name at least one variant, e.g. [base, lora]")
+    )
+
+
 def parse_params(raw: Any) -> Params:
     """Validate a params mapping (as read from YAML); raise ParamsError listing every problem."""
     problems: list[str] = []
@@ -306,6 +380,8 @@ def parse_params(raw: Any) -> Params:
     seed = getattr(params, "seed", 0)
     if params is not None and seed < 0:
         problems.append(f"seed: must be >= 0, got {seed}")
+    if params is not None:
+        problems.extend(variant_problems(params.variants, trained_methods(params)))
     if problems:
         # "params.lora.r" reads worse than "lora.r": drop the root prefix
         lines = [p.removeprefix("params.") for p in problems]

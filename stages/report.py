@@ -1,9 +1,12 @@
-"""Stage `report`: compare the variants from their metrics and prediction files only.
+"""Stage `report`: compare the variants listed in params.yaml `variants`, from files only.
 
-Writes metrics/report.md (tables, significance in words, side-by-side examples),
-metrics/rouge_plot.json (one row per variant for the `dvc plots` bar chart) and
-data/per_dialogue.jsonl (every variant's summary and ROUGE per test dialogue, to sort by
-worst cases).
+Reads each variant's metrics/evaluate, metrics/generate and metrics/cost files and its
+predictions and per-dialogue scores, and writes metrics/report.md (quality and cost side by side,
+significance in words, examples), metrics/rouge_plot.json (ROUGE per variant, a bar chart),
+metrics/frontier.json (ROUGE-L with its interval against trainable parameters, Pareto-optimal
+variants marked) and data/per_dialogue.jsonl (every variant's summary and ROUGE per dialogue).
+Only the listed variants are read, so a subset run (`-S 'variants=[base,lora,lead]'`) reports
+what it ran.
 """
 
 from __future__ import annotations
@@ -14,21 +17,26 @@ from pathlib import Path
 from tabulate import tabulate
 
 from stages.errors import run_stage
-from stages.params import load_params
+from stages.params import UNTRAINED, load_params
 from stages.rouge import ROUGE_TYPES, holm_adjust, paired_test
 
-VARIANTS = ("base", "full", "lora", "lead")  # same names as the evaluate stage's foreach keys
-TRAINED = ("full", "lora")
-LABELS = {"base": "original (zero-shot)", "full": "full fine-tuning", "lora": "LoRA", "lead": "lead baseline"}
-COMPARISONS = (("full", "base"), ("lora", "base"), ("full", "lora"), ("base", "lead"))
+LABELS = {"base": "original (zero-shot)", "lead": "lead baseline", "full": "full fine-tuning", "lora": "LoRA",
+          "ia3": "IA3", "prompt": "prompt tuning"}  # any other variant is shown by its name
 EVALUATE_DIR = Path("metrics/evaluate")
+GENERATE_DIR = Path("metrics/generate")
+COST_DIR = Path("metrics/cost")
 PREDICTIONS_DIR = Path("data/predictions")
-TRAIN_METRICS = {"full": Path("metrics/train/full.json"), "lora": Path("metrics/train/lora.json")}
-TRAIN_COSTS = {"full": Path("metrics/timing/train_full.json"), "lora": Path("metrics/timing/train_lora.json")}
+SCORES_DIR = Path("data/scores")
+BASE_MODEL_FILE = Path("metrics/base_model.json")
 REPORT_FILE = Path("metrics/report.md")
 PLOT_FILE = Path("metrics/rouge_plot.json")
+FRONTIER_FILE = Path("metrics/frontier.json")
 PER_DIALOGUE_FILE = Path("data/per_dialogue.jsonl")
-SIGNIFICANCE = 0.05  # family-wise error rate over all COMPARISONS together (Holm)
+SIGNIFICANCE = 0.05  # family-wise error rate over all comparisons together (Holm)
+
+
+def label(variant: str) -> str:
+    return LABELS.get(variant, variant)
 
 
 def read_json(path: Path) -> dict:
@@ -40,56 +48,36 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def rouge_table(evaluation: dict[str, dict], training: dict[str, dict], suffix: str) -> str:
-    """One row per variant: ROUGE (x100), change in ROUGE-L vs base, trainable params, train time."""
-    rows = []
-    for variant in VARIANTS:
-        scores = evaluation[variant]
-        train = training.get(variant, {})
-        rows.append([
-            LABELS[variant],
-            *(f"{scores[f'{t}{suffix}']:.2f}" for t in ROUGE_TYPES),
-            f"{scores[f'rougeL{suffix}'] - evaluation['base'][f'rougeL{suffix}']:+.2f}",
-            f"{train['trainable_params']:,} ({train['trainable_percent']:.2f}%)" if train else "-",
-            f"{train['train_runtime_s'] / 60:.1f} min" if train else "-",
-        ])
-    headers = ["model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "ROUGE-L vs base",
-               "trainable params", "train time"]
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
+    """Which paired tests to run: every trained variant against the original model and against
+    full fine-tuning (the claim under test: PEFT loses little to it), and the original against
+    the lead baseline."""
+    trained = [v for v in variants if v not in UNTRAINED]
+    pairs = [(v, "base") for v in trained if "base" in variants]
+    pairs += [(v, "full") for v in trained if v != "full" and "full" in variants]
+    pairs += [("base", "lead")] if {"base", "lead"} <= set(variants) else []
+    return pairs
 
 
-def interval_table(evaluation: dict[str, dict]) -> str:
-    rows = [[LABELS[v], *(f"{evaluation[v][t]:.2f} [{evaluation[v][f'{t}_ci_low']:.2f}, "
-                          f"{evaluation[v][f'{t}_ci_high']:.2f}]" for t in ROUGE_TYPES)] for v in VARIANTS]
-    return tabulate(rows, headers=["model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"], tablefmt="github")
+def comparisons(scores: dict[str, list[dict]], pairs: list[tuple[str, str]], resamples: int,
+                seed: int) -> list[dict]:
+    """Paired tests on per-dialogue multi-reference ROUGE-L (x100) for each (a, b) in `pairs`.
 
-
-def diagnostics_table(evaluation: dict[str, dict]) -> str:
-    rows = [[LABELS[v], evaluation[v]["dialogues"], evaluation[v]["references"], evaluation[v]["gen_mean_tokens"],
-             f"{100 * evaluation[v]['gen_hit_max_share']:.1f}%"] for v in VARIANTS if v != "lead"]
-    return tabulate(rows, headers=["model", "dialogues", "references", "mean generated tokens",
-                                   "hit max_new_tokens"], tablefmt="github")
-
-
-def comparisons(predictions: dict[str, list[dict]], resamples: int, seed: int) -> list[dict]:
-    """Paired tests on per-dialogue multi-reference ROUGE-L for each pair in COMPARISONS.
-
-    Each result has the raw `p_value` and `p_holm`, Holm-adjusted over all COMPARISONS.
+    Each result has the raw `p_value` and `p_holm`, Holm-adjusted over all pairs.
     """
     results = []
-    for a, b in COMPARISONS:
-        test = paired_test([r["rougeL"] for r in predictions[a]], [r["rougeL"] for r in predictions[b]],
-                           resamples, seed)
+    for a, b in pairs:
+        test = paired_test([r["rougeL"] for r in scores[a]], [r["rougeL"] for r in scores[b]], resamples, seed)
         results.append({"a": a, "b": b, **{k: (100 * v if k != "p_value" else v) for k, v in test.items()}})
-    # Four tests at 0.05 each would call a difference significant by chance far more often than
+    # Several tests at 0.05 each would call a difference significant by chance far more often than
     # 5% of the time; Holm's adjustment keeps that chance at SIGNIFICANCE for the whole family.
-    for result, p_holm in zip(results, holm_adjust([r["p_value"] for r in results])):
+    for result, p_holm in zip(results, holm_adjust([r["p_value"] for r in results]) if results else []):
         result["p_holm"] = p_holm
     return results
 
 
 def comparison_sentence(result: dict) -> str:
-    a, b = LABELS[result["a"]], LABELS[result["b"]]
+    a, b = label(result["a"]), label(result["b"])
     span = f"{result['diff']:+.2f} ROUGE-L points, 95% CI [{result['ci_low']:+.2f}, {result['ci_high']:+.2f}], " \
            f"p = {result['p_value']:.4f}, Holm-adjusted p = {result['p_holm']:.4f}"
     if result["p_holm"] < SIGNIFICANCE:
@@ -98,52 +86,124 @@ def comparison_sentence(result: dict) -> str:
     return f"- **{a}** vs **{b}**: no significant difference ({span})."
 
 
-def examples_section(predictions: dict[str, list[dict]], count: int) -> str:
+def rouge_table(variants: list[str], evaluation: dict[str, dict], suffix: str) -> str:
+    """One row per variant: ROUGE (x100) and the change in ROUGE-L against the original model."""
+    rows = []
+    for variant in variants:
+        scores = evaluation[variant]
+        versus_base = (f"{scores[f'rougeL{suffix}'] - evaluation['base'][f'rougeL{suffix}']:+.2f}"
+                       if "base" in evaluation else "-")
+        rows.append([label(variant), *(f"{scores[f'{t}{suffix}']:.2f}" for t in ROUGE_TYPES), versus_base])
+    headers = ["model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "ROUGE-L vs original"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def interval_table(variants: list[str], evaluation: dict[str, dict]) -> str:
+    rows = [[label(v), *(f"{evaluation[v][t]:.2f} [{evaluation[v][f'{t}_ci_low']:.2f}, "
+                         f"{evaluation[v][f'{t}_ci_high']:.2f}]" for t in ROUGE_TYPES)] for v in variants]
+    return tabulate(rows, headers=["model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"], tablefmt="github")
+
+
+def pareto_optimal(points: dict[str, tuple[float, float]]) -> set[str]:
+    """Variants no other variant beats: none has at most their cost and at least their quality,
+    with one of the two strictly better. `points` maps variant -> (cost, quality)."""
+    return {v for v, (cost, quality) in points.items()
+            if not any(c <= cost and q >= quality and (c, q) != (cost, quality) for c, q in points.values())}
+
+
+def frontier_rows(variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]) -> list[dict]:
+    """Trained variants only (the original and lead train nothing: no point on a log axis)."""
+    trained = [v for v in variants if cost[v]["trainable_params"] > 0]
+    optimal = pareto_optimal({v: (cost[v]["trainable_params"], evaluation[v]["rougeL"]) for v in trained})
+    return [{"variant": v, "trainable_params": cost[v]["trainable_params"], "rougeL": evaluation[v]["rougeL"],
+             "rougeL_ci_low": evaluation[v]["rougeL_ci_low"], "rougeL_ci_high": evaluation[v]["rougeL_ci_high"],
+             "pareto": "Pareto-optimal" if v in optimal else "dominated"} for v in trained]
+
+
+def cost_table(variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict],
+               frontier: list[dict]) -> str:
+    """Quality and cost side by side, one row per variant."""
+    pareto = {row["variant"]: row["pareto"] == "Pareto-optimal" for row in frontier}
+    rows = []
+    for v in variants:
+        c, memory = cost[v], next((k for k in cost[v] if k.startswith("peak_")), None)
+        rows.append([
+            label(v),
+            f"{evaluation[v]['rougeL']:.2f} [{evaluation[v]['rougeL_ci_low']:.2f}, {evaluation[v]['rougeL_ci_high']:.2f}]",
+            f"{c['trainable_params']:,} ({c['trainable_percent']:.2f}%)",
+            f"{c['saved_mb']:.1f}",
+            f"{c['train_runtime_s'] / 60:.1f} min",
+            f"{c[memory]:,.0f} ({'GPU' if memory == 'peak_gpu_memory_mb' else 'RSS'})" if memory else "-",
+            f"{c['generation_dialogues_per_second']:.2f}",
+            ("yes" if pareto[v] else "no") if v in pareto else "-",
+        ])
+    headers = ["model", "ROUGE-L [95% CI]", "trainable params", "saved MB", "train time", "peak train memory MB",
+               "dialogues/s generated", "Pareto-optimal"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def diagnostics_table(variants: list[str], generation: dict[str, dict], evaluation: dict[str, dict]) -> str:
+    rows = [[label(v), evaluation[v]["dialogues"], evaluation[v]["references"], generation[v]["gen_mean_tokens"],
+             f"{100 * generation[v]['gen_hit_max_share']:.1f}%"] for v in variants if v != "lead"]
+    return tabulate(rows, headers=["model", "dialogues", "references", "mean generated tokens",
+                                   "hit max_new_tokens"], tablefmt="github")
+
+
+def examples_section(variants: list[str], predictions: dict[str, list[dict]], count: int) -> str:
+    first = predictions[variants[0]]
     blocks = []
-    for index in range(min(count, len(predictions["base"]))):
-        row = predictions["base"][index]
-        lines = [f"### {row['id']}", "", "```", row["dialogue"], "```", "",
-                 f"- **human**: {row['references'][0]}"]
-        lines += [f"- **{LABELS[v]}**: {predictions[v][index]['prediction']}" for v in VARIANTS]
+    for index in range(min(count, len(first))):
+        row = first[index]
+        lines = [f"### {row['id']}", "", "```", row["dialogue"], "```", "", f"- **human**: {row['references'][0]}"]
+        lines += [f"- **{label(v)}**: {predictions[v][index]['prediction']}" for v in variants]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
-def per_dialogue_rows(predictions: dict[str, list[dict]]) -> list[dict]:
+def per_dialogue_rows(variants: list[str], predictions: dict[str, list[dict]],
+                      scores: dict[str, list[dict]]) -> list[dict]:
     rows = []
-    for index, base_row in enumerate(predictions["base"]):
-        row = {"id": base_row["id"], "references": base_row["references"]}
-        for variant in VARIANTS:
-            record = predictions[variant][index]
-            row[f"{variant}_summary"] = record["prediction"]
-            row.update({f"{variant}_{t}": record[t] for t in ROUGE_TYPES})
+    for index, first in enumerate(predictions[variants[0]]):
+        row = {"id": first["id"], "references": first["references"]}
+        for v in variants:
+            row[f"{v}_summary"] = predictions[v][index]["prediction"]
+            row.update({f"{v}_{t}": scores[v][index][t] for t in ROUGE_TYPES})
         rows.append(row)
     return rows
 
 
-def plot_rows(evaluation: dict[str, dict]) -> list[dict]:
-    return [{"variant": v, **{t: evaluation[v][t] for t in ROUGE_TYPES}} for v in VARIANTS]
+def plot_rows(variants: list[str], evaluation: dict[str, dict]) -> list[dict]:
+    return [{"variant": v, **{t: evaluation[v][t] for t in ROUGE_TYPES}} for v in variants]
 
 
-def render(evaluation: dict[str, dict], training: dict[str, dict], tests: list[dict], examples: str) -> str:
+def render(variants: list[str], evaluation: dict[str, dict], generation: dict[str, dict], cost: dict[str, dict],
+           tests: list[dict], frontier: list[dict], base_model: dict, examples: str) -> str:
     return "\n\n".join([
-        "# FLAN-T5 on DialogSum: original vs full fine-tuning vs LoRA",
-        "ROUGE F-measures x100 on the test split, one generated summary per unique dialogue.",
+        "# FLAN-T5 on DialogSum: " + " vs ".join(label(v) for v in variants),
+        f"Base model `{base_model['base_model_name']}` at revision `{base_model['base_model_revision']}` "
+        f"(resolved: `{base_model['base_model_resolved_revision']}`). ROUGE F-measures x100 on the test split, "
+        "one generated summary per unique dialogue.",
+        "## Quality and cost",
+        "Trainable params, adapter or model size on disk, whole-run train wall time (across resumes), peak "
+        "memory while training (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS) and generation "
+        "throughput. Train time and memory are measured, so they vary from run to run. Pareto-optimal: no other "
+        "trained variant has as few trainable params and as high a ROUGE-L.",
+        cost_table(variants, evaluation, cost, frontier),
         "## Multi-reference ROUGE (best reference per ROUGE type)",
-        rouge_table(evaluation, training, ""),
+        rouge_table(variants, evaluation, ""),
         "## Mean over references (comparable to per-row numbers reported elsewhere)",
-        rouge_table(evaluation, training, "_mean_ref"),
+        rouge_table(variants, evaluation, "_mean_ref"),
         "## 95% bootstrap confidence intervals (multi-reference, resampling dialogues)",
-        interval_table(evaluation),
+        interval_table(variants, evaluation),
         f"## Paired tests on ROUGE-L (Holm-adjusted over {len(tests)} comparisons, family-wise error rate "
         f"{SIGNIFICANCE})",
         f"Paired sign-flip tests on per-dialogue multi-reference ROUGE-L. The p-values are Holm-adjusted over "
         f"the {len(tests)} comparisons, so the chance of wrongly calling any of them significant is at "
         f"most {SIGNIFICANCE} (family-wise error rate); \"significantly\" means Holm-adjusted p < {SIGNIFICANCE}. "
         f"Each line shows the raw p too; the 95% CIs (paired bootstrap of the mean difference) are not adjusted.",
-        "\n".join(comparison_sentence(t) for t in tests),
+        "\n".join(comparison_sentence(t) for t in tests) or "(fewer than two comparable variants)",
         "## Generation diagnostics",
-        diagnostics_table(evaluation),
+        diagnostics_table(variants, generation, evaluation),
         "## Examples",
         examples,
     ]) + "\n"
@@ -151,14 +211,22 @@ def render(evaluation: dict[str, dict], training: dict[str, dict], tests: list[d
 
 def main() -> None:
     params = load_params()
-    evaluation = {v: read_json(EVALUATE_DIR / f"{v}.json") for v in VARIANTS}
-    training = {v: {**read_json(TRAIN_METRICS[v]), **read_json(TRAIN_COSTS[v])} for v in TRAINED}
-    predictions = {v: read_jsonl(PREDICTIONS_DIR / f"{v}.jsonl") for v in VARIANTS}
-    tests = comparisons(predictions, params.evaluate.bootstrap_resamples, params.seed)
-    REPORT_FILE.write_text(render(evaluation, training, tests, examples_section(predictions, params.report.examples)))
-    PLOT_FILE.write_text(json.dumps(plot_rows(evaluation), indent=2) + "\n")
+    variants = params.variants
+    evaluation = {v: read_json(EVALUATE_DIR / f"{v}.json") for v in variants}
+    generation = {v: read_json(GENERATE_DIR / f"{v}.json") for v in variants}
+    cost = {v: read_json(COST_DIR / f"{v}.json") for v in variants}
+    predictions = {v: read_jsonl(PREDICTIONS_DIR / f"{v}.jsonl") for v in variants}
+    scores = {v: read_jsonl(SCORES_DIR / f"{v}.jsonl") for v in variants}
+    tests = comparisons(scores, comparison_pairs(variants), params.evaluate.bootstrap_resamples, params.seed)
+    frontier = frontier_rows(variants, evaluation, cost)
+    examples = examples_section(variants, predictions, params.report.examples)
+    REPORT_FILE.write_text(render(variants, evaluation, generation, cost, tests, frontier,
+                                  read_json(BASE_MODEL_FILE), examples))
+    PLOT_FILE.write_text(json.dumps(plot_rows(variants, evaluation), indent=2) + "\n")
+    FRONTIER_FILE.write_text(json.dumps(frontier, indent=2) + "\n")
     PER_DIALOGUE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    PER_DIALOGUE_FILE.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_dialogue_rows(predictions)))
+    PER_DIALOGUE_FILE.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                         for r in per_dialogue_rows(variants, predictions, scores)))
 
 
 if __name__ == "__main__":

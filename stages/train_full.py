@@ -20,6 +20,7 @@ from stages.training import (
     model_card,
     remove_checkpoints,
     resumable_checkpoint,
+    saved_mb,
     training_arguments,
     training_costs,
     training_metrics,
@@ -49,7 +50,7 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
         save_seq2seq(trainer.model, tokenizer, MODEL_DIR)
-        metrics = training_metrics(trainer)
+        metrics = {**training_metrics(trainer), "saved_mb": saved_mb(MODEL_DIR)}
         write_json(metrics, METRICS_FILE)
         write_json(training_costs(trainer), COSTS_FILE)
         card_params = {"seed": params.seed, "model": asdict(params.model), "train_full": asdict(params.train_full)}

@@ -28,6 +28,7 @@ from transformers import (
     DataCollatorForSeq2Seq,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PrinterCallback,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     TrainerCallback,
@@ -40,6 +41,7 @@ from transformers.trainer_callback import ExportableState
 from stages.errors import StageError
 from stages.modeling import use_bf16
 from stages.params import TrainParams
+from stages.progress import TrainerProgress
 
 
 def exit_with_launcher() -> None:
@@ -152,7 +154,7 @@ def training_arguments(params: TrainParams, seed: int, output_dir: Path, device:
         data_seed=seed,
         dataloader_num_workers=params.dataloader_workers,
         use_cpu=not cuda,
-        disable_tqdm=True,  # DVC captures stdout; per-step bars would flood it
+        disable_tqdm=True,  # TrainerProgress draws the bar (terminal) or periodic lines (logs) instead
     )
     check_one_device_per_process(args.n_gpu, section)
     return args
@@ -278,7 +280,9 @@ def build_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tr
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = PipelineTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
                               data_collator=collator, processing_class=tokenizer,
-                              callbacks=[RunLedger(args.device)])
+                              # RunLedger first: it asks for the log lines TrainerProgress shows
+                              callbacks=[RunLedger(args.device), TrainerProgress()])
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; TrainerProgress prints step/total, rate, ETA, loss
     # T5's forward takes **kwargs, so the Trainer assumes it divides the loss by
     # num_items_in_batch; it does not (plain mean), so with 4 accumulation steps the loss and
     # gradients would be 4x too large (and clipping 4x too tight). Let the Trainer divide.
@@ -333,6 +337,11 @@ def training_metrics(trainer: PipelineTrainer) -> dict[str, float]:
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         **count_parameters(trainer.model),
     }
+
+
+def saved_mb(model_dir: Path) -> float:
+    """Size on disk of the saved weights (model.safetensors or adapter_model.safetensors), MiB."""
+    return round(sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20, 3)
 
 
 def training_costs(trainer: PipelineTrainer) -> dict[str, float]:

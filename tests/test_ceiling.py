@@ -30,6 +30,7 @@ from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, make_tiny_model, require
 # Memorizing costs a tiny model capacity: width 128 (d_ff 256, 8 heads, 2+2 layers) memorizes 4
 # dialogues in 150 epochs (~25 s); width 32 stalls near 96 for full fine-tuning.
 WIDTH = 128
+VARIANTS = ("base", "full", "lora", "lead")
 OVERFIT = {"batch_size": 4, "gradient_accumulation_steps": 1, "eval_batch_size": 4, "warmup_ratio": 0.0,
            "weight_decay": 0.0, "logging_steps": 50, "save_steps": 100000}
 FULL = {**OVERFIT, "epochs": 150, "learning_rate": 3.0e-3}  # 4 rows / 4 per step = 150 optimizer steps
@@ -75,15 +76,16 @@ def memorized(tmp_path_factory) -> Path:
     for split in ("train", "validation", "test"):  # the snapshot the data stage would write, overlap kept
         (work / "data" / "raw").mkdir(parents=True, exist_ok=True)
         (work / "data" / "raw" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for module, *args in (("stages.prepare",), ("stages.train_full",), ("stages.train_lora",),
-                          *(("stages.evaluate", v) for v in ("base", "full", "lora", "lead")), ("stages.report",)):
+    for module, *args in (("stages.prepare",), ("stages.baselines",), ("stages.train_full",), ("stages.train_lora",),
+                          *(("stages.generate", v) for v in VARIANTS), *(("stages.evaluate", v) for v in VARIANTS),
+                          ("stages.report",)):
         run_stage(module, *args, cwd=work)
     return work
 
 
 def test_the_ceiling_test_uses_the_default_generation_params(memorized):
-    used = yaml.safe_load((memorized / "params.yaml").read_text())["evaluate"]
-    assert used == yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]
+    used = yaml.safe_load((memorized / "params.yaml").read_text())["generate"]
+    assert used == yaml.safe_load((REPO / "params.yaml").read_text())["generate"]
     assert all(r["summary"].count("#Person") >= 3 for r in speaker_heavy_dialogues(4))
 
 

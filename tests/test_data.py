@@ -106,6 +106,9 @@ def test_stage_writes_snapshot_limit_and_stats(tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "metrics" / "data.json").read_text())
+    assert stats.pop("source") == str(source) and stats.pop("source_revision") == "main"
+    resolved = stats.pop("source_resolved_revision")  # a content hash: an edited file shows in metrics diff
+    assert resolved.startswith("sha256:") and len(resolved) == 7 + 64
     assert stats == {"train_rows": 4, "train_dropped_empty": 1, "train_dropped_test_overlap": 0,
                      "validation_rows": 4, "validation_dropped_empty": 0, "validation_dropped_test_overlap": 0,
                      "test_rows": 6, "test_dropped_empty": 0}
@@ -122,7 +125,9 @@ def test_unreachable_hub_dataset_is_one_clear_line(tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
                                  "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2
-    assert result.stderr.startswith("error: could not load dataset 'no-such-user/no-such-dataset' (revision 'main')")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # after the progress lines
+    assert len(errors) == 1
+    assert errors[0].startswith("error: could not load dataset 'no-such-user/no-such-dataset' (revision 'main')")
     assert "point data.source at a local directory" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -1,4 +1,5 @@
-"""Evaluation: the lead baseline, and batched generation equal to one-at-a-time generation."""
+"""Generation and scoring: the lead baseline, batched generation equal to one-at-a-time generation,
+generation fully set by params, LoRA scored unmerged, and the generate/evaluate stages on a tiny model."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import torch
 import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from stages.evaluate import generate_summaries, lead_summary
-from stages.params import EvaluateParams, load_params
+from stages.generate import generate_summaries, lead_summary
+from stages.params import GenerateParams, load_params
 from tests.conftest import FLAN_SMALL, REPO, dialogsum_rows, require_shared, write_jsonl
 
 
-def evaluate_params(**overrides) -> EvaluateParams:
-    """The committed evaluate params with `overrides` (the defaults are what users run)."""
-    return dataclasses.replace(load_params(REPO / "params.yaml").evaluate, **overrides)
+def generate_params(**overrides) -> GenerateParams:
+    """The committed generate params with `overrides` (the defaults are what users run)."""
+    return dataclasses.replace(load_params(REPO / "params.yaml").generate, **overrides)
 
 
 def test_lead_summary_takes_first_turns_without_speaker_tags():
@@ -38,7 +39,7 @@ def test_batched_sorted_generation_matches_per_example(tiny_model_dir, num_beams
     texts = ["hello", "how are you today my friend", "see you at the station tomorrow morning at nine",
              "thanks", "I would like to book a table for two people please"]
     input_ids = tokenizer(texts)["input_ids"]
-    params = evaluate_params(batch_size=4, precision="fp32", num_beams=num_beams, max_new_tokens=8)
+    params = generate_params(batch_size=4, precision="fp32", num_beams=num_beams, max_new_tokens=8)
     batched = generate_summaries(model, tokenizer, input_ids, params)
     one_by_one = [generate_summaries(model, tokenizer, [ids], dataclasses.replace(params, batch_size=1))
                   for ids in input_ids]
@@ -56,47 +57,60 @@ def run_stage_module(module: str, *args: str, cwd) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A directory where the data and prepare stages have run on small local data."""
+    """A directory where the data, prepare and baselines stages have run on small local data."""
     root = tmp_path_factory.mktemp("evaluate")
     for split in ("train", "validation", "test"):
         write_jsonl(root / "source" / f"{split}.jsonl", dialogsum_rows(split, 6, references=3 if split == "test" else 1))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["name"] = str(tiny_model_dir)
     params["data"]["source"] = str(root / "source")
-    params["evaluate"].update(num_beams=2, max_new_tokens=6, bootstrap_resamples=500)
+    params["generate"].update(num_beams=2, max_new_tokens=6)
+    params["evaluate"].update(bootstrap_resamples=500)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage_module("stages.data", cwd=root)
     run_stage_module("stages.prepare", cwd=root)
+    run_stage_module("stages.baselines", cwd=root)
     return root
+
+
+def generate_and_evaluate(workdir: Path, variant: str) -> None:
+    run_stage_module("stages.generate", variant, cwd=workdir)
+    run_stage_module("stages.evaluate", variant, cwd=workdir)
 
 
 @pytest.mark.parametrize("variant", ["base", "lead"])
 def test_metrics_and_predictions_are_bit_identical_across_runs(workdir, variant):
-    outputs = [workdir / "metrics" / "evaluate" / f"{variant}.json", workdir / "data" / "predictions" / f"{variant}.jsonl"]
-    run_stage_module("stages.evaluate", variant, cwd=workdir)
+    outputs = [workdir / "metrics" / "evaluate" / f"{variant}.json", workdir / "data" / "predictions" / f"{variant}.jsonl",
+               workdir / "data" / "scores" / f"{variant}.jsonl", workdir / "metrics" / "generate" / f"{variant}.json"]
+    generate_and_evaluate(workdir, variant)
     first = [p.read_bytes() for p in outputs]
-    run_stage_module("stages.evaluate", variant, cwd=workdir)
+    generate_and_evaluate(workdir, variant)
     assert [p.read_bytes() for p in outputs] == first
     metrics = json.loads(first[0])
     assert metrics["dialogues"] == 6 and metrics["references"] == 18  # 18 rows, each dialogue generated once
     assert metrics["rougeL_ci_low"] <= metrics["rougeL"] <= metrics["rougeL_ci_high"]
     assert "generation_runtime_s" not in metrics  # timings live in metrics/timing/, apart from scores
-    assert (workdir / "metrics" / "timing" / f"evaluate_{variant}.json").is_file()
+    assert (workdir / "metrics" / "timing" / f"generate_{variant}.json").is_file()
+    cost = json.loads((workdir / "metrics" / "cost" / f"{variant}.json").read_text())
+    assert cost["trainable_params"] == 0 and cost["train_runtime_s"] == 0.0  # nothing trained
+    assert cost["generation_dialogues_per_second"] > 0
 
 
 def test_lead_baseline_scores_its_own_text(workdir):
-    run_stage_module("stages.evaluate", "lead", cwd=workdir)
+    generate_and_evaluate(workdir, "lead")
     first = json.loads((workdir / "data" / "predictions" / "lead.jsonl").read_text().splitlines()[0])
     assert first["prediction"] == "Hello, I would like to book table 0 for dinner. Sure, for how many people?"
     assert first["references"] == [f"Person1 books table 0 for dinner (version {r})." for r in range(3)]
-    assert first["rouge1"] >= first["rouge1_mean_ref"] > 0
+    scores = json.loads((workdir / "data" / "scores" / "lead.jsonl").read_text().splitlines()[0])
+    assert scores["id"] == first["id"] and scores["rouge1"] >= scores["rouge1_mean_ref"] > 0
 
 
-def test_unknown_variant_is_refused(workdir):
-    result = subprocess.run([sys.executable, "-m", "stages.evaluate", "fulll"], cwd=workdir, capture_output=True,
+@pytest.mark.parametrize("stage", ["stages.generate", "stages.evaluate"])
+def test_unknown_variant_is_refused(workdir, stage):
+    result = subprocess.run([sys.executable, "-m", stage, "fulll"], cwd=workdir, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2
-    assert result.stderr == "error: unknown variant 'fulll'; expected one of base, full, lora, lead\n"
+    assert result.stderr == "error: unknown variant 'fulll'; params.yaml variants are base, full, lora, lead\n"
 
 
 class OutOfMemoryAbove:
@@ -116,12 +130,12 @@ def test_generation_halves_the_batch_on_out_of_memory(tiny_model_dir, capsys):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).eval()
     input_ids = tokenizer(["hello", "how are you", "see you", "thanks", "a table for two"])["input_ids"]
-    params = evaluate_params(batch_size=8, precision="fp32", num_beams=1, max_new_tokens=5)
+    params = generate_params(batch_size=8, precision="fp32", num_beams=1, max_new_tokens=5)
     flaky = OutOfMemoryAbove(model, limit=2)
     summaries = generate_summaries(flaky, tokenizer, input_ids, params)
     assert summaries == generate_summaries(model, tokenizer, input_ids, params)
     assert flaky.batch_sizes == [5, 4, 2, 2, 1]  # 8 -> 4 -> 2, then the remaining dialogue
-    assert "CUDA out of memory: retrying with evaluate.batch_size=2" in capsys.readouterr().err
+    assert "CUDA out of memory: retrying with generate.batch_size=2" in capsys.readouterr().err
 
 
 def test_checkpoint_generation_config_cannot_change_what_is_scored(tiny_model_dir, tmp_path):
@@ -135,16 +149,16 @@ def test_checkpoint_generation_config_cannot_change_what_is_scored(tiny_model_di
         "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "forced_bos_token_id": forced,
         "min_length": 7, "repetition_penalty": 5.0, "no_repeat_ngram_size": 1}))
     input_ids = tokenizer(["hello", "see you at the station tomorrow", "thanks a lot"])["input_ids"]
-    params = evaluate_params(batch_size=2, precision="fp32", num_beams=2, max_new_tokens=8)
+    params = generate_params(batch_size=2, precision="fp32", num_beams=2, max_new_tokens=8)
     clean = generate_summaries(AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).eval(), tokenizer, input_ids, params)
     model = AutoModelForSeq2SeqLM.from_pretrained(shipped).eval()
     assert model.generation_config.forced_bos_token_id == forced  # the premise: the checkpoint ships these
     assert generate_summaries(model, tokenizer, input_ids, params) == clean
 
 
-def test_generation_settings_are_recorded_with_the_scores(workdir):
-    run_stage_module("stages.evaluate", "base", cwd=workdir)
-    metrics = json.loads((workdir / "metrics" / "evaluate" / "base.json").read_text())
+def test_generation_settings_are_recorded_with_the_outputs(workdir):
+    run_stage_module("stages.generate", "base", cwd=workdir)
+    metrics = json.loads((workdir / "metrics" / "generate" / "base.json").read_text())
     assert {k: v for k, v in metrics.items() if k.startswith("generation_")} == {
         "generation_num_beams": 2, "generation_max_new_tokens": 6, "generation_min_new_tokens": 0,
         "generation_length_penalty": 1.0, "generation_no_repeat_ngram_size": 0, "generation_repetition_penalty": 1.0,
@@ -158,7 +172,7 @@ def test_default_generation_can_write_a_reference_with_repeated_speaker_tags():
     tokenizer = AutoTokenizer.from_pretrained(FLAN_SMALL)
     reference = "#Person1# asks #Person2# for help. #Person2# tells #Person1# the way."
     ids = tokenizer(reference)["input_ids"]
-    n = load_params(REPO / "params.yaml").evaluate.no_repeat_ngram_size
+    n = load_params(REPO / "params.yaml").generate.no_repeat_ngram_size
     if n > 0:
         ngrams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
         assert len(set(ngrams)) == len(ngrams), f"no_repeat_ngram_size={n} forbids this reference"
@@ -187,12 +201,16 @@ def tiny_lora(tiny_model_dir, out_dir: Path) -> Path:
 def test_lora_is_evaluated_as_trained_not_merged_in_bf16(tiny_model_dir, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    from stages import evaluate
+    from stages import generate
+    from stages.params import ModelParams
 
     adapter = tiny_lora(tiny_model_dir, tmp_path / "lora")
-    monkeypatch.setattr(evaluate, "LORA_DIR", adapter)
-    model_params = load_params(REPO / "params.yaml").model.__class__(name=str(tiny_model_dir), revision="main")
-    tokenizer, evaluated = evaluate.load_variant("lora", model_params, torch.bfloat16)
+    model_params = ModelParams(name=str(tiny_model_dir), revision="main")
+    write_jsonl(tmp_path / "base" / "pin.json", [])  # the folder; the pin itself below
+    (tmp_path / "base" / "pin.json").write_text(json.dumps({"name": str(tiny_model_dir), "revision": "main",
+                                                            "resolved_revision": "sha256:test"}))
+    monkeypatch.setattr(generate, "BASE_DIR", tmp_path / "base")
+    tokenizer, evaluated = generate.load_variant(adapter, model_params, torch.bfloat16)
     reference = PeftModel.from_pretrained(
         AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), str(adapter)).eval()
     batch = tokenizer(["how are you today my friend", "see you at the station"], return_tensors="pt", padding=True)

@@ -55,7 +55,7 @@ def test_out_of_range_values_are_all_reported_at_once(raw):
 
 def test_unknown_key_names_the_valid_ones(raw):
     raw["lora"]["rank"] = 16
-    assert "lora.rank: unknown key; valid keys are alpha, bias, dropout, r, target_modules" in problems(raw)
+    assert "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, r, target_modules, use_dora, use_rslora" in problems(raw)
 
 
 def test_missing_key_and_section(raw):
@@ -130,8 +130,8 @@ def test_every_accepted_scheduler_is_one_transformers_builds_from_its_name():
 
 
 def test_generation_bounds_are_checked(raw):
-    raw["evaluate"].update(min_new_tokens=200, length_penalty=0.0, repetition_penalty=-1.0)
+    raw["generate"].update(min_new_tokens=200, length_penalty=0.0, repetition_penalty=-1.0)
     message = problems(raw)
-    assert "evaluate.min_new_tokens: must be in [0, max_new_tokens=128], got 200" in message
-    assert "evaluate.length_penalty: must be > 0 (1.0 = plain average log-probability), got 0.0" in message
-    assert "evaluate.repetition_penalty: must be > 0 (1.0 = off), got -1.0" in message
+    assert "generate.min_new_tokens: must be in [0, max_new_tokens=128], got 200" in message
+    assert "generate.length_penalty: must be > 0 (1.0 = plain average log-probability), got 0.0" in message
+    assert "generate.repetition_penalty: must be > 0 (1.0 = off), got -1.0" in message

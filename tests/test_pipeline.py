@@ -21,7 +21,8 @@ import yaml
 
 from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, make_tiny_model, require_shared
 
-VARIANTS = ("base", "full", "lora", "lead")
+VARIANTS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["variants"])  # the committed list
+TRAINED = tuple(v for v in VARIANTS if v not in ("base", "lead"))
 ROUGE_KEYS = {"rouge1", "rouge2", "rougeL", "rougeLsum"}
 
 
@@ -56,11 +57,17 @@ def smoke_params(raw: dict, model_dir: Path) -> dict:
     """The documented offline smoke run: tiny model, a slice of DialogSum, 1 short epoch."""
     raw["model"]["name"] = str(model_dir)
     raw["data"].update(source=str(DIALOGSUM), limit=24)  # 24 rows per split; test = 8 dialogues x 3
-    for section in ("train_full", "train_lora"):
+    for section in (f"train_{m}" for m in trained(raw)):
         raw[section].update(epochs=1, batch_size=4, gradient_accumulation_steps=2, eval_batch_size=8,
                             dataloader_workers=0, logging_steps=1)
-    raw["evaluate"].update(batch_size=8, num_beams=2, max_new_tokens=12, bootstrap_resamples=200)
+    raw["generate"].update(batch_size=8, num_beams=2, max_new_tokens=12)
+    raw["evaluate"].update(bootstrap_resamples=200)
     return raw
+
+
+def trained(raw: dict) -> list[str]:
+    """The trained variants of a params mapping (every name in `variants` but base and lead)."""
+    return [v for v in raw["variants"] if v not in ("base", "lead")]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +93,8 @@ def reproduced(pipeline_repo) -> str:
 
 
 def test_repro_runs_every_stage(reproduced):
-    assert stages_run(reproduced) == {"data", "prepare", "train_full", "train_lora", "report",
-                                      *(f"evaluate@{v}" for v in VARIANTS)}
+    assert stages_run(reproduced) == {"data", "prepare", "baselines", *(f"train_{m}" for m in TRAINED), "report",
+                                      *(f"generate@{v}" for v in VARIANTS), *(f"evaluate@{v}" for v in VARIANTS)}
 
 
 def test_declared_outputs_exist(pipeline_repo, reproduced):
@@ -104,7 +111,7 @@ def test_declared_outputs_exist(pipeline_repo, reproduced):
     for variant in VARIANTS:
         lines = (repo / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines()
         assert len(lines) == 8  # one per unique test dialogue, not per reference row
-        assert "generation_runtime_s" in json.loads((repo / "metrics" / "timing" / f"evaluate_{variant}.json").read_text())
+        assert "generation_runtime_s" in json.loads((repo / "metrics" / "timing" / f"generate_{variant}.json").read_text())
     assert (repo / "metrics" / "report.md").read_text().startswith("# FLAN-T5 on DialogSum")
     assert len((repo / "data" / "per_dialogue.jsonl").read_text().splitlines()) == 8
 
@@ -203,7 +210,7 @@ def test_lora_experiment_reruns_exactly_its_stages(pipeline_repo, reproduced):
     repo = pipeline_repo
     git_commit(repo, "reproduced")
     output = run(["dvc", "exp", "run", "-S", "lora.r=16"], repo)
-    assert stages_run(output) == {"train_lora", "evaluate@lora", "report"}
+    assert stages_run(output) == {"train_lora", "generate@lora", "evaluate@lora", "report"}
 
     diff = run_json(["dvc", "metrics", "diff", "--json"], repo)
     trainable = diff["metrics/train/lora.json"]["trainable_params"]

@@ -16,7 +16,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from stages.errors import StageError
-from stages.evaluate import generate_summaries
+from stages.generate import generate_summaries
 from stages.params import load_params
 from stages.prepare import format_prompt, tokenize
 from summarize import read_input
@@ -39,7 +39,7 @@ def workdir(tmp_path_factory, tiny_model_dir) -> Path:
     params["model"]["name"] = str(tiny_model_dir)
     params["prepare"]["max_source_length"] = 128
     # fp32: the in-process reference below runs the model in fp32 too
-    params["evaluate"].update(num_beams=2, max_new_tokens=6, batch_size=2, precision="fp32")
+    params["generate"].update(num_beams=2, max_new_tokens=6, batch_size=2, precision="fp32")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -54,7 +54,7 @@ def expected_summaries(model, tokenizer, dialogues: list[str], params_file: Path
     params = load_params(params_file)
     prompts = [format_prompt(params.prepare.prompt_template, d) for d in dialogues]
     input_ids, _ = tokenize(prompts, tokenizer, params.prepare.max_source_length)
-    return generate_summaries(model.eval(), tokenizer, input_ids, params.evaluate)[0]
+    return generate_summaries(model.eval(), tokenizer, input_ids, params.generate)[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,221 @@
+"""Stage `generate@<variant>`: one summary per unique test dialogue, from the variant's folder in models/.
+
+Every variant is a folder: models/base (the original model, pinned by the baselines stage),
+models/lead (the lead-N rule), models/full (a full model) and one adapter folder per PEFT method,
+evaluated unmerged. Generation depends only on the model and the `generate` params; scoring is
+the evaluate stage's, so a statistics change never regenerates summaries.
+
+Outputs: data/predictions/<variant>.jsonl (one line per dialogue), metrics/generate/<variant>.json
+(the generation settings used and length diagnostics: deterministic) and
+metrics/timing/generate_<variant>.json (wall clock).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from datasets import Dataset, load_from_disk
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from stages.errors import StageError, run_stage
+from stages.modeling import (
+    deterministic_kernels,
+    load_base,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    read_pin,
+    use_bf16,
+)
+from stages.params import GenerateParams, ModelParams, load_params
+from stages.progress import Progress
+
+PREPARED_DIR = Path("data/prepared")
+MODELS_DIR = Path("models")
+BASE_DIR = MODELS_DIR / "base"
+PIN_FILE = "pin.json"  # models/base/pin.json: the base model's name, revision and resolved commit
+LEAD_FILE = "lead.json"  # models/lead/lead.json: the lead rule's settings
+PREDICTIONS_DIR = Path("data/predictions")
+METRICS_DIR = Path("metrics/generate")
+TIMING_DIR = Path("metrics/timing")
+SPEAKER_TAG = re.compile(r"^\s*#[^#]+#\s*:\s*")  # DialogSum turns start with "#Person1#: "
+
+
+def lead_summary(dialogue: str, turns: int) -> str:
+    """The first `turns` turns of the dialogue, speaker tags removed, as one paragraph."""
+    lines = [SPEAKER_TAG.sub("", line).strip() for line in dialogue.splitlines()]
+    return " ".join([line for line in lines if line][:turns])
+
+
+def load_variant(model_dir: Path, model_params: ModelParams,
+                 dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The model a variant folder describes: a full model (config.json), a PEFT adapter on the
+    base model (adapter_config.json) or the pinned base model itself (pin.json)."""
+    if (model_dir / "adapter_config.json").is_file():
+        tokenizer, model = load_base(read_pin(BASE_DIR / PIN_FILE, model_params), dtype)
+        return tokenizer, load_adapter(model, model_dir)
+    if (model_dir / "config.json").is_file():
+        return load_tokenizer(str(model_dir)), load_model(str(model_dir), dtype=dtype)
+    return load_base(read_pin(model_dir / PIN_FILE, model_params), dtype)
+
+
+def load_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
+    """The base model with its LoRA adapter applied unmerged, as in training.
+
+    Not merge_and_unload(): merging adds B @ A onto the base weights in their dtype, and in bf16
+    that rounds a small update onto the coarse bf16 grid of the (much larger) base weights (a
+    1%-norm update came out 16.5% wrong), which full fine-tuning never suffers: the comparison
+    would be biased against LoRA. Unmerged, peft keeps the adapter weights in fp32
+    (autocast_adapter_dtype) and adds their output to the base output, as training did.
+    It costs two small extra matmuls per adapted layer.
+    """
+    from peft import PeftModel  # imported here: only adapters need peft
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def generation_config(params: GenerateParams) -> GenerationConfig:
+    """Every setting generate() uses, from params alone (see `use_generation_config`)."""
+    return GenerationConfig(
+        num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
+        min_new_tokens=params.min_new_tokens, length_penalty=params.length_penalty,
+        no_repeat_ngram_size=params.no_repeat_ngram_size, repetition_penalty=params.repetition_penalty,
+        early_stopping=params.early_stopping and params.num_beams > 1, do_sample=False,  # greedy has no beams to stop
+    )
+
+
+def use_generation_config(model: PreTrainedModel, config: GenerationConfig) -> None:
+    """Make `config` the model's own generation config, replacing the checkpoint's.
+
+    generate() fills every setting its `generation_config` argument leaves unset from the
+    model's generation_config.json, so a checkpoint could otherwise inject a min_length, a
+    forced first token or a repetition penalty into what gets scored. The special tokens
+    (decoder start, end, padding) are the one thing taken from the model's config: they belong
+    to the architecture and its tokenizer, not to decoding choices.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+    if hasattr(inner, "config"):  # test doubles that only wrap generate() have none
+        for token in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, token, getattr(inner.config, token))
+        inner.generation_config = config
+
+
+def recorded_generation(config: GenerationConfig) -> dict[str, float]:
+    """The settings that shape a summary, as flat metrics (bools as 0/1), so `dvc metrics diff`
+    shows when two evaluations generated differently."""
+    keys = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
+            "repetition_penalty", "early_stopping", "do_sample")
+    return {f"generation_{k}": float(getattr(config, k)) if isinstance(getattr(config, k), float)
+            else int(getattr(config, k)) for k in keys}
+
+
+@torch.inference_mode()
+def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_ids: list[list[int]],
+                   config: GenerationConfig) -> tuple[list[str], list[int], list[bool]]:
+    """Summaries, generated token counts and whether each hit max_new_tokens without </s>."""
+    inputs = tokenizer.pad({"input_ids": batch_ids}, pad_to_multiple_of=8, return_tensors="pt").to(model.device)
+    output = model.generate(**inputs, generation_config=config)[:, 1:]  # drop the decoder start token
+    is_eos = output == tokenizer.eos_token_id
+    finished = is_eos.any(dim=1)
+    # tokens up to and including the first </s>: after it come pads (or, from beam search with
+    # early stopping, repeated </s>), which were never generated for this dialogue
+    lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, (output != tokenizer.pad_token_id).sum(dim=1))
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [t.strip() for t in texts], lengths.tolist(), (~finished).tolist()
+
+
+def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]],
+                       params: GenerateParams, progress: Callable[[int, int], None] | None = None,
+                       ) -> tuple[list[str], list[int], list[bool]]:
+    """Batched generation, longest inputs first, halving the batch on CUDA out-of-memory.
+
+    Sorting by length keeps padding (wasted compute) small; longest-first makes an
+    out-of-memory error happen on the first batch, not after an hour.
+    `progress(done, total)`, if given, is called after each batch.
+    """
+    order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
+    config = generation_config(params)
+    use_generation_config(model, config)
+    results: dict[int, tuple[str, int, bool]] = {}
+    batch_size, start = params.batch_size, 0
+    while start < len(order):
+        chunk = order[start:start + batch_size]
+        try:
+            texts, lengths, hit_max = generate_batch(model, tokenizer, [input_ids[i] for i in chunk], config)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            print(f"CUDA out of memory: retrying with generate.batch_size={batch_size}", file=sys.stderr)
+            continue
+        results.update(zip(chunk, zip(texts, lengths, hit_max)))
+        start += len(chunk)
+        if progress is not None:
+            progress(start, len(order))
+    summaries, lengths, hit_max = zip(*(results[i] for i in range(len(input_ids)))) if results else ((), (), ())
+    return list(summaries), list(lengths), list(hit_max)
+
+
+def summarize(model_dir: Path, test: Dataset, model_params: ModelParams,
+              params: GenerateParams) -> tuple[list[str], list[int], list[bool]]:
+    if (model_dir / LEAD_FILE).is_file():  # a rule, not a model
+        turns = json.loads((model_dir / LEAD_FILE).read_text())["turns"]
+        summaries = [lead_summary(d, turns) for d in test["dialogue"]]
+        return summaries, [0] * len(summaries), [False] * len(summaries)
+    device = pick_device()
+    dtype = torch.bfloat16 if use_bf16(params.precision, device) else torch.float32
+    tokenizer, model = load_variant(model_dir, model_params, dtype)
+    model.to(device).eval()
+    with Progress(len(test), f"generate@{model_dir.name}", unit="dialogues") as progress:
+        return generate_summaries(model, tokenizer, test["input_ids"], params, progress.as_callback())
+
+
+def generation_metrics(params: GenerateParams, lengths: list[int], hit_max: list[bool]) -> dict[str, float]:
+    metrics = recorded_generation(generation_config(params))
+    metrics["gen_mean_tokens"] = round(sum(lengths) / max(len(lengths), 1), 4)
+    metrics["gen_hit_max_share"] = round(sum(hit_max) / max(len(hit_max), 1), 4)
+    return metrics
+
+
+def write_predictions(path: Path, test: Dataset, summaries: list[str], lengths: list[int],
+                      hit_max: list[bool]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row, summary, length, hit in zip(test, summaries, lengths, hit_max):
+            record = {"id": row["id"], "dialogue": row["dialogue"], "prediction": summary,
+                      "references": row["references"], "generated_tokens": length, "hit_max_new_tokens": hit}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def main(variant: str) -> None:
+    params = load_params()
+    if variant not in params.variants:
+        raise StageError(f"unknown variant {variant!r}; params.yaml variants are {', '.join(params.variants)}")
+    if params.deterministic:
+        deterministic_kernels()
+    test = load_from_disk(str(PREPARED_DIR))["test"]
+    started = time.perf_counter()
+    summaries, lengths, hit_max = summarize(MODELS_DIR / variant, test, params.model, params.generate)
+    runtime = time.perf_counter() - started
+    write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, summaries, lengths, hit_max)
+    write_json(generation_metrics(params.generate, lengths, hit_max), METRICS_DIR / f"{variant}.json")
+    # wall clock of summarize(): model loading included, as a user waits for it
+    write_json({"generation_runtime_s": round(runtime, 2),
+                "generation_dialogues_per_second": round(len(summaries) / runtime, 3)},
+               TIMING_DIR / f"generate_{variant}.json")
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_stage(lambda: main(sys.argv[1] if len(sys.argv) > 1 else ""))
