@@ -1,0 +1,305 @@
+"""PEFT methods on the tiny model, in process: LoRA and its variants (DoRA, rsLoRA, PiSSA, OLoRA,
+all-linear), (IA)3 and prompt tuning each train with a falling loss, save adapter-only weights,
+and reload onto a fresh, untouched base with the same logits and summaries as the trained
+model in memory. Their params are checked before any weights load, and the train_ia3 and
+train_prompt stages run end to end."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from peft import get_peft_model
+
+from stages import train_ia3, train_lora, train_prompt
+from stages.errors import StageError
+from stages.modeling import linear_layer_names, load_model, load_tokenizer
+from stages.params import ModelParams, ParamsError, TrainParams, load_params, parse_params
+from stages.training import build_trainer, count_parameters, training_arguments
+from tests.conftest import REPO, dialogsum_rows, write_jsonl
+
+try:  # summaries come from the generate stage (split out of evaluate)
+    from stages.generate import generate_summaries, load_adapter
+except ImportError:
+    from stages.evaluate import generate_summaries, load_adapter
+
+COMMITTED = load_params(REPO / "params.yaml")
+TRAIN = TrainParams(epochs=4, learning_rate=1.0e-2, batch_size=4, gradient_accumulation_steps=1, eval_batch_size=4,
+                    weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=1.0, precision="fp32",
+                    group_by_length=False, logging_steps=1, save_steps=1000, auto_find_batch_size=False,
+                    dataloader_workers=0, processes=1)
+LORA = dataclasses.replace(COMMITTED.lora, r=4, alpha=8)  # the committed LoRA params, at the tiny model's scale
+# method -> (stage module, peft config params, learning rate): each method's committed params
+METHODS = {
+    "lora": (train_lora, LORA, 3.0e-2),
+    "dora": (train_lora, dataclasses.replace(LORA, use_dora=True), 3.0e-2),
+    "rslora": (train_lora, dataclasses.replace(LORA, use_rslora=True), 3.0e-2),
+    "gaussian": (train_lora, dataclasses.replace(LORA, init="gaussian"), 3.0e-2),
+    "pissa": (train_lora, dataclasses.replace(LORA, init="pissa"), 3.0e-2),
+    "olora": (train_lora, dataclasses.replace(LORA, init="olora"), 3.0e-2),
+    "all-linear": (train_lora, dataclasses.replace(LORA, target_modules="all-linear"), 3.0e-2),
+    "ia3": (train_ia3, COMMITTED.ia3, 5.0e-2),
+    "prompt": (train_prompt, COMMITTED.prompt, 1.0),  # peft's prompt-tuning example rate
+}
+
+
+def generate_params():
+    committed = COMMITTED.generate if hasattr(COMMITTED, "generate") else COMMITTED.evaluate
+    return dataclasses.replace(committed, num_beams=2, max_new_tokens=8, precision="fp32")
+
+
+def dataset(tokenizer, rows: int) -> Dataset:
+    sources = tokenizer([f"#Person1#: I need table {i} for dinner. #Person2#: Sure, at {i % 3 + 6}." for i in range(rows)])
+    labels = tokenizer([f"Person1 books table {i}." for i in range(rows)])["input_ids"]
+    return Dataset.from_dict({"input_ids": sources["input_ids"], "attention_mask": sources["attention_mask"],
+                              "labels": labels})
+
+
+def peft_config(method: str, model_dir: Path):
+    module, params, _ = METHODS[method]
+    model = ModelParams(name=str(model_dir), revision="main")
+    if module is train_prompt:
+        return train_prompt.prompt_config(params, model)
+    make = train_lora.lora_config if module is train_lora else train_ia3.ia3_config
+    return make(params, linear_layer_names(model))
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def trained(request, tiny_model_dir, tmp_path_factory):
+    """(method, trained model in memory, its training log, saved adapter folder, tokenizer)."""
+    method = request.param
+    module, params, learning_rate = METHODS[method]
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = get_peft_model(load_model(str(tiny_model_dir)), peft_config(method, tiny_model_dir))
+    initial = train_lora.save_initial_adapter(model, params) if module is train_lora else None
+    data = dataset(tokenizer, 8)
+    out = tmp_path_factory.mktemp(method)
+    args = training_arguments(dataclasses.replace(TRAIN, learning_rate=learning_rate), seed=0,
+                              output_dir=out / "checkpoints", device=torch.device("cpu"), section=f"train_{method}")
+    trainer = build_trainer(model, tokenizer, data, data.select(range(4)), args)
+    trainer.train()
+    module.save_adapter(trainer.model, tokenizer, out / "adapter", *([initial] if initial else []))
+    return method, trainer.model.eval(), trainer.state.log_history, out / "adapter", tokenizer
+
+
+def test_loss_falls(trained):
+    method, _, history, _, _ = trained
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 8  # 8 rows / 4 per step x 4 epochs, one log per step
+    assert losses[-1] < losses[0] and sum(losses[-2:]) < 0.95 * sum(losses[:2]), f"{method}: loss did not fall: {losses}"
+
+
+def test_only_the_adapter_is_saved(trained, tiny_model_dir):
+    method, _, _, adapter_dir, _ = trained
+    assert not (adapter_dir / "model.safetensors").exists()
+    assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "tokenizer.json").is_file()
+    adapter = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    assert adapter < (tiny_model_dir / "model.safetensors").stat().st_size / 5, f"{method}: {adapter} bytes"
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    # a padded batch: the short row's padding must be masked the same way in both models
+    batch = tokenizer.pad({"input_ids": tokenizer(["#Person1#: Hello there.", "#Person1#: I need table 3 for "
+                                                  "dinner tonight. #Person2#: Sure."])["input_ids"]},
+                          return_tensors="pt")
+    labels = tokenizer(["Person1 books table 3.", "Person1 books table 3."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(**batch, labels=labels).logits
+
+
+def test_the_saved_adapter_on_a_fresh_base_is_the_trained_model(trained, tiny_model_dir):
+    """For PiSSA and OLoRA the trained model's base weights were rewritten; the saved adapter is
+    converted so it applies to the untouched base. Same logits, same (batched, padded) summaries."""
+    method, model, _, adapter_dir, tokenizer = trained
+    reloaded = load_adapter(load_model(str(tiny_model_dir)), adapter_dir)
+    torch.testing.assert_close(logits(reloaded, tokenizer), logits(model, tokenizer), rtol=1e-4, atol=1e-5)
+    texts = ["#Person1#: Hello.", "#Person1#: I need table 3 for dinner. #Person2#: Sure, at 7.",
+             "#Person1#: See you at the station tomorrow morning at nine, then. #Person2#: Fine."]
+    input_ids = tokenizer(texts)["input_ids"]
+    params = dataclasses.replace(generate_params(), batch_size=2)  # batches of unequal lengths: padded
+    expected = generate_summaries(model, tokenizer, input_ids, params)
+    assert generate_summaries(reloaded, tokenizer, input_ids, params) == expected
+    if method in ("ia3", "prompt"):  # prompt tuning prepends to the input and its attention mask in generate()
+        one_by_one = [generate_summaries(reloaded, tokenizer, [ids], dataclasses.replace(params, batch_size=1))[0][0]
+                      for ids in input_ids]
+        assert one_by_one == expected[0]  # padding in a batch does not change a summary
+
+
+def test_trainable_counts_are_honest(trained, tiny_model_dir):
+    method, model, _, _, _ = trained
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    counts = count_parameters(model)
+    if method == "prompt":  # encoder prompt only: no unused decoder rows
+        assert counts["trainable_params"] == COMMITTED.prompt.num_virtual_tokens * config["d_model"]
+    elif method == "ia3":  # one scale per output of k and v, one per input of wo
+        base = load_model(str(tiny_model_dir))
+        expected = sum(m.out_features if name.rsplit(".", 1)[-1] in ("k", "v") else m.in_features
+                       for name, m in base.named_modules() if name.rsplit(".", 1)[-1] in ("k", "v", "wo"))
+        assert counts["trainable_params"] == expected
+    else:
+        assert 0 < counts["trainable_params"] < counts["total_params"] / 5
+
+
+@pytest.mark.parametrize(("init", "use_rslora", "use_dora"), [("pissa", True, False), ("olora", True, False),
+                                                          ("pissa", False, True)])
+def test_pissa_and_olora_adapters_are_saved_converted(tiny_model_dir, tmp_path, init, use_rslora, use_dora):
+    """PiSSA/OLoRA rewrite the base weights; the adapter is saved as a plain LoRA of rank 2r that
+    applies to the untouched base (with rsLoRA's alpha / sqrt(r) too). DoRA's magnitudes do not
+    survive that conversion, which is why params refuse DoRA with these inits."""
+    params = dataclasses.replace(LORA, init=init, use_rslora=use_rslora, use_dora=use_dora)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(tiny_model_dir)), train_lora.lora_config(
+        params, linear_layer_names(ModelParams(name=str(tiny_model_dir), revision="main"))))
+    attention = model.base_model.model.encoder.block[0].layer[0].SelfAttention
+    assert not torch.equal(attention.q.base_layer.weight,
+                           load_model(str(tiny_model_dir)).encoder.block[0].layer[0].SelfAttention.q.weight)
+    initial = train_lora.save_initial_adapter(model, params)
+    with torch.no_grad():  # stands in for training: move every trainable weight
+        for weight in (p for p in model.parameters() if p.requires_grad):
+            weight.add_(0.05 * torch.randn_like(weight))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    train_lora.save_adapter(model, tokenizer, tmp_path / "adapter", initial)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["init_lora_weights"]) == (2 * LORA.r, True)
+    reloaded = load_adapter(load_model(str(tiny_model_dir)), tmp_path / "adapter")
+    difference = (logits(reloaded, tokenizer) - logits(model.eval(), tokenizer)).abs().max().item()
+    assert difference > 0.1 if use_dora else difference < 1e-4
+
+
+# params, checked before any weights load
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def problems(raw: dict) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+def test_committed_defaults():
+    assert (COMMITTED.lora.r, COMMITTED.lora.alpha, COMMITTED.lora.target_modules) == (32, 32, ["q", "v"])
+    assert (COMMITTED.lora.init, COMMITTED.lora.use_dora, COMMITTED.lora.use_rslora) == ("default", False, False)
+    assert (COMMITTED.ia3.target_modules, COMMITTED.ia3.feedforward_modules) == (["k", "v", "wo"], ["wo"])
+    assert (COMMITTED.prompt.num_virtual_tokens, COMMITTED.prompt.init) == (20, "text")
+    assert COMMITTED.train_ia3.learning_rate == pytest.approx(8.0e-3)
+    assert COMMITTED.train_prompt.learning_rate == pytest.approx(0.3)
+
+
+def test_lora_variants_are_read_from_params(raw):
+    raw["lora"].update(target_modules="all-linear", use_dora=True, use_rslora=True, init="gaussian")
+    lora = parse_params(copy.deepcopy(raw)).lora
+    assert (lora.target_modules, lora.use_dora, lora.use_rslora, lora.init) == ("all-linear", True, True, "gaussian")
+
+
+def test_bad_lora_variants_are_all_reported(raw):
+    raw["lora"].update(init="pisa", use_dora="yes", target_modules="q")
+    message = problems(raw)
+    assert "lora.init: expected one of 'default', 'gaussian', 'pissa', 'olora', got 'pisa'" in message
+    assert "lora.use_dora: expected true or false, got 'yes'" in message
+    raw["lora"].update(init="pissa", use_dora=False, target_modules="q")
+    assert "lora.target_modules: expected a list of strings or all-linear, got 'q'" in problems(raw)
+    raw["lora"].update(target_modules=[])
+    assert "lora.target_modules: must name at least one module, e.g. [q, v], or be all-linear" in problems(raw)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_with_a_base_rewriting_init_is_refused(raw, init):
+    raw["lora"].update(use_dora=True, init=init)
+    assert (f"lora.use_dora: DoRA cannot be combined with init '{init}' (its adapter is saved converted to "
+            "plain LoRA, which drops DoRA's magnitudes); use init default or gaussian") in problems(raw)
+
+
+def test_bad_ia3_and_prompt_params_are_all_reported(raw):
+    raw["ia3"].update(target_modules=["k", "v"], feedforward_modules=["wo", "wi"])
+    raw["prompt"].update(num_virtual_tokens=0, init="txt")
+    message = problems(raw)
+    assert message.startswith("2 problem(s) in params.yaml:")  # a mistyped prompt.init hides its other checks
+    assert ("ia3.feedforward_modules: wo, wi not in target_modules; a feed-forward module must also be "
+            "a target") in message
+    assert "prompt.init: expected one of 'text', 'sample_vocab', 'random', got 'txt'" in message
+    raw["prompt"].update(num_virtual_tokens=0, init="text", init_text=" ")
+    message = problems(raw)
+    assert "prompt.num_virtual_tokens: must be >= 1, got 0" in message
+    assert "prompt.init_text: must not be empty with init text" in message
+
+
+def test_targets_the_model_lacks_name_the_linear_layers(tiny_model_dir):
+    layers = linear_layer_names(ModelParams(name=str(tiny_model_dir), revision="main"))  # meta device: no weights
+    assert layers == ["k", "lm_head", "o", "q", "v", "wi_0", "wi_1", "wo"]  # FLAN-T5's names
+    with pytest.raises(StageError) as info:
+        train_ia3.ia3_config(dataclasses.replace(COMMITTED.ia3, target_modules=["k", "v", "wi"]), layers)
+    assert str(info.value) == ("ia3.target_modules: wi not found in the model; linear layers available: "
+                               "k, lm_head, o, q, v, wi_0, wi_1, wo")
+    with pytest.raises(StageError) as info:
+        train_lora.lora_config(dataclasses.replace(LORA, target_modules=["q", "query"]), layers)
+    assert str(info.value).startswith("lora.target_modules: query not found in the model; linear layers available")
+    assert train_lora.lora_config(dataclasses.replace(LORA, target_modules="all-linear"), layers).target_modules \
+        == "all-linear"
+
+
+# the stages, end to end
+
+
+def run_stage(module: str, cwd: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", module], cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A directory where the data and prepare stages have run on small local data."""
+    root = tmp_path_factory.mktemp("stages")
+    for split in ("train", "validation", "test"):
+        write_jsonl(root / "source" / f"{split}.jsonl", dialogsum_rows(split, 6))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["name"] = str(tiny_model_dir)
+    params["data"]["source"] = str(root / "source")
+    for section in ("train_ia3", "train_prompt"):
+        params[section].update(epochs=1, batch_size=2, gradient_accumulation_steps=1, eval_batch_size=4)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage("stages.data", root)
+    run_stage("stages.prepare", root)
+    return root
+
+
+@pytest.mark.parametrize("method", ["ia3", "prompt"])
+def test_stage_runs_end_to_end(workdir, method):
+    run_stage(f"stages.train_{method}", workdir)
+    adapter = workdir / "models" / method
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"ia3": "IA3", "prompt": "PROMPT_TUNING"}[method]
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    assert "library_name: peft" in (adapter / "README.md").read_text()
+    metrics = json.loads((workdir / "metrics" / "train" / f"{method}.json").read_text())
+    assert metrics["train_steps"] == 3 and metrics["trainable_params"] > 0
+    assert (workdir / "metrics" / "timing" / f"train_{method}.json").is_file()
+    assert (workdir / "dvclive" / f"train_{method}" / "plots" / "metrics" / "loss.tsv").is_file()
+    assert not list((workdir / "checkpoints" / f"train_{method}").glob("checkpoint-*"))
+
+
+def test_ia3_stage_stops_on_an_unknown_target_before_loading_weights(tiny_model_dir, tmp_path, monkeypatch):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["name"] = str(tiny_model_dir)
+    params["ia3"]["target_modules"] = ["k", "v", "wo", "wi"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_ia3, "load_base", lambda *args: pytest.fail("loaded the weights before checking"))
+    with pytest.raises(StageError) as info:
+        train_ia3.main()
+    assert str(info.value) == ("ia3.target_modules: wi not found in the model; linear layers available: "
+                               "k, lm_head, o, q, v, wi_0, wi_1, wo")
