@@ -22,15 +22,11 @@ from peft import get_peft_model
 
 from stages import train_ia3, train_lora, train_prompt
 from stages.errors import StageError
+from stages.generate import generate_summaries, load_adapter
 from stages.modeling import linear_layer_names, load_model, load_tokenizer
 from stages.params import ModelParams, ParamsError, TrainParams, load_params, parse_params
 from stages.training import build_trainer, count_parameters, training_arguments
 from tests.conftest import REPO, dialogsum_rows, write_jsonl
-
-try:  # summaries come from the generate stage (split out of evaluate)
-    from stages.generate import generate_summaries, load_adapter
-except ImportError:
-    from stages.evaluate import generate_summaries, load_adapter
 
 COMMITTED = load_params(REPO / "params.yaml")
 TRAIN = TrainParams(epochs=4, learning_rate=1.0e-2, batch_size=4, gradient_accumulation_steps=1, eval_batch_size=4,
@@ -38,7 +34,8 @@ TRAIN = TrainParams(epochs=4, learning_rate=1.0e-2, batch_size=4, gradient_accum
                     group_by_length=False, logging_steps=1, save_steps=1000, auto_find_batch_size=False,
                     dataloader_workers=0, processes=1)
 LORA = dataclasses.replace(COMMITTED.lora, r=4, alpha=8)  # the committed LoRA params, at the tiny model's scale
-# method -> (stage module, peft config params, learning rate): each method's committed params
+# method -> (stage module, its params, a learning rate that moves the loss within 8 steps); the
+# committed params of each method, LoRA's at a rank that fits the tiny model
 METHODS = {
     "lora": (train_lora, LORA, 3.0e-2),
     "dora": (train_lora, dataclasses.replace(LORA, use_dora=True), 3.0e-2),
@@ -53,8 +50,7 @@ METHODS = {
 
 
 def generate_params():
-    committed = COMMITTED.generate if hasattr(COMMITTED, "generate") else COMMITTED.evaluate
-    return dataclasses.replace(committed, num_beams=2, max_new_tokens=8, precision="fp32")
+    return dataclasses.replace(COMMITTED.generate, num_beams=2, max_new_tokens=8, precision="fp32")
 
 
 def dataset(tokenizer, rows: int) -> Dataset:
@@ -129,7 +125,7 @@ def test_the_saved_adapter_on_a_fresh_base_is_the_trained_model(trained, tiny_mo
     params = dataclasses.replace(generate_params(), batch_size=2)  # batches of unequal lengths: padded
     expected = generate_summaries(model, tokenizer, input_ids, params)
     assert generate_summaries(reloaded, tokenizer, input_ids, params) == expected
-    if method in ("ia3", "prompt"):  # prompt tuning prepends to the input and its attention mask in generate()
+    if method == "prompt":  # peft prepends the prompt to the input and ones to its attention mask in generate()
         one_by_one = [generate_summaries(reloaded, tokenizer, [ids], dataclasses.replace(params, batch_size=1))[0][0]
                       for ids in input_ids]
         assert one_by_one == expected[0]  # padding in a batch does not change a summary
