@@ -13,9 +13,7 @@ import shutil
 import sys
 
 from stages.errors import StageError, run_stage
-from stages.params import load_params
-
-STAGES = ("train_full", "train_lora")
+from stages.params import load_params, trained_methods
 
 
 def command(stage: str, processes: int) -> list[str]:
@@ -41,9 +39,11 @@ def one_gpu_env(environ: dict[str, str], visible_gpus: int, stage: str) -> dict[
 
 
 def main(stage: str) -> None:
-    if stage not in STAGES:
-        raise StageError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
-    processes = getattr(load_params(), stage).processes
+    params = load_params()
+    stages = [f"train_{method}" for method in trained_methods(params)]
+    if stage not in stages:
+        raise StageError(f"unknown training stage {stage!r}; expected one of {', '.join(stages)}")
+    processes = getattr(params, stage).processes
     argv = command(stage, processes)
     environ = dict(os.environ)
     if processes == 1:

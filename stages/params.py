@@ -131,9 +131,7 @@ class LoraParams:
     r: int
     alpha: int
     dropout: float
-    # a list of module names, or peft's shorthand "all-linear" (every linear layer but the output
-    # head); typed `object` because the loader's type check has no "either" type: problems() checks it
-    target_modules: object
+    target_modules: list[str] | Literal["all-linear"]  # peft's shorthand: every linear layer but the output head
     bias: Literal["none", "all", "lora_only"]
     use_dora: bool
     use_rslora: bool
@@ -141,13 +139,11 @@ class LoraParams:
 
     def problems(self, section: str) -> list[str]:
         targets = self.target_modules
-        names_ok = isinstance(targets, list) and all(isinstance(m, str) for m in targets)
+        names_ok = isinstance(targets, list)
         return (
             _check(self.r >= 1, f"{section}.r: must be >= 1, got {self.r}")
             + _check(self.alpha >= 1, f"{section}.alpha: must be >= 1, got {self.alpha}")
             + _check(0 <= self.dropout < 1, f"{section}.dropout: must be in [0, 1), got {self.dropout}")
-            + _check(names_ok or targets == "all-linear",
-                     f"{section}.target_modules: expected a list of strings or all-linear, got {targets!r}")
             + _check(not names_ok or len(targets) > 0,
                      f"{section}.target_modules: must name at least one module, e.g. [q, v], or be all-linear")
             # PiSSA/OLoRA adapters are saved as the plain-LoRA difference to their initial value, which
@@ -274,7 +270,8 @@ def _type_name(annotation: Any) -> str:
         return "one of " + ", ".join(repr(v) for v in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return f"{_type_name(inner[0])} or null"
+        names = " or ".join(_type_name(a) for a in inner)
+        return names + " or null" if type(None) in typing.get_args(annotation) else names
     if origin is list:
         return "a list of " + {str: "strings", int: "integers"}[typing.get_args(annotation)[0]]
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[annotation]
@@ -287,9 +284,12 @@ def _convert(value: Any, annotation: Any) -> tuple[bool, Any]:
         return value in typing.get_args(annotation), value
     if origin in (typing.Union, types.UnionType):
         if value is None:
-            return True, None
-        inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
-        return _convert(value, inner)
+            return type(None) in typing.get_args(annotation), None
+        for inner in (a for a in typing.get_args(annotation) if a is not type(None)):
+            ok, converted = _convert(value, inner)
+            if ok:
+                return True, converted
+        return False, value
     if origin is list:
         if not isinstance(value, list):
             return False, value

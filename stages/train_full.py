@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stages.errors import run_stage
-from stages.modeling import load_base, pick_device, save_seq2seq, set_determinism
+from stages.modeling import load_base, pick_device, read_pin, save_seq2seq, set_determinism
 from stages.params import load_params
 from stages.training import (
     attach_curves,
@@ -28,6 +28,7 @@ from stages.training import (
 )
 
 PREPARED_DIR = Path("data/prepared")
+BASE_PIN = Path("models/base/pin.json")
 MODEL_DIR = Path("models/full")
 CHECKPOINT_DIR = Path("checkpoints/train_full")
 CURVES_DIR = Path("dvclive/train_full")
@@ -40,7 +41,7 @@ def main() -> None:
     exit_with_launcher()
     set_determinism(params.seed, params.deterministic)
     device = pick_device()
-    tokenizer, model = load_base(params.model)
+    tokenizer, model = load_base(read_pin(BASE_PIN, params.model))  # the commit baselines pinned
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_full, params.seed, CHECKPOINT_DIR, device, "train_full")
     trainer = build_trainer(model, tokenizer, train, validation, args)

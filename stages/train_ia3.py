@@ -14,7 +14,7 @@ from pathlib import Path
 from peft import IA3Config, TaskType, get_peft_model
 
 from stages.errors import StageError, run_stage
-from stages.modeling import linear_layer_names, load_base, pick_device, set_determinism
+from stages.modeling import linear_layer_names, load_base, pick_device, read_pin, set_determinism
 from stages.params import Ia3Params, load_params
 from stages.training import (
     attach_curves,
@@ -33,6 +33,7 @@ from stages.training import (
 )
 
 PREPARED_DIR = Path("data/prepared")
+BASE_PIN = Path("models/base/pin.json")
 MODEL_DIR = Path("models/ia3")
 CHECKPOINT_DIR = Path("checkpoints/train_ia3")
 CURVES_DIR = Path("dvclive/train_ia3")
@@ -63,7 +64,7 @@ def main() -> None:
     set_determinism(params.seed, params.deterministic)
     device = pick_device()
     config = ia3_config(params.ia3, linear_layer_names(params.model))  # fail fast, before the weights
-    tokenizer, model = load_base(params.model)
+    tokenizer, model = load_base(read_pin(BASE_PIN, params.model))  # the commit baselines pinned
     model = get_peft_model(model, config)
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_ia3, params.seed, CHECKPOINT_DIR, device, "train_ia3")

@@ -18,7 +18,7 @@ from pathlib import Path
 from peft import LoraConfig, TaskType, get_peft_model
 
 from stages.errors import StageError, run_stage
-from stages.modeling import linear_layer_names, load_base, pick_device, set_determinism
+from stages.modeling import linear_layer_names, load_base, pick_device, read_pin, set_determinism
 from stages.params import LoraParams, load_params
 from stages.training import (
     attach_curves,
@@ -37,6 +37,7 @@ from stages.training import (
 )
 
 PREPARED_DIR = Path("data/prepared")
+BASE_PIN = Path("models/base/pin.json")
 MODEL_DIR = Path("models/lora")
 CHECKPOINT_DIR = Path("checkpoints/train_lora")
 CURVES_DIR = Path("dvclive/train_lora")
@@ -92,7 +93,7 @@ def main() -> None:
     set_determinism(params.seed, params.deterministic)
     device = pick_device()
     config = lora_config(params.lora, linear_layer_names(params.model))  # fail fast, before the weights
-    tokenizer, model = load_base(params.model)
+    tokenizer, model = load_base(read_pin(BASE_PIN, params.model))  # the commit baselines pinned
     model = get_peft_model(model, config)
     initial = save_initial_adapter(model, params.lora)  # PiSSA/OLoRA: to convert the adapter on save
     train, validation = load_training_splits(PREPARED_DIR)

@@ -14,7 +14,7 @@ from pathlib import Path
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
 from stages.errors import run_stage
-from stages.modeling import load_base, pick_device, set_determinism
+from stages.modeling import load_base, pick_device, read_pin, set_determinism
 from stages.params import ModelParams, PromptParams, load_params
 from stages.training import (
     attach_curves,
@@ -33,6 +33,7 @@ from stages.training import (
 )
 
 PREPARED_DIR = Path("data/prepared")
+BASE_PIN = Path("models/base/pin.json")
 MODEL_DIR = Path("models/prompt")
 CHECKPOINT_DIR = Path("checkpoints/train_prompt")
 CURVES_DIR = Path("dvclive/train_prompt")
@@ -69,7 +70,7 @@ def main() -> None:
     set_determinism(params.seed, params.deterministic)
     device = pick_device()
     config = prompt_config(params.prompt, params.model)  # fail fast, before the weights
-    tokenizer, model = load_base(params.model)
+    tokenizer, model = load_base(read_pin(BASE_PIN, params.model))  # the commit baselines pinned
     model = get_peft_model(model, config)
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_prompt, params.seed, CHECKPOINT_DIR, device, "train_prompt")

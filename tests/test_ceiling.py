@@ -68,6 +68,7 @@ def memorized(tmp_path_factory) -> Path:
         shutil.copy2(REPO / name, work / name)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
+    params["variants"] = list(VARIANTS)  # full fine-tuning and LoRA against the untrained references
     params["train_full"].update(FULL)
     params["train_lora"].update(LORA_TRAIN)
     params["lora"].update(LORA)

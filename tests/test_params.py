@@ -74,7 +74,7 @@ def test_wrong_types(raw):
     message = problems(raw)
     assert "lora.r: expected an integer, got '16'" in message
     assert "train_full.group_by_length: expected true or false, got 'yes'" in message
-    assert "lora.target_modules: expected a list of strings, got 'q'" in message
+    assert "lora.target_modules: expected a list of strings or one of 'all-linear', got 'q'" in message
     assert "data.limit: expected an integer or null, got 1.5" in message
 
 

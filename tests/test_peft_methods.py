@@ -207,7 +207,7 @@ def test_bad_lora_variants_are_all_reported(raw):
     assert "lora.init: expected one of 'default', 'gaussian', 'pissa', 'olora', got 'pisa'" in message
     assert "lora.use_dora: expected true or false, got 'yes'" in message
     raw["lora"].update(init="pissa", use_dora=False, target_modules="q")
-    assert "lora.target_modules: expected a list of strings or all-linear, got 'q'" in problems(raw)
+    assert "lora.target_modules: expected a list of strings or one of 'all-linear', got 'q'" in problems(raw)
     raw["lora"].update(target_modules=[])
     assert "lora.target_modules: must name at least one module, e.g. [q, v], or be all-linear" in problems(raw)
 
@@ -270,6 +270,7 @@ def workdir(tmp_path_factory, tiny_model_dir) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage("stages.data", root)
     run_stage("stages.prepare", root)
+    run_stage("stages.baselines", root)  # pins the base model the training stages load
     return root
 
 

@@ -154,8 +154,56 @@ def test_dvc_plots_render_rouge_by_variant(pipeline_repo, reproduced):
     assert [v["variant"] for v in values] == list(VARIANTS) and all("rougeL" in v for v in values)
 
 
+def test_frontier_plot_renders_every_trained_variant(pipeline_repo, reproduced):
+    shown = run_json(["dvc", "plots", "show", "--json"], pipeline_repo)
+    assert not shown.get("errors"), shown["errors"]  # every declared plot loads after a full run
+    values = shown["data"]["frontier"][0]["content"]["data"]["values"]
+    assert {v["variant"] for v in values} == set(TRAINED)
+    assert all(v["rougeL_ci_low"] <= v["rougeL"] <= v["rougeL_ci_high"] for v in values)
+    assert {v["pareto"] for v in values} <= {"Pareto-optimal", "dominated"} and "Pareto-optimal" in {
+        v["pareto"] for v in values}
+    report = (pipeline_repo / "metrics" / "report.md").read_text()
+    assert "## Quality and cost" in report and all(f"| {label} " in report for label in ("LoRA", "full fine-tuning"))
+
+
 def test_noop_repro_runs_nothing(pipeline_repo, reproduced):
     assert stages_run(run(["dvc", "repro"], pipeline_repo)) == set()
+
+
+def test_a_subset_of_variants_runs_only_what_it_needs(pipeline_repo, reproduced):
+    # `-S 'variants=[base,lora,lead]' report`: forced, the report's upstream is exactly these
+    params_file = pipeline_repo / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["variants"] = ["base", "lora", "lead"]
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        planned = stages_run(run(["dvc", "repro", "--dry", "--force", "report"], pipeline_repo))
+    finally:
+        params_file.write_text(original)
+    assert planned == {"data", "prepare", "baselines", "train_lora", "report",
+                       *(f"{stage}@{v}" for stage in ("generate", "evaluate") for v in ("base", "lora", "lead"))}
+
+
+def test_statistics_change_reruns_no_generation_and_no_training(pipeline_repo, reproduced):
+    planned = dry_run_with(pipeline_repo, "evaluate", "bootstrap_resamples", 2000)
+    assert planned == {"report", *(f"evaluate@{v}" for v in VARIANTS)}
+
+
+def test_identical_data_from_another_path_retrains_nothing(pipeline_repo, reproduced, tmp_path):
+    copy = tmp_path / "dialogsum-copy"
+    shutil.copytree(DIALOGSUM, copy)
+    params_file = pipeline_repo / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["data"]["source"] = str(copy)
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        # the data stage reruns (its param changed) and writes the same snapshot: nothing downstream
+        assert stages_run(run(["dvc", "repro"], pipeline_repo)) == {"data"}
+    finally:
+        params_file.write_text(original)
+    assert stages_run(run(["dvc", "repro"], pipeline_repo)) <= {"data"}  # (or restored from DVC's run cache)
 
 
 def dry_run_with(repo: Path, section: str, key: str, value) -> set[str]:

@@ -59,7 +59,7 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
     set_params(repo, {"model": {"name": str(tiny_model_dir)}, "data": {"source": str(root / "source")},
                       "train_full": slow, "train_lora": slow})
     run(["git", "init", "-q"], repo)
-    run(["dvc", "repro", "prepare"], repo)
+    run(["dvc", "repro", "prepare", "baselines"], repo)
     git_commit(repo, "prepared")
     return repo
 
@@ -130,7 +130,7 @@ def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
     assert result.returncode != 0
     output = result.stderr + result.stdout
     assert "error: 2 problem(s) in params.yaml:" in output
-    assert "lora.rank: unknown key; valid keys are alpha, bias, dropout, r, target_modules" in output
+    assert "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, r, target_modules, use_dora, use_rslora" in output
     assert "lora.r: must be >= 1, got 0" in output
 
 

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from stages import launch
 from stages.errors import StageError
 from stages.modeling import load_model, load_tokenizer
-from stages.params import TrainParams
+from stages.params import TrainParams, load_params
 from stages.training import (
     attach_curves,
     build_trainer,
@@ -26,6 +26,7 @@ from stages.training import (
     training_metrics,
     whole_run_loss,
 )
+from tests.conftest import REPO
 
 TRAIN = TrainParams(epochs=1, learning_rate=1.0e-3, batch_size=2, gradient_accumulation_steps=1, eval_batch_size=4,
                     weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="linear", max_grad_norm=1.0, precision="fp32",
@@ -147,7 +148,8 @@ def test_launch_main_uses_the_device_count(monkeypatch, tmp_path):
     # launch.main with 2 (mocked) GPUs and processes: 1 execs the stage with one GPU visible
     seen = {}
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(launch, "load_params", lambda: type("P", (), {"train_full": TRAIN})())
+    params = dataclasses.replace(load_params(REPO / "params.yaml"), train_full=TRAIN)
+    monkeypatch.setattr(launch, "load_params", lambda: params)
     monkeypatch.setattr(launch.os, "execve", lambda path, argv, env: seen.update(argv=argv, env=env))
     launch.main("train_full")
     assert seen["argv"][-2:] == ["-m", "stages.train_full"]
