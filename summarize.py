@@ -42,24 +42,48 @@ class Dialogue:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m summarize", description="Summarize dialogues with the base, full or LoRA model.")
-    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_TEXT",
-                        help="a .txt file (one dialogue), a .jsonl file (a 'dialogue' field per line, "
-                             "optional 'id'), - for stdin, or the dialogue text itself")
-    parser.add_argument("--model", required=True, metavar="DIR|base",
-                        help="a full model directory (config.json, e.g. models/full), a LoRA adapter "
-                             "directory (adapter_config.json, e.g. models/lora), or 'base' for "
-                             "params.yaml's model.name (write ./base for a directory named base)")
-    parser.add_argument("--base-model", metavar="NAME_OR_DIR",
-                        help="base model for a LoRA adapter, instead of the base_model_name_or_path "
-                             "in its adapter_config.json")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="PATH",
-                        help="params file with the prompt template and generation defaults (default: %(default)s)")
-    parser.add_argument("--output", type=Path, metavar="FILE.jsonl",
-                        help="write {id, summary} JSON lines here instead of printing one summary per line")
+        prog="python -m summarize", description="Summarize dialogues with the base, full or LoRA model."
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="FILE_OR_TEXT",
+        help="a .txt file (one dialogue), a .jsonl file (a 'dialogue' field per line, "
+        "optional 'id'), - for stdin, or the dialogue text itself",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR|base",
+        help="a full model directory (config.json, e.g. models/full), a LoRA adapter "
+        "directory (adapter_config.json, e.g. models/lora), or 'base' for "
+        "params.yaml's model.name (write ./base for a directory named base)",
+    )
+    parser.add_argument(
+        "--base-model",
+        metavar="NAME_OR_DIR",
+        help="base model for a LoRA adapter, instead of the base_model_name_or_path in its adapter_config.json",
+    )
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        metavar="PATH",
+        help="params file with the prompt template and generation defaults (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="write {id, summary} JSON lines here instead of printing one summary per line",
+    )
     for option in ("batch-size", "num-beams", "max-new-tokens"):  # the evaluate stage's settings by default
-        parser.add_argument(f"--{option}", type=positive_int, metavar="N",
-                            help=f"default: params.yaml evaluate.{option.replace('-', '_')}")
+        parser.add_argument(
+            f"--{option}",
+            type=positive_int,
+            metavar="N",
+            help=f"default: params.yaml evaluate.{option.replace('-', '_')}",
+        )
     return parser.parse_args(argv)
 
 
@@ -100,8 +124,10 @@ def read_input(arg: str, position: int, stdin: TextIO) -> list[Dialogue]:
             return [Dialogue(arg, Path(arg).read_text(encoding="utf-8"))]
         if suffix == ".jsonl":
             return read_jsonl(Path(arg))
-        raise StageError(f"{arg}: unsupported file type {suffix or '(none)'!r}; "
-                         "use .txt (one dialogue) or .jsonl (a 'dialogue' field per line)")
+        raise StageError(
+            f"{arg}: unsupported file type {suffix or '(none)'!r}; "
+            "use .txt (one dialogue) or .jsonl (a 'dialogue' field per line)"
+        )
     if os.path.isdir(arg):
         raise StageError(f"{arg}: is a directory; pass .txt or .jsonl files")
     # a mistyped file name would otherwise be summarized as if it were the dialogue
@@ -131,8 +157,9 @@ def generation_params(defaults: GenerateParams, args: argparse.Namespace) -> Gen
     return dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def load_summarizer(model: str, base_model: str | None, defaults: ModelParams, precision: str,
-                    device: torch.device) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def load_summarizer(
+    model: str, base_model: str | None, defaults: ModelParams, precision: str, device: torch.device
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and eval-mode model on `device` for --model; any load failure is one StageError line."""
     dtype = torch.bfloat16 if use_bf16(precision, device) else torch.float32
     try:
@@ -151,18 +178,22 @@ def load_summarizer(model: str, base_model: str | None, defaults: ModelParams, p
     return tokenizer, loaded.to(device).eval()
 
 
-def load_directory(directory: Path, base_model: str | None, defaults: ModelParams,
-                   dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def load_directory(
+    directory: Path, base_model: str | None, defaults: ModelParams, dtype: torch.dtype
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     if not directory.is_dir():
-        raise StageError(f"model directory {str(directory)!r} not found; pass a trained model "
-                         "(models/full, models/lora) or --model base")
+        raise StageError(
+            f"model directory {str(directory)!r} not found; pass a trained model "
+            "(models/full, models/lora) or --model base"
+        )
     if (directory / "adapter_config.json").is_file():
         return load_adapter(directory, base_model, defaults, dtype)
     if (directory / "config.json").is_file():
         reject_base_model(base_model, f"full model {str(directory)!r}")
         return load_tokenizer(str(directory)), load_model(str(directory), dtype=dtype)
-    raise StageError(f"{str(directory)!r} has neither config.json (a full model) "
-                     "nor adapter_config.json (a LoRA adapter)")
+    raise StageError(
+        f"{str(directory)!r} has neither config.json (a full model) nor adapter_config.json (a LoRA adapter)"
+    )
 
 
 def reject_base_model(base_model: str | None, model: str) -> None:
@@ -171,8 +202,9 @@ def reject_base_model(base_model: str | None, model: str) -> None:
         raise StageError(f"--base-model only applies to a LoRA adapter directory, not to {model}")
 
 
-def load_adapter(directory: Path, base_model: str | None, defaults: ModelParams,
-                 dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def load_adapter(
+    directory: Path, base_model: str | None, defaults: ModelParams, dtype: torch.dtype
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The base model with the LoRA adapter applied unmerged, exactly as the evaluate stage scores it
     (a merge in bf16 would round the update away: see stages.generate.load_adapter)."""
     config = read_adapter_config(directory / "adapter_config.json")
@@ -191,11 +223,15 @@ def load_adapter(directory: Path, base_model: str | None, defaults: ModelParams,
     except RuntimeError as error:  # torch's load_state_dict: "Error(s) in loading ...", then one line per tensor
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
         detail = lines[1] if len(lines) > 1 else lines[0]
-        raise StageError(f"LoRA adapter {str(directory)!r} does not fit base model {base_name!r} ({detail}); "
-                         "pass the base it was trained on with --base-model") from None
+        raise StageError(
+            f"LoRA adapter {str(directory)!r} does not fit base model {base_name!r} ({detail}); "
+            "pass the base it was trained on with --base-model"
+        ) from None
     except (OSError, ValueError, KeyError) as error:
-        raise StageError(f"could not attach LoRA adapter {str(directory)!r} to {base_name!r}: "
-                         f"{type(error).__name__}: {first_line(error)}") from None
+        raise StageError(
+            f"could not attach LoRA adapter {str(directory)!r} to {base_name!r}: "
+            f"{type(error).__name__}: {first_line(error)}"
+        ) from None
     return tokenizer, model
 
 
@@ -218,8 +254,11 @@ def encode(dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase, params
     prompts = [format_prompt(params.prompt_template, d.text) for d in dialogues]
     input_ids, truncated = tokenize(prompts, tokenizer, params.max_source_length)
     if truncated:
-        print(f"note: {truncated} of {len(prompts)} dialogue(s) exceed prepare.max_source_length="
-              f"{params.max_source_length} tokens; their ends are cut off", file=sys.stderr)
+        print(
+            f"note: {truncated} of {len(prompts)} dialogue(s) exceed prepare.max_source_length="
+            f"{params.max_source_length} tokens; their ends are cut off",
+            file=sys.stderr,
+        )
     return input_ids
 
 
@@ -227,8 +266,9 @@ def print_progress(done: int, total: int) -> None:
     print(f"summarized {done}/{total} dialogues", file=sys.stderr, flush=True)
 
 
-def summarize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]],
-              params: GenerateParams) -> list[str]:
+def summarize(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]], params: GenerateParams
+) -> list[str]:
     progress = print_progress if len(input_ids) > 1 else None  # one dialogue needs no progress
     summaries, _, _ = generate_summaries(model, tokenizer, input_ids, params, progress=progress)
     return summaries
@@ -250,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = read_params_file(args.params)
     dialogues = read_dialogues(args.inputs, sys.stdin)  # before loading: a bad input fails in seconds
-    tokenizer, model = load_summarizer(args.model, args.base_model, params.model, params.generate.precision,
-                                       pick_device())
+    tokenizer, model = load_summarizer(
+        args.model, args.base_model, params.model, params.generate.precision, pick_device()
+    )
     input_ids = encode(dialogues, tokenizer, params.prepare)
     summaries = summarize(model, tokenizer, input_ids, generation_params(params.generate, args))
     write_summaries(dialogues, summaries, args.output, sys.stdout)

@@ -92,8 +92,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", default="flan-t5-small-config", help="folder under ../shared/models")
     parser.add_argument("--dialogues", type=int, default=64, help="test dialogues to generate for")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per dialogue (forced)")
-    parser.add_argument("--eval-batch-size", type=int, default=16,
-                        help="the evaluate stage's batch size (16 is fastest on CPU; use 64+ on a GPU)")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=16,
+        help="the evaluate stage's batch size (16 is fastest on CPU; use 64+ on a GPU)",
+    )
     parser.add_argument("--train-steps", type=int, default=12, help="optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size (both paths)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -135,8 +139,14 @@ def pipeline_generation(model, tokenizer, dialogues: list[dict], new_tokens: int
     """The evaluate stage's path: pre-tokenized, sorted batches, inference_mode, bf16 on GPU."""
     input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in dialogues], tokenizer, MAX_SOURCE)
     # greedy like the seed, and min = max new tokens so random-weight models compare fairly
-    params = dataclasses.replace(load_params(REPO / "params.yaml").generate, batch_size=batch_size, precision="auto",
-                                 num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    params = dataclasses.replace(
+        load_params(REPO / "params.yaml").generate,
+        batch_size=batch_size,
+        precision="auto",
+        num_beams=1,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+    )
     started = time.perf_counter()
     generate_summaries(model, tokenizer, input_ids, params)
     return time.perf_counter() - started
@@ -144,33 +154,47 @@ def pipeline_generation(model, tokenizer, dialogues: list[dict], new_tokens: int
 
 def seed_dataset(tokenizer, rows: list[dict]) -> Dataset:
     """The seed's tokenization: everything padded to the maximum length."""
-    source = tokenizer([format_prompt(PROMPT, r["dialogue"]) for r in rows], padding="max_length",
-                       truncation=True, max_length=MAX_SOURCE)
-    labels = tokenizer([r["summary"] for r in rows], padding="max_length", truncation=True,
-                       max_length=MAX_TARGET).input_ids
+    source = tokenizer(
+        [format_prompt(PROMPT, r["dialogue"]) for r in rows],
+        padding="max_length",
+        truncation=True,
+        max_length=MAX_SOURCE,
+    )
+    labels = tokenizer(
+        [r["summary"] for r in rows], padding="max_length", truncation=True, max_length=MAX_TARGET
+    ).input_ids
     labels = [[t if t != tokenizer.pad_token_id else -100 for t in x] for x in labels]
-    return Dataset.from_dict({"input_ids": source.input_ids, "attention_mask": source.attention_mask,
-                              "labels": labels})
+    return Dataset.from_dict({"input_ids": source.input_ids, "attention_mask": source.attention_mask, "labels": labels})
 
 
 def pipeline_dataset(tokenizer, rows: list[dict]) -> Dataset:
     """The prepare stage's tokenization: truncated, unpadded (the collator pads per batch)."""
     input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in rows], tokenizer, MAX_SOURCE)
     labels, _ = tokenize([r["summary"] for r in rows], tokenizer, MAX_TARGET)
-    return Dataset.from_dict({"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids],
-                              "labels": labels})
+    return Dataset.from_dict(
+        {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
+    )
 
 
 def real_tokens(dataset: Dataset, pad_id: int) -> list[int]:
-    return [sum(t != pad_id for t in i) + sum(t != -100 for t in l)
-            for i, l in zip(dataset["input_ids"], dataset["labels"])]
+    return [
+        sum(t != pad_id for t in source) + sum(t != -100 for t in target)
+        for source, target in zip(dataset["input_ids"], dataset["labels"])
+    ]
 
 
 def pipeline_train_params(batch_size: int) -> TrainParams:
     """params.yaml's train_full recipe (precision, grouping, workers...), at the benchmark's batch size."""
     recipe = load_params(REPO / "params.yaml").train_full
-    return dataclasses.replace(recipe, batch_size=batch_size, gradient_accumulation_steps=1, logging_steps=10**6,
-                               save_steps=10**6, auto_find_batch_size=False, processes=1)
+    return dataclasses.replace(
+        recipe,
+        batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        logging_steps=10**6,
+        save_steps=10**6,
+        auto_find_batch_size=False,
+        processes=1,
+    )
 
 
 class StepTimer(TrainerCallback):
@@ -195,23 +219,33 @@ def timed_training(trainer, steps: int) -> tuple[float, int]:
 
 
 def seed_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path) -> Seq2SeqTrainer:
-    args = Seq2SeqTrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size, learning_rate=1.0e-4,
-                                    report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-                                    save_strategy="no", logging_steps=1000, seed=0)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch_size,
+        learning_rate=1.0e-4,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        logging_steps=1000,
+        seed=0,
+    )
     return Seq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer))
 
 
 def pipeline_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path, device) -> Seq2SeqTrainer:
-    args = training_arguments(pipeline_train_params(batch_size), seed=0, output_dir=out, device=device,
-                              section="train_full")
+    args = training_arguments(
+        pipeline_train_params(batch_size), seed=0, output_dir=out, device=device, section="train_full"
+    )
     return build_trainer(model, tokenizer, data, data, args)
 
 
 def lora(model):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=32, lora_alpha=32,
-                                            target_modules=["q", "v"]))
+    return get_peft_model(
+        model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=32, lora_alpha=32, target_modules=["q", "v"])
+    )
 
 
 def memory_probe(args: argparse.Namespace) -> None:
@@ -233,8 +267,21 @@ def memory_probe(args: argparse.Namespace) -> None:
 
 def peak_memory_mb(args: argparse.Namespace, kind: str) -> float:
     # a fresh process per measurement: peak RSS / allocator peaks never go back down
-    output = subprocess.run([sys.executable, __file__, "--config", args.config, "--batch-size", str(args.batch_size),
-                             "--memory-probe", kind], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--config",
+            args.config,
+            "--batch-size",
+            str(args.batch_size),
+            "--memory-probe",
+            kind,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_mb"]
 
 
@@ -292,27 +339,48 @@ def main() -> None:
         model = model.to(torch.bfloat16)  # as the evaluate stage: bf16 where the hardware has it
     ours_s = pipeline_generation(model, tokenizer, test, args.new_tokens, args.eval_batch_size)
     results["generation_speedup"] = seed_s / ours_s
-    rows.append(["generation (dialogues/s)", f"{len(test) / seed_s:.2f}", f"{len(test) / ours_s:.2f}",
-                 f"{seed_s / ours_s:.1f}x"])
+    rows.append(
+        [
+            "generation (dialogues/s)",
+            f"{len(test) / seed_s:.2f}",
+            f"{len(test) / ours_s:.2f}",
+            f"{seed_s / ours_s:.1f}x",
+        ]
+    )
 
     # (b) training throughput, full fine-tuning
     train_rows = load_dialogues("train", args.train_steps * args.batch_size)
     seed_data, ours_data = seed_dataset(tokenizer, train_rows), pipeline_dataset(tokenizer, train_rows)
     with tempfile.TemporaryDirectory() as out:
-        seed_time, samples = timed_training(seed_trainer(random_model(config_dir, device).train(), tokenizer,
-                                                          seed_data, args.batch_size, Path(out)), args.train_steps)
+        seed_time, samples = timed_training(
+            seed_trainer(random_model(config_dir, device).train(), tokenizer, seed_data, args.batch_size, Path(out)),
+            args.train_steps,
+        )
         ours_model = random_model(config_dir, device).train()
         recorder = BatchRecorder(ours_model)
-        ours_time, _ = timed_training(pipeline_trainer(ours_model, tokenizer, ours_data, args.batch_size, Path(out),
-                                                       device), args.train_steps)
+        ours_time, _ = timed_training(
+            pipeline_trainer(ours_model, tokenizer, ours_data, args.batch_size, Path(out), device), args.train_steps
+        )
         step_batches = recorder.remove()
     # both paths consume the same rows; steps 2..N carry (N-1)/N of their real tokens on average
     tokens = sum(real_tokens(ours_data, tokenizer.pad_token_id)) * (args.train_steps - 1) / args.train_steps
     results["training_speedup"] = seed_time / ours_time
-    rows.append(["training (samples/s)", f"{samples / seed_time:.2f}", f"{samples / ours_time:.2f}",
-                 f"{seed_time / ours_time:.1f}x"])
-    rows.append(["training (real tokens/s)", f"{tokens / seed_time:.0f}", f"{tokens / ours_time:.0f}",
-                 f"{seed_time / ours_time:.1f}x"])
+    rows.append(
+        [
+            "training (samples/s)",
+            f"{samples / seed_time:.2f}",
+            f"{samples / ours_time:.2f}",
+            f"{seed_time / ours_time:.1f}x",
+        ]
+    )
+    rows.append(
+        [
+            "training (real tokens/s)",
+            f"{tokens / seed_time:.0f}",
+            f"{tokens / ours_time:.0f}",
+            f"{seed_time / ours_time:.1f}x",
+        ]
+    )
 
     # (c) peak memory, full vs LoRA, same batch size, ours path
     full_mb, lora_mb = peak_memory_mb(args, "full"), peak_memory_mb(args, "lora")
@@ -328,21 +396,27 @@ def main() -> None:
         else:
             # one forward per optimizer step (no gradient accumulation): the timed steps 2..N are calls 2..N
             if len(step_batches) != args.train_steps:
-                raise SystemExit(f"error: expected one forward per step, saw {len(step_batches)} for "
-                                 f"{args.train_steps} steps; the MFU would count the wrong batches")
+                raise SystemExit(
+                    f"error: expected one forward per step, saw {len(step_batches)} for "
+                    f"{args.train_steps} steps; the MFU would count the wrong batches"
+                )
             flops = sum(step_flops(ours_model, batch) for batch in step_batches[1:])
             mfu = flops / ours_time / peak[1]
             results.update(mfu=mfu, model_flops_per_s=flops / ours_time, mfu_peak_card=peak[0])
             rows.append(["MFU, full fine-tuning bf16", "", f"{100 * mfu:.1f}%", ""])
-            peak_line = (f"MFU: FLOPs counted by torch on the timed steps' padded batches (forward + backward) per "
-                         f"second / {peak[0]} dense bf16 peak {peak[1] / 1e12:.0f} TFLOP/s")
+            peak_line = (
+                f"MFU: FLOPs counted by torch on the timed steps' padded batches (forward + backward) per "
+                f"second / {peak[0]} dense bf16 peak {peak[1] / 1e12:.0f} TFLOP/s"
+            )
 
-    header = (f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
-              f" ({torch.get_num_threads()} threads), torch {torch.__version__}, {date.today()}, "
-              f"pipeline precision: {'bf16' if use_bf16('auto', device) else 'fp32'} (seed: fp32)\n"
-              f"model: {args.config} architecture, random weights; generation: {args.dialogues} test dialogues x "
-              f"{args.new_tokens} forced new tokens, greedy, eval batch {args.eval_batch_size}; training: "
-              f"{args.train_steps} steps x batch {args.batch_size}, seed pads to {MAX_SOURCE}/{MAX_TARGET}")
+    header = (
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
+        f" ({torch.get_num_threads()} threads), torch {torch.__version__}, {date.today()}, "
+        f"pipeline precision: {'bf16' if use_bf16('auto', device) else 'fp32'} (seed: fp32)\n"
+        f"model: {args.config} architecture, random weights; generation: {args.dialogues} test dialogues x "
+        f"{args.new_tokens} forced new tokens, greedy, eval batch {args.eval_batch_size}; training: "
+        f"{args.train_steps} steps x batch {args.batch_size}, seed pads to {MAX_SOURCE}/{MAX_TARGET}"
+    )
     print(header)
     print(tabulate(rows, headers=["measure", "seed recipe", "this pipeline", "ratio"], tablefmt="github"))
     if peak_line:

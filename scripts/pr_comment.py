@@ -58,8 +58,11 @@ def rouge_table(base: str) -> str:
             if low is not None and high is not None:
                 outside = "no" if low <= was <= high else "yes"
         lines.append(f"| {variant} | {number(was)} | {number(now)} | {change} | {outside} |")
-    lines += ["", "*Outside 95% CI*: the old ROUGE-L lies outside the new run's 95% bootstrap interval "
-              "(`rougeL_ci_low`..`rougeL_ci_high` in `metrics/evaluate/<variant>.json`)."]
+    lines += [
+        "",
+        "*Outside 95% CI*: the old ROUGE-L lies outside the new run's 95% bootstrap interval "
+        "(`rougeL_ci_low`..`rougeL_ci_high` in `metrics/evaluate/<variant>.json`).",
+    ]
     return "\n".join(lines)
 
 
@@ -82,8 +85,11 @@ def stale_stages() -> list[str]:
                         params += list(state)
                     elif state not in MISSING:
                         deps.append(path)
-        what = ([f"params: {', '.join(params)}"] if params else []) + \
-               ([f"deps: {', '.join(deps)}"] if deps else []) + (["command"] if command else [])
+        what = (
+            ([f"params: {', '.join(params)}"] if params else [])
+            + ([f"deps: {', '.join(deps)}"] if deps else [])
+            + (["command"] if command else [])
+        )
         if what:
             stale.append(f"{stage} ({'; '.join(what)})")
     return stale
@@ -101,8 +107,12 @@ def folded(summary: str, body: str) -> str:
 
 def main(base: str) -> None:
     os.chdir(run("git", "rev-parse", "--show-toplevel").strip())
-    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"],
-                      capture_output=True).returncode != 0:  # a clear message instead of an empty comment
+    if (
+        subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"], capture_output=True
+        ).returncode
+        != 0
+    ):  # a clear message instead of an empty comment
         sys.exit(f"error: unknown git revision '{base}' (CI needs actions/checkout with fetch-depth: 0)")
 
     changed = sorted(json.loads(run("dvc", "metrics", "diff", "--json", base) or "{}"))
@@ -114,17 +124,26 @@ def main(base: str) -> None:
 
     sections = [f"## ROUGE-L by variant (vs {base})", rouge_table(base)]
     if stale:
-        sections.append("> **Stale:** the committed metrics do not match params.yaml and the code (dvc.lock is "
-                        f"out of date): {', '.join(stale)}. Run `dvc repro` and commit the metrics.")
+        sections.append(
+            "> **Stale:** the committed metrics do not match params.yaml and the code (dvc.lock is "
+            f"out of date): {', '.join(stale)}. Run `dvc repro` and commit the metrics."
+        )
     sections += [
         f"## Params (vs {base})",
         params if has_rows(params) else "No param changes.",
-        folded(f"All deterministic metric changes (vs {base})",
-               metrics_diff(base, deterministic, "No metric changes.")),
-        folded("Timing and cost changes (noisy: they differ on every run)",
-               metrics_diff(base, noisy, "No timing or cost changes.")),
-        folded("Report (metrics/report.md)", report.read_text().strip() if report.is_file()
-               else "No report (metrics/report.md not found in the working tree)."),
+        folded(
+            f"All deterministic metric changes (vs {base})", metrics_diff(base, deterministic, "No metric changes.")
+        ),
+        folded(
+            "Timing and cost changes (noisy: they differ on every run)",
+            metrics_diff(base, noisy, "No timing or cost changes."),
+        ),
+        folded(
+            "Report (metrics/report.md)",
+            report.read_text().strip()
+            if report.is_file()
+            else "No report (metrics/report.md not found in the working tree).",
+        ),
     ]
     print("\n\n".join(sections))
 

@@ -25,14 +25,21 @@ PIN_METRICS_FILE = Path("metrics/base_model.json")
 
 
 def base_pin(params: ModelParams) -> dict[str, str | None]:
-    return {"name": params.name, "revision": params.revision,
-            "resolved_revision": resolve_revision(params.name, params.revision)}
+    return {
+        "name": params.name,
+        "revision": params.revision,
+        "resolved_revision": resolve_revision(params.name, params.revision),
+    }
 
 
 def untrained_metrics(total_params: int) -> dict[str, float]:
     # saved_mb: the weights as FLAN-T5 stores them (fp32, 4 bytes a parameter)
-    return {"trainable_params": 0, "total_params": total_params, "trainable_percent": 0.0,
-            "saved_mb": round(4 * total_params / 2**20, 3)}
+    return {
+        "trainable_params": 0,
+        "total_params": total_params,
+        "trainable_percent": 0.0,
+        "saved_mb": round(4 * total_params / 2**20, 3),
+    }
 
 
 def main() -> None:

@@ -39,11 +39,13 @@ def find_split_file(directory: Path, split: str) -> Path:
     """The one file `<split>.<ext>` in `directory`, ext in FORMATS."""
     found = [directory / f"{split}{ext}" for ext in FORMATS if (directory / f"{split}{ext}").is_file()]
     if not found:
-        raise DataError(f"{directory}: no {split} split; expected one of "
-                        + ", ".join(f"{split}{ext}" for ext in FORMATS))
+        raise DataError(
+            f"{directory}: no {split} split; expected one of " + ", ".join(f"{split}{ext}" for ext in FORMATS)
+        )
     if len(found) > 1:
-        raise DataError(f"{directory}: several files for the {split} split "
-                        f"({', '.join(p.name for p in found)}); keep one")
+        raise DataError(
+            f"{directory}: several files for the {split} split ({', '.join(p.name for p in found)}); keep one"
+        )
     return found[0]
 
 
@@ -92,8 +94,9 @@ def read_split_file(path: Path) -> list[dict]:
     try:
         return READERS[path.suffix](path)
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); "
-                        "re-encode the file as UTF-8") from None
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); re-encode the file as UTF-8"
+        ) from None
 
 
 def load_local(directory: Path) -> dict[str, list[dict]]:
@@ -117,8 +120,7 @@ def load_hub(source: str, revision: str) -> dict[str, list[dict]]:
         ) from None
     missing = [split for split in SPLITS if split not in dataset]
     if missing:
-        raise DataError(f"dataset {source!r} has no split(s) {', '.join(missing)}; "
-                        f"found {', '.join(dataset)}")
+        raise DataError(f"dataset {source!r} has no split(s) {', '.join(missing)}; found {', '.join(dataset)}")
     return {split: dataset[split].to_list() for split in SPLITS}
 
 
@@ -127,8 +129,7 @@ def clean_split(rows: list[dict], split: str, origin: str) -> tuple[list[dict], 
     if rows:
         missing = [c for c in REQUIRED if c not in rows[0]]
         if missing:
-            raise DataError(f"{origin}: {split} split lacks column(s) {', '.join(missing)}; "
-                            f"found {', '.join(rows[0])}")
+            raise DataError(f"{origin}: {split} split lacks column(s) {', '.join(missing)}; found {', '.join(rows[0])}")
     kept, dropped = [], 0
     for row in rows:
         record = {c: str(row.get(c) or "").strip() for c in COLUMNS}
@@ -184,8 +185,9 @@ def resolved_revision(params: DataParams) -> str:
         return HfApi().dataset_info(params.source, revision=params.revision).sha
     except Exception:  # offline or unreachable: the cached snapshot's commit, if any
         try:
-            return Path(snapshot_download(params.source, repo_type="dataset", revision=params.revision,
-                                          local_files_only=True)).name
+            return Path(
+                snapshot_download(params.source, repo_type="dataset", revision=params.revision, local_files_only=True)
+            ).name
         except Exception:
             return "unresolved (offline, not in the Hub cache)"
 
@@ -193,8 +195,14 @@ def resolved_revision(params: DataParams) -> str:
 def main() -> None:
     params = load_params()
     splits = fetch(params.data)
-    cleaned, stats = {}, {"source": params.data.source, "source_revision": params.data.revision,
-                          "source_resolved_revision": resolved_revision(params.data)}
+    cleaned, stats = (
+        {},
+        {
+            "source": params.data.source,
+            "source_revision": params.data.revision,
+            "source_resolved_revision": resolved_revision(params.data),
+        },
+    )
     for split in SPLITS:
         cleaned[split], stats[f"{split}_dropped_empty"] = clean_split(splits[split], split, params.data.source)
     for split in ("train", "validation"):

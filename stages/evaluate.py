@@ -46,13 +46,17 @@ def score(predictions: list[dict]) -> tuple[dict[str, float], list[dict[str, flo
     import evaluate  # the Hugging Face package (this module is stages.evaluate)
 
     rouge = evaluate.load(str(ROUGE_MODULE), keep_in_memory=True)  # a local path: never the Hub
-    scores = rouge.compute(predictions=[p["prediction"] for p in predictions],
-                           references=[p["references"] for p in predictions], per_dialogue=True)
+    scores = rouge.compute(
+        predictions=[p["prediction"] for p in predictions],
+        references=[p["references"] for p in predictions],
+        per_dialogue=True,
+    )
     return scores, scores.pop("per_dialogue")
 
 
-def evaluation_metrics(means: dict[str, float], per_dialogue: list[dict[str, float]], predictions: list[dict],
-                       resamples: int, seed: int) -> dict[str, float]:
+def evaluation_metrics(
+    means: dict[str, float], per_dialogue: list[dict[str, float]], predictions: list[dict], resamples: int, seed: int
+) -> dict[str, float]:
     metrics = dict(means)
     for rouge_type in ROUGE_TYPES:  # intervals for the multi-reference scores, resampling dialogues
         low, high = bootstrap_ci([s[rouge_type] for s in per_dialogue], resamples, seed)
@@ -92,8 +96,14 @@ def main(variant: str) -> None:
     metrics = evaluation_metrics(means, per_dialogue, predictions, params.evaluate.bootstrap_resamples, params.seed)
     write_scores(SCORES_DIR / f"{variant}.jsonl", predictions, per_dialogue)
     write_json(metrics, METRICS_DIR / f"{variant}.json")
-    write_json(cost_row(read_json(TRAIN_DIR / f"{variant}.json"), read_json(TIMING_DIR / f"train_{variant}.json"),
-                        read_json(TIMING_DIR / f"generate_{variant}.json")), COST_DIR / f"{variant}.json")
+    write_json(
+        cost_row(
+            read_json(TRAIN_DIR / f"{variant}.json"),
+            read_json(TIMING_DIR / f"train_{variant}.json"),
+            read_json(TIMING_DIR / f"generate_{variant}.json"),
+        ),
+        COST_DIR / f"{variant}.json",
+    )
 
 
 def write_json(data: dict, path: Path) -> None:

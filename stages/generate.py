@@ -53,8 +53,9 @@ def lead_summary(dialogue: str, turns: int) -> str:
     return " ".join([line for line in lines if line][:turns])
 
 
-def load_variant(model_dir: Path, model_params: ModelParams,
-                 dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def load_variant(
+    model_dir: Path, model_params: ModelParams, dtype: torch.dtype
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The model a variant folder describes: a full model (config.json), a PEFT adapter on the
     base model (adapter_config.json) or the pinned base model itself (pin.json)."""
     if (model_dir / "adapter_config.json").is_file():
@@ -83,10 +84,14 @@ def load_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
 def generation_config(params: GenerateParams) -> GenerationConfig:
     """Every setting generate() uses, from params alone (see `use_generation_config`)."""
     return GenerationConfig(
-        num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
-        min_new_tokens=params.min_new_tokens, length_penalty=params.length_penalty,
-        no_repeat_ngram_size=params.no_repeat_ngram_size, repetition_penalty=params.repetition_penalty,
-        early_stopping=params.early_stopping and params.num_beams > 1, do_sample=False,  # greedy has no beams to stop
+        num_beams=params.num_beams,
+        max_new_tokens=params.max_new_tokens,
+        min_new_tokens=params.min_new_tokens,
+        length_penalty=params.length_penalty,
+        no_repeat_ngram_size=params.no_repeat_ngram_size,
+        repetition_penalty=params.repetition_penalty,
+        early_stopping=params.early_stopping and params.num_beams > 1,
+        do_sample=False,  # greedy has no beams to stop
     )
 
 
@@ -109,15 +114,28 @@ def use_generation_config(model: PreTrainedModel, config: GenerationConfig) -> N
 def recorded_generation(config: GenerationConfig) -> dict[str, float]:
     """The settings that shape a summary, as flat metrics (bools as 0/1), so `dvc metrics diff`
     shows when two evaluations generated differently."""
-    keys = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
-            "repetition_penalty", "early_stopping", "do_sample")
-    return {f"generation_{k}": float(getattr(config, k)) if isinstance(getattr(config, k), float)
-            else int(getattr(config, k)) for k in keys}
+    keys = (
+        "num_beams",
+        "max_new_tokens",
+        "min_new_tokens",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "repetition_penalty",
+        "early_stopping",
+        "do_sample",
+    )
+    return {
+        f"generation_{k}": float(getattr(config, k))
+        if isinstance(getattr(config, k), float)
+        else int(getattr(config, k))
+        for k in keys
+    }
 
 
 @torch.inference_mode()
-def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_ids: list[list[int]],
-                   config: GenerationConfig) -> tuple[list[str], list[int], list[bool]]:
+def generate_batch(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_ids: list[list[int]], config: GenerationConfig
+) -> tuple[list[str], list[int], list[bool]]:
     """Summaries, generated token counts and whether each hit max_new_tokens without </s>."""
     inputs = tokenizer.pad({"input_ids": batch_ids}, pad_to_multiple_of=8, return_tensors="pt").to(model.device)
     output = model.generate(**inputs, generation_config=config)[:, 1:]  # drop the decoder start token
@@ -130,9 +148,13 @@ def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, b
     return [t.strip() for t in texts], lengths.tolist(), (~finished).tolist()
 
 
-def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]],
-                       params: GenerateParams, progress: Callable[[int, int], None] | None = None,
-                       ) -> tuple[list[str], list[int], list[bool]]:
+def generate_summaries(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: list[list[int]],
+    params: GenerateParams,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[str], list[int], list[bool]]:
     """Batched generation, longest inputs first, halving the batch on CUDA out-of-memory.
 
     Sorting by length keeps padding (wasted compute) small; longest-first makes an
@@ -145,7 +167,7 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     results: dict[int, tuple[str, int, bool]] = {}
     batch_size, start = params.batch_size, 0
     while start < len(order):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         try:
             texts, lengths, hit_max = generate_batch(model, tokenizer, [input_ids[i] for i in chunk], config)
         except torch.cuda.OutOfMemoryError:
@@ -163,8 +185,9 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return list(summaries), list(lengths), list(hit_max)
 
 
-def summarize(model_dir: Path, test: Dataset, model_params: ModelParams,
-              params: GenerateParams) -> tuple[list[str], list[int], list[bool]]:
+def summarize(
+    model_dir: Path, test: Dataset, model_params: ModelParams, params: GenerateParams
+) -> tuple[list[str], list[int], list[bool]]:
     if (model_dir / LEAD_FILE).is_file():  # a rule, not a model
         turns = json.loads((model_dir / LEAD_FILE).read_text())["turns"]
         summaries = [lead_summary(d, turns) for d in test["dialogue"]]
@@ -184,13 +207,18 @@ def generation_metrics(params: GenerateParams, lengths: list[int], hit_max: list
     return metrics
 
 
-def write_predictions(path: Path, test: Dataset, summaries: list[str], lengths: list[int],
-                      hit_max: list[bool]) -> None:
+def write_predictions(path: Path, test: Dataset, summaries: list[str], lengths: list[int], hit_max: list[bool]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for row, summary, length, hit in zip(test, summaries, lengths, hit_max):
-            record = {"id": row["id"], "dialogue": row["dialogue"], "prediction": summary,
-                      "references": row["references"], "generated_tokens": length, "hit_max_new_tokens": hit}
+            record = {
+                "id": row["id"],
+                "dialogue": row["dialogue"],
+                "prediction": summary,
+                "references": row["references"],
+                "generated_tokens": length,
+                "hit_max_new_tokens": hit,
+            }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
@@ -207,9 +235,13 @@ def main(variant: str) -> None:
     write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, summaries, lengths, hit_max)
     write_json(generation_metrics(params.generate, lengths, hit_max), METRICS_DIR / f"{variant}.json")
     # wall clock of summarize(): model loading included, as a user waits for it
-    write_json({"generation_runtime_s": round(runtime, 2),
-                "generation_dialogues_per_second": round(len(summaries) / runtime, 3)},
-               TIMING_DIR / f"generate_{variant}.json")
+    write_json(
+        {
+            "generation_runtime_s": round(runtime, 2),
+            "generation_dialogues_per_second": round(len(summaries) / runtime, 3),
+        },
+        TIMING_DIR / f"generate_{variant}.json",
+    )
 
 
 def write_json(data: dict, path: Path) -> None:

@@ -33,8 +33,10 @@ def one_gpu_env(environ: dict[str, str], visible_gpus: int, stage: str) -> dict[
     if visible_gpus <= 1:
         return environ
     first = environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    print(f"{visible_gpus} GPUs visible and {stage}.processes is 1: training on one GPU "
-          f"(CUDA_VISIBLE_DEVICES={first}); set {stage}.processes={visible_gpus} to use all of them (DDP)")
+    print(
+        f"{visible_gpus} GPUs visible and {stage}.processes is 1: training on one GPU "
+        f"(CUDA_VISIBLE_DEVICES={first}); set {stage}.processes={visible_gpus} to use all of them (DDP)"
+    )
     return {**environ, "CUDA_VISIBLE_DEVICES": first}
 
 

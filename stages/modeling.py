@@ -53,15 +53,20 @@ def load_model(name: str, revision: str = "main", dtype: torch.dtype = torch.flo
     """Seq2seq model from safetensors, head untied exactly when the checkpoint stores it apart."""
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(
-            name, revision=_revision(name, revision), dtype=dtype,
-            use_safetensors=True, trust_remote_code=False,
+            name,
+            revision=_revision(name, revision),
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=False,
         )
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a truncated weights file
         raise _load_hint(name, revision, error) from None
     return model
 
 
-def load_base(params: ModelParams, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def load_base(
+    params: ModelParams, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     return load_tokenizer(params.name, params.revision), load_model(params.name, params.revision, dtype)
 
 
@@ -69,8 +74,9 @@ def meta_model(params: ModelParams) -> PreTrainedModel:
     """The model built from its config alone on the meta device: shapes and names, no weights
     downloaded or allocated, so checks against it fail in a second instead of after a load."""
     try:
-        config = AutoConfig.from_pretrained(params.name, revision=_revision(params.name, params.revision),
-                                            trust_remote_code=False)
+        config = AutoConfig.from_pretrained(
+            params.name, revision=_revision(params.name, params.revision), trust_remote_code=False
+        )
     except (OSError, ValueError) as error:
         raise _load_hint(params.name, params.revision, error) from None
     with torch.device("meta"):
@@ -79,8 +85,13 @@ def meta_model(params: ModelParams) -> PreTrainedModel:
 
 def linear_layer_names(params: ModelParams) -> list[str]:
     """Names of the model's linear layers (LoRA targets), from its config alone."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in meta_model(params).named_modules()
-                   if isinstance(module, torch.nn.Linear)})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in meta_model(params).named_modules()
+            if isinstance(module, torch.nn.Linear)
+        }
+    )
 
 
 def count_parameters_from_config(params: ModelParams) -> int:
@@ -122,10 +133,13 @@ def read_pin(pin_file: Path, params: ModelParams) -> ModelParams:
     loads the same base weights even if the Hub branch moved since."""
     pin = json.loads(pin_file.read_text())
     if (pin["name"], pin["revision"]) != (params.name, params.revision):
-        raise ModelLoadError(f"{pin_file} pins {pin['name']!r} at {pin['revision']!r} but params.yaml has "
-                             f"{params.name!r} at {params.revision!r}; run dvc repro baselines")
-    return ModelParams(name=params.name, revision=params.revision if Path(params.name).is_dir()
-                       else pin["resolved_revision"])
+        raise ModelLoadError(
+            f"{pin_file} pins {pin['name']!r} at {pin['revision']!r} but params.yaml has "
+            f"{params.name!r} at {params.revision!r}; run dvc repro baselines"
+        )
+    return ModelParams(
+        name=params.name, revision=params.revision if Path(params.name).is_dir() else pin["resolved_revision"]
+    )
 
 
 def head_is_tied(model: PreTrainedModel) -> bool:
@@ -166,7 +180,9 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
     cpu = torch.cpu  # these probes are private in torch 2.x; treat their absence as "no"
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(
+        getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
 def set_determinism(seed: int, strict: bool) -> None:

@@ -36,8 +36,10 @@ class ModelParams:
     revision: str
 
     def problems(self, section: str) -> list[str]:
-        return _check(bool(self.name.strip()), f"{section}.name: must not be empty; use a Hub id "
-                      "such as google/flan-t5-base or a local model directory")
+        return _check(
+            bool(self.name.strip()),
+            f"{section}.name: must not be empty; use a Hub id such as google/flan-t5-base or a local model directory",
+        )
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,12 @@ class DataParams:
     limit: Optional[int]
 
     def problems(self, section: str) -> list[str]:
-        return (
-            _check(bool(self.source.strip()), f"{section}.source: must not be empty; use a Hub "
-                   "dataset id such as knkarthick/dialogsum or a local directory")
-            + _check(self.limit is None or self.limit >= 1,
-                     f"{section}.limit: must be >= 1 or null (all rows), got {self.limit}")
+        return _check(
+            bool(self.source.strip()),
+            f"{section}.source: must not be empty; use a Hub "
+            "dataset id such as knkarthick/dialogsum or a local directory",
+        ) + _check(
+            self.limit is None or self.limit >= 1, f"{section}.limit: must be >= 1 or null (all rows), got {self.limit}"
         )
 
 
@@ -63,20 +66,27 @@ class PrepareParams:
 
     def problems(self, section: str) -> list[str]:
         return (
-            _check("{dialogue}" in self.prompt_template,
-                   f"{section}.prompt_template: must contain the placeholder {{dialogue}}")
-            + _check(self.max_source_length >= 8,
-                     f"{section}.max_source_length: must be >= 8 tokens, got {self.max_source_length}")
-            + _check(self.max_target_length >= 2,
-                     f"{section}.max_target_length: must be >= 2 tokens, got {self.max_target_length}")
+            _check(
+                "{dialogue}" in self.prompt_template,
+                f"{section}.prompt_template: must contain the placeholder {{dialogue}}",
+            )
+            + _check(
+                self.max_source_length >= 8,
+                f"{section}.max_source_length: must be >= 8 tokens, got {self.max_source_length}",
+            )
+            + _check(
+                self.max_target_length >= 2,
+                f"{section}.max_target_length: must be >= 2 tokens, got {self.max_target_length}",
+            )
         )
 
 
 # Schedulers that transformers builds from a name alone (cosine_with_min_lr, warmup_stable_decay and
 # reduce_lr_on_plateau need extra arguments this recipe does not pass); a test keeps this list a
 # subset of transformers.SchedulerType.
-LR_SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                        "constant_with_warmup", "inverse_sqrt"]
+LR_SCHEDULERS = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+]
 
 
 @dataclass(frozen=True)
@@ -103,26 +113,23 @@ class TrainParams:
     def problems(self, section: str) -> list[str]:
         return (
             _check(self.epochs > 0, f"{section}.epochs: must be > 0, got {self.epochs}")
-            + _check(self.learning_rate > 0,
-                     f"{section}.learning_rate: must be > 0, got {self.learning_rate}")
+            + _check(self.learning_rate > 0, f"{section}.learning_rate: must be > 0, got {self.learning_rate}")
             + _check(self.batch_size >= 1, f"{section}.batch_size: must be >= 1, got {self.batch_size}")
-            + _check(self.gradient_accumulation_steps >= 1,
-                     f"{section}.gradient_accumulation_steps: must be >= 1, "
-                     f"got {self.gradient_accumulation_steps}")
-            + _check(self.eval_batch_size >= 1,
-                     f"{section}.eval_batch_size: must be >= 1, got {self.eval_batch_size}")
-            + _check(self.weight_decay >= 0,
-                     f"{section}.weight_decay: must be >= 0, got {self.weight_decay}")
-            + _check(0 <= self.warmup_ratio < 1,
-                     f"{section}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-            + _check(self.max_grad_norm > 0,
-                     f"{section}.max_grad_norm: must be > 0, got {self.max_grad_norm}")
-            + _check(self.logging_steps >= 1,
-                     f"{section}.logging_steps: must be >= 1, got {self.logging_steps}")
+            + _check(
+                self.gradient_accumulation_steps >= 1,
+                f"{section}.gradient_accumulation_steps: must be >= 1, got {self.gradient_accumulation_steps}",
+            )
+            + _check(self.eval_batch_size >= 1, f"{section}.eval_batch_size: must be >= 1, got {self.eval_batch_size}")
+            + _check(self.weight_decay >= 0, f"{section}.weight_decay: must be >= 0, got {self.weight_decay}")
+            + _check(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+            + _check(self.max_grad_norm > 0, f"{section}.max_grad_norm: must be > 0, got {self.max_grad_norm}")
+            + _check(self.logging_steps >= 1, f"{section}.logging_steps: must be >= 1, got {self.logging_steps}")
             + _check(self.save_steps >= 1, f"{section}.save_steps: must be >= 1, got {self.save_steps}")
             + _check(self.processes >= 1, f"{section}.processes: must be >= 1, got {self.processes}")
-            + _check(self.dataloader_workers >= 0,
-                     f"{section}.dataloader_workers: must be >= 0, got {self.dataloader_workers}")
+            + _check(
+                self.dataloader_workers >= 0,
+                f"{section}.dataloader_workers: must be >= 0, got {self.dataloader_workers}",
+            )
         )
 
 
@@ -144,13 +151,17 @@ class LoraParams:
             _check(self.r >= 1, f"{section}.r: must be >= 1, got {self.r}")
             + _check(self.alpha >= 1, f"{section}.alpha: must be >= 1, got {self.alpha}")
             + _check(0 <= self.dropout < 1, f"{section}.dropout: must be in [0, 1), got {self.dropout}")
-            + _check(not names_ok or len(targets) > 0,
-                     f"{section}.target_modules: must name at least one module, e.g. [q, v], or be all-linear")
+            + _check(
+                not names_ok or len(targets) > 0,
+                f"{section}.target_modules: must name at least one module, e.g. [q, v], or be all-linear",
+            )
             # PiSSA/OLoRA adapters are saved as the plain-LoRA difference to their initial value, which
             # has no place for DoRA's trained magnitudes: the saved adapter would not be the trained one
-            + _check(not (self.use_dora and self.init in ("pissa", "olora")),
-                     f"{section}.use_dora: DoRA cannot be combined with init {self.init!r} (its adapter is "
-                     "saved converted to plain LoRA, which drops DoRA's magnitudes); use init default or gaussian")
+            + _check(
+                not (self.use_dora and self.init in ("pissa", "olora")),
+                f"{section}.use_dora: DoRA cannot be combined with init {self.init!r} (its adapter is "
+                "saved converted to plain LoRA, which drops DoRA's magnitudes); use init default or gaussian",
+            )
         )
 
 
@@ -161,11 +172,12 @@ class Ia3Params:
 
     def problems(self, section: str) -> list[str]:
         outside = [m for m in self.feedforward_modules if m not in self.target_modules]
-        return (
-            _check(len(self.target_modules) > 0,
-                   f"{section}.target_modules: must name at least one module, e.g. [k, v, wo]")
-            + _check(not outside, f"{section}.feedforward_modules: {', '.join(outside)} not in "
-                     "target_modules; a feed-forward module must also be a target")
+        return _check(
+            len(self.target_modules) > 0, f"{section}.target_modules: must name at least one module, e.g. [k, v, wo]"
+        ) + _check(
+            not outside,
+            f"{section}.feedforward_modules: {', '.join(outside)} not in "
+            "target_modules; a feed-forward module must also be a target",
         )
 
 
@@ -176,12 +188,12 @@ class PromptParams:
     init_text: str
 
     def problems(self, section: str) -> list[str]:
-        return (
-            _check(self.num_virtual_tokens >= 1,
-                   f"{section}.num_virtual_tokens: must be >= 1, got {self.num_virtual_tokens}")
-            + _check(self.init != "text" or bool(self.init_text.strip()),
-                     f"{section}.init_text: must not be empty with init text; write the task, "
-                     "e.g. \"Summarize the following conversation:\"")
+        return _check(
+            self.num_virtual_tokens >= 1, f"{section}.num_virtual_tokens: must be >= 1, got {self.num_virtual_tokens}"
+        ) + _check(
+            self.init != "text" or bool(self.init_text.strip()),
+            f"{section}.init_text: must not be empty with init text; write the task, "
+            'e.g. "Summarize the following conversation:"',
         )
 
 
@@ -201,19 +213,25 @@ class GenerateParams:
         return (
             _check(self.batch_size >= 1, f"{section}.batch_size: must be >= 1, got {self.batch_size}")
             + _check(self.num_beams >= 1, f"{section}.num_beams: must be >= 1, got {self.num_beams}")
-            + _check(self.max_new_tokens >= 1,
-                     f"{section}.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-            + _check(0 <= self.min_new_tokens <= self.max_new_tokens,
-                     f"{section}.min_new_tokens: must be in [0, max_new_tokens={self.max_new_tokens}], "
-                     f"got {self.min_new_tokens}")
-            + _check(self.length_penalty > 0,
-                     f"{section}.length_penalty: must be > 0 (1.0 = plain average log-probability), "
-                     f"got {self.length_penalty}")
-            + _check(self.repetition_penalty > 0,
-                     f"{section}.repetition_penalty: must be > 0 (1.0 = off), got {self.repetition_penalty}")
-            + _check(self.no_repeat_ngram_size >= 0,
-                     f"{section}.no_repeat_ngram_size: must be >= 0 (0 = off), "
-                     f"got {self.no_repeat_ngram_size}")
+            + _check(self.max_new_tokens >= 1, f"{section}.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+            + _check(
+                0 <= self.min_new_tokens <= self.max_new_tokens,
+                f"{section}.min_new_tokens: must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}",
+            )
+            + _check(
+                self.length_penalty > 0,
+                f"{section}.length_penalty: must be > 0 (1.0 = plain average log-probability), "
+                f"got {self.length_penalty}",
+            )
+            + _check(
+                self.repetition_penalty > 0,
+                f"{section}.repetition_penalty: must be > 0 (1.0 = off), got {self.repetition_penalty}",
+            )
+            + _check(
+                self.no_repeat_ngram_size >= 0,
+                f"{section}.no_repeat_ngram_size: must be >= 0 (0 = off), got {self.no_repeat_ngram_size}",
+            )
         )
 
 
@@ -222,9 +240,10 @@ class EvaluateParams:
     bootstrap_resamples: int
 
     def problems(self, section: str) -> list[str]:
-        return _check(self.bootstrap_resamples >= 100,
-                      f"{section}.bootstrap_resamples: must be >= 100 for a usable 95% interval, "
-                      f"got {self.bootstrap_resamples}")
+        return _check(
+            self.bootstrap_resamples >= 100,
+            f"{section}.bootstrap_resamples: must be >= 100 for a usable 95% interval, got {self.bootstrap_resamples}",
+        )
 
 
 @dataclass(frozen=True)
@@ -339,8 +358,10 @@ def _build(cls: type, raw: Any, section: str, problems: list[str]) -> Any:
             continue
         ok, values[name] = _convert(raw[name], hints[name])
         if not ok:
-            problems.append(f"{key}: expected {_type_name(hints[name])}, got {raw[name]!r}"
-                            + (_float_hint(raw[name]) if float in _leaf_types(hints[name]) else ""))
+            problems.append(
+                f"{key}: expected {_type_name(hints[name])}, got {raw[name]!r}"
+                + (_float_hint(raw[name]) if float in _leaf_types(hints[name]) else "")
+            )
             ok_all = False
     if not ok_all:
         return None
@@ -385,7 +406,7 @@ def parse_params(raw: Any) -> Params:
     if problems:
         # "params.lora.r" reads worse than "lora.r": drop the root prefix
         lines = [p.removeprefix("params.") for p in problems]
-        raise ParamsError(f"{len(lines)} problem(s) in params.yaml:\n" + "\n".join(f"  - {l}" for l in lines))
+        raise ParamsError(f"{len(lines)} problem(s) in params.yaml:\n" + "\n".join(f"  - {line}" for line in lines))
     return params
 
 

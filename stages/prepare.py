@@ -15,8 +15,8 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, disable_progress_bars
 from transformers import PreTrainedTokenizerBase
 
-from stages.modeling import load_tokenizer
 from stages.errors import run_stage
+from stages.modeling import load_tokenizer
 from stages.params import PrepareParams, load_params
 
 RAW_DIR = Path("data/raw")
@@ -52,36 +52,47 @@ def group_references(rows: list[dict]) -> list[dict]:
 
     Groups by the text itself, not by an id pattern (ids differ between releases).
     """
-    return [{"id": group[0]["id"], "dialogue": text, "references": [r["summary"] for r in group]}
-            for text, group in ((text, list(rows)) for text, rows in itertools.groupby(rows, key=lambda r: r["dialogue"]))]
+    return [
+        {"id": group[0]["id"], "dialogue": text, "references": [r["summary"] for r in group]}
+        for text, group in ((text, list(rows)) for text, rows in itertools.groupby(rows, key=lambda r: r["dialogue"]))
+    ]
 
 
-def prepare_training_split(rows: list[dict], tokenizer: PreTrainedTokenizerBase,
-                           params: PrepareParams) -> tuple[Dataset, dict[str, int]]:
+def prepare_training_split(
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, params: PrepareParams
+) -> tuple[Dataset, dict[str, int]]:
     prompts = [format_prompt(params.prompt_template, r["dialogue"]) for r in rows]
     input_ids, source_truncated = tokenize(prompts, tokenizer, params.max_source_length)
     labels, target_truncated = tokenize([r["summary"] for r in rows], tokenizer, params.max_target_length)
-    dataset = Dataset.from_dict({
-        "input_ids": input_ids,
-        "attention_mask": [[1] * len(x) for x in input_ids],
-        "labels": labels,
-    })
+    dataset = Dataset.from_dict(
+        {
+            "input_ids": input_ids,
+            "attention_mask": [[1] * len(x) for x in input_ids],
+            "labels": labels,
+        }
+    )
     return dataset, {"source_truncated": source_truncated, "target_truncated": target_truncated}
 
 
-def prepare_test_split(rows: list[dict], tokenizer: PreTrainedTokenizerBase,
-                       params: PrepareParams) -> tuple[Dataset, dict[str, int]]:
+def prepare_test_split(
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, params: PrepareParams
+) -> tuple[Dataset, dict[str, int]]:
     dialogues = group_references(rows)
     prompts = [format_prompt(params.prompt_template, d["dialogue"]) for d in dialogues]
     input_ids, source_truncated = tokenize(prompts, tokenizer, params.max_source_length)
-    dataset = Dataset.from_dict({
-        "id": [d["id"] for d in dialogues],
-        "dialogue": [d["dialogue"] for d in dialogues],
-        "references": [d["references"] for d in dialogues],
-        "input_ids": input_ids,
-    })
-    return dataset, {"source_truncated": source_truncated, "dialogues": len(dialogues),
-                     "references": sum(len(d["references"]) for d in dialogues)}
+    dataset = Dataset.from_dict(
+        {
+            "id": [d["id"] for d in dialogues],
+            "dialogue": [d["dialogue"] for d in dialogues],
+            "references": [d["references"] for d in dialogues],
+            "input_ids": input_ids,
+        }
+    )
+    return dataset, {
+        "source_truncated": source_truncated,
+        "dialogues": len(dialogues),
+        "references": sum(len(d["references"]) for d in dialogues),
+    }
 
 
 def main() -> None:
@@ -93,9 +104,11 @@ def main() -> None:
     validation, validation_stats = prepare_training_split(raw["validation"], tokenizer, params.prepare)
     test, test_stats = prepare_test_split(raw["test"], tokenizer, params.prepare)
     DatasetDict(train=train, validation=validation, test=test).save_to_disk(str(PREPARED_DIR))
-    stats = {f"{split}_{key}": value
-             for split, split_stats in (("train", train_stats), ("validation", validation_stats), ("test", test_stats))
-             for key, value in split_stats.items()}
+    stats = {
+        f"{split}_{key}": value
+        for split, split_stats in (("train", train_stats), ("validation", validation_stats), ("test", test_stats))
+        for key, value in split_stats.items()
+    }
     STATS_FILE.parent.mkdir(parents=True, exist_ok=True)
     STATS_FILE.write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))

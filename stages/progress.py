@@ -73,8 +73,17 @@ class Progress:
     bar keeps its own clock.
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "it", stream: TextIO | None = None,
-                 interval_s: float = 30.0, clock: Clock = time.monotonic, initial: int = 0, leave: bool = True):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "it",
+        stream: TextIO | None = None,
+        interval_s: float = 30.0,
+        clock: Clock = time.monotonic,
+        initial: int = 0,
+        leave: bool = True,
+    ):
         if total < 0 or initial < 0:
             raise ValueError(f"Progress needs total >= 0 and initial >= 0, got total={total}, initial={initial}")
         self.total, self.desc, self.unit = total, desc, unit
@@ -87,8 +96,9 @@ class Progress:
         self._next_line = self.started + interval_s
         self._bar: tqdm | None = None
         if total > 0 and is_terminal(self.stream):
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream,
-                             leave=leave, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, initial=initial, desc=desc, unit=unit, file=self.stream, leave=leave, dynamic_ncols=True
+            )
 
     def __enter__(self) -> Progress:
         return self
@@ -146,8 +156,12 @@ class Progress:
             end = "done" if self.n >= self.total else "stopped"
         else:
             end = f"ETA {format_duration((self.total - self.n) / rate)}" if rate else "ETA ?"
-        parts = [f"{self.desc}: {self.n}/{self.total} {self.unit} ({percent}%)", format_rate(rate, self.unit),
-                 f"elapsed {format_duration(now - self.started)}", end]
+        parts = [
+            f"{self.desc}: {self.n}/{self.total} {self.unit} ({percent}%)",
+            format_rate(rate, self.unit),
+            f"elapsed {format_duration(now - self.started)}",
+            end,
+        ]
         if self.status:
             parts.append(self.status)
         return " | ".join(parts)
@@ -203,16 +217,22 @@ class TrainerProgress(TrainerCallback):
         trainer.remove_callback(ProgressCallback)  # present when disable_tqdm=False
     """
 
-    def __init__(self, desc: str | None = None, stream: TextIO | None = None, interval_s: float = 30.0,
-                 clock: Clock = time.monotonic):
+    def __init__(
+        self,
+        desc: str | None = None,
+        stream: TextIO | None = None,
+        interval_s: float = 30.0,
+        clock: Clock = time.monotonic,
+    ):
         self.desc, self.stream, self.interval_s, self.clock = desc, stream, interval_s, clock
         self.training: Progress | None = None
         self.validation: Progress | None = None
         self.latest: dict[str, str] = {}
 
     def _progress(self, total: int, desc: str, unit: str, **kwargs) -> Progress:
-        return Progress(total, desc, unit=unit, stream=self.stream, interval_s=self.interval_s,
-                        clock=self.clock, **kwargs)
+        return Progress(
+            total, desc, unit=unit, stream=self.stream, interval_s=self.interval_s, clock=self.clock, **kwargs
+        )
 
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         if not state.is_world_process_zero:
@@ -232,16 +252,18 @@ class TrainerProgress(TrainerCallback):
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training is None or not logs:
             return
-        for key, label, spec in (("loss", "loss", ".4g"), ("learning_rate", "lr", ".3g"),
-                                 ("eval_loss", "eval_loss", ".4g")):
+        for key, label, spec in (
+            ("loss", "loss", ".4g"),
+            ("learning_rate", "lr", ".3g"),
+            ("eval_loss", "eval_loss", ".4g"),
+        ):
             if isinstance(logs.get(key), (int, float)):
                 self.latest[label] = format(logs[key], spec)
         self.training.set_status(", ".join(f"{label} {value}" for label, value in self.latest.items()))
         if "loss" in logs:  # the training log a logging step's line waited for (eval logs come with on_evaluate)
             self.training.refresh()
 
-    def on_prediction_step(self, args, state: TrainerState, control: TrainerControl, eval_dataloader=None,
-                           **kwargs):
+    def on_prediction_step(self, args, state: TrainerState, control: TrainerControl, eval_dataloader=None, **kwargs):
         if not state.is_world_process_zero:
             return
         if self.validation is None:  # after the first batch, so rate and ETA leave its time out
@@ -283,8 +305,9 @@ class TrainerProgress(TrainerCallback):
 
 
 @contextlib.contextmanager
-def download_progress(what: str, desc: str = "data", stream: TextIO | None = None,
-                      clock: Clock = time.monotonic) -> Iterator[None]:
+def download_progress(
+    what: str, desc: str = "data", stream: TextIO | None = None, clock: Clock = time.monotonic
+) -> Iterator[None]:
     """Around a Hugging Face download (`datasets.load_dataset`, `from_pretrained`) of `what`.
 
     On a terminal, the libraries' own tqdm bars show bytes done/total, rate and ETA: left as they

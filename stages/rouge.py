@@ -62,20 +62,14 @@ def score_dialogue(
         # Max fmeasure equals the fmeasure of the reference score_multi picks.
         result[rouge_type] = max(s[rouge_type].fmeasure for s in per_ref)
     for rouge_type in ROUGE_TYPES:
-        result[f"{rouge_type}_mean_ref"] = math.fsum(
-            s[rouge_type].fmeasure for s in per_ref
-        ) / len(per_ref)
+        result[f"{rouge_type}_mean_ref"] = math.fsum(s[rouge_type].fmeasure for s in per_ref) / len(per_ref)
     return result
 
 
-def score_corpus(
-    predictions: list[str], references: list[list[str]]
-) -> list[dict[str, float]]:
+def score_corpus(predictions: list[str], references: list[list[str]]) -> list[dict[str, float]]:
     """Score each prediction against its own list of references."""
     if len(predictions) != len(references):
-        raise ValueError(
-            f"got {len(predictions)} predictions but {len(references)} reference lists"
-        )
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} reference lists")
     for i, refs in enumerate(references):
         if not refs:
             raise ValueError(f"dialogue {i} has an empty reference list")
@@ -90,8 +84,7 @@ def mean_scores(per_dialogue: list[dict[str, float]]) -> dict[str, float]:
     # Plain means instead of rouge_score's BootstrapAggregator, which draws
     # from unseeded numpy and so is not reproducible.
     return {
-        key: round(100.0 * math.fsum(d[key] for d in per_dialogue) / len(per_dialogue), 4)
-        for key in per_dialogue[0]
+        key: round(100.0 * math.fsum(d[key] for d in per_dialogue) / len(per_dialogue), 4) for key in per_dialogue[0]
     }
 
 
@@ -114,9 +107,7 @@ def _chunks(n_resamples: int, n_items: int):
         done += step
 
 
-def _bootstrap_means(
-    values: np.ndarray, n_resamples: int, rng: np.random.Generator
-) -> np.ndarray:
+def _bootstrap_means(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     n = values.shape[0]
     out = np.empty(n_resamples, dtype=np.float64)
     start = 0

@@ -45,8 +45,9 @@ def main() -> None:
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_full, params.seed, CHECKPOINT_DIR, device, "train_full")
     trainer = build_trainer(model, tokenizer, train, validation, args)
-    resume = resumable_checkpoint(trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
-                                                                       params.train_full))
+    resume = resumable_checkpoint(
+        trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model, params.train_full)
+    )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
@@ -55,8 +56,7 @@ def main() -> None:
         write_json(metrics, METRICS_FILE)
         write_json(training_costs(trainer), COSTS_FILE)
         card_params = {"seed": params.seed, "model": asdict(params.model), "train_full": asdict(params.train_full)}
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "transformers",
-                                                        card_params, metrics))
+        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "transformers", card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 
 

@@ -46,10 +46,15 @@ def ia3_config(params: Ia3Params, linear_layers: list[str]) -> IA3Config:
     (ia3.feedforward_modules is a subset of the targets: params.py checks that)."""
     unknown = [m for m in params.target_modules if m not in linear_layers]
     if unknown:
-        raise StageError(f"ia3.target_modules: {', '.join(unknown)} not found in the model; "
-                         f"linear layers available: {', '.join(linear_layers)}")
-    return IA3Config(task_type=TaskType.SEQ_2_SEQ_LM, target_modules=list(params.target_modules),
-                     feedforward_modules=list(params.feedforward_modules))
+        raise StageError(
+            f"ia3.target_modules: {', '.join(unknown)} not found in the model; "
+            f"linear layers available: {', '.join(linear_layers)}"
+        )
+    return IA3Config(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        target_modules=list(params.target_modules),
+        feedforward_modules=list(params.feedforward_modules),
+    )
 
 
 def save_adapter(model, tokenizer, out_dir: Path) -> None:
@@ -69,8 +74,9 @@ def main() -> None:
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_ia3, params.seed, CHECKPOINT_DIR, device, "train_ia3")
     trainer = build_trainer(model, tokenizer, train, validation, args)
-    resume = resumable_checkpoint(trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
-                                                                       params.train_ia3, params.ia3))
+    resume = resumable_checkpoint(
+        trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model, params.train_ia3, params.ia3)
+    )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
@@ -78,10 +84,13 @@ def main() -> None:
         metrics = {**training_metrics(trainer), "saved_mb": saved_mb(MODEL_DIR)}
         write_json(metrics, METRICS_FILE)
         write_json(training_costs(trainer), COSTS_FILE)
-        card_params = {"seed": params.seed, "model": asdict(params.model), "train_ia3": asdict(params.train_ia3),
-                       "ia3": asdict(params.ia3)}
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft",
-                                                        card_params, metrics))
+        card_params = {
+            "seed": params.seed,
+            "model": asdict(params.model),
+            "train_ia3": asdict(params.train_ia3),
+            "ia3": asdict(params.ia3),
+        }
+        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft", card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 
 

@@ -54,11 +54,21 @@ def lora_config(params: LoraParams, linear_layers: list[str]) -> LoraConfig:
     targets = params.target_modules if params.target_modules == "all-linear" else list(params.target_modules)
     unknown = [] if targets == "all-linear" else [m for m in targets if m not in linear_layers]
     if unknown:
-        raise StageError(f"lora.target_modules: {', '.join(unknown)} not found in the model; "
-                         f"linear layers available: {', '.join(linear_layers)}")
-    return LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=params.r, lora_alpha=params.alpha,
-                      lora_dropout=params.dropout, target_modules=targets, bias=params.bias,
-                      use_dora=params.use_dora, use_rslora=params.use_rslora, init_lora_weights=INIT[params.init])
+        raise StageError(
+            f"lora.target_modules: {', '.join(unknown)} not found in the model; "
+            f"linear layers available: {', '.join(linear_layers)}"
+        )
+    return LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        r=params.r,
+        lora_alpha=params.alpha,
+        lora_dropout=params.dropout,
+        target_modules=targets,
+        bias=params.bias,
+        use_dora=params.use_dora,
+        use_rslora=params.use_rslora,
+        init_lora_weights=INIT[params.init],
+    )
 
 
 def save_initial_adapter(model, params: LoraParams) -> Path | None:
@@ -82,8 +92,11 @@ def save_adapter(model, tokenizer, out_dir: Path, initial_adapter: Path | None =
     # only the adapter weights (a few MB) and the tokenizer; the base model comes from model.name.
     # After PiSSA/OLoRA, peft saves the trained adapter minus the initial one as a plain LoRA
     # adapter of rank 2r ([B | -B0] [A ; A0]) that applies to the untouched base model
-    model.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=(
-        None if initial_adapter is None else str(initial_adapter)))
+    model.save_pretrained(
+        out_dir,
+        safe_serialization=True,
+        path_initial_model_for_weight_conversion=(None if initial_adapter is None else str(initial_adapter)),
+    )
     tokenizer.save_pretrained(out_dir)
 
 
@@ -99,8 +112,9 @@ def main() -> None:
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_lora, params.seed, CHECKPOINT_DIR, device, "train_lora")
     trainer = build_trainer(model, tokenizer, train, validation, args)
-    resume = resumable_checkpoint(trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
-                                                                       params.train_lora, params.lora))
+    resume = resumable_checkpoint(
+        trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model, params.train_lora, params.lora)
+    )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
@@ -108,10 +122,13 @@ def main() -> None:
         metrics = {**training_metrics(trainer), "saved_mb": saved_mb(MODEL_DIR)}
         write_json(metrics, METRICS_FILE)
         write_json(training_costs(trainer), COSTS_FILE)
-        card_params = {"seed": params.seed, "model": asdict(params.model), "train_lora": asdict(params.train_lora),
-                       "lora": asdict(params.lora)}
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft",
-                                                        card_params, metrics))
+        card_params = {
+            "seed": params.seed,
+            "model": asdict(params.model),
+            "train_lora": asdict(params.train_lora),
+            "lora": asdict(params.lora),
+        }
+        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft", card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 
 

@@ -51,11 +51,15 @@ def prompt_config(params: PromptParams, model: ModelParams) -> PromptTuningConfi
     prompt.init_text with the model's own tokenizer (same name and revision).
     """
     text = params.init == "text"
-    return PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=params.num_virtual_tokens,
-                              num_transformer_submodules=1, prompt_tuning_init=INIT[params.init],
-                              prompt_tuning_init_text=params.init_text if text else None,
-                              tokenizer_name_or_path=model.name if text else None,
-                              tokenizer_kwargs={"revision": model.revision} if text else None)
+    return PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        num_virtual_tokens=params.num_virtual_tokens,
+        num_transformer_submodules=1,
+        prompt_tuning_init=INIT[params.init],
+        prompt_tuning_init_text=params.init_text if text else None,
+        tokenizer_name_or_path=model.name if text else None,
+        tokenizer_kwargs={"revision": model.revision} if text else None,
+    )
 
 
 def save_adapter(model, tokenizer, out_dir: Path) -> None:
@@ -75,8 +79,11 @@ def main() -> None:
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_prompt, params.seed, CHECKPOINT_DIR, device, "train_prompt")
     trainer = build_trainer(model, tokenizer, train, validation, args)
-    resume = resumable_checkpoint(trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model,
-                                                                       params.train_prompt, params.prompt))
+    resume = resumable_checkpoint(
+        trainer,
+        CHECKPOINT_DIR,
+        fingerprint(PREPARED_DIR, params.seed, params.model, params.train_prompt, params.prompt),
+    )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
@@ -84,10 +91,13 @@ def main() -> None:
         metrics = {**training_metrics(trainer), "saved_mb": saved_mb(MODEL_DIR)}
         write_json(metrics, METRICS_FILE)
         write_json(training_costs(trainer), COSTS_FILE)
-        card_params = {"seed": params.seed, "model": asdict(params.model),
-                       "train_prompt": asdict(params.train_prompt), "prompt": asdict(params.prompt)}
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft",
-                                                        card_params, metrics))
+        card_params = {
+            "seed": params.seed,
+            "model": asdict(params.model),
+            "train_prompt": asdict(params.train_prompt),
+            "prompt": asdict(params.prompt),
+        }
+        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft", card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 
 

@@ -69,9 +69,14 @@ def load_training_splits(prepared_dir: Path) -> tuple[Dataset, Dataset]:
 
 def fingerprint(prepared_dir: Path, *params: object) -> str:
     """sha256 over the params (dataclasses or plain values) and the prepared train/validation files."""
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p
-                                        for p in params], sort_keys=True).encode())
-    for path in sorted((prepared_dir / "train").glob("*.arrow")) + sorted((prepared_dir / "validation").glob("*.arrow")):
+    digest = hashlib.sha256(
+        json.dumps(
+            [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in params], sort_keys=True
+        ).encode()
+    )
+    for path in sorted((prepared_dir / "train").glob("*.arrow")) + sorted(
+        (prepared_dir / "validation").glob("*.arrow")
+    ):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -123,8 +128,9 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
         shutil.rmtree(path)
 
 
-def training_arguments(params: TrainParams, seed: int, output_dir: Path, device: torch.device,
-                       section: str) -> Seq2SeqTrainingArguments:
+def training_arguments(
+    params: TrainParams, seed: int, output_dir: Path, device: torch.device, section: str
+) -> Seq2SeqTrainingArguments:
     cuda = device.type == "cuda"
     args = Seq2SeqTrainingArguments(
         output_dir=str(output_dir),
@@ -166,9 +172,11 @@ def check_one_device_per_process(visible_gpus: int, section: str) -> None:
     schedule while the metrics still say one process. `stages.launch` pins a single-process run
     to one GPU; this catches a stage started some other way."""
     if visible_gpus > 1:
-        raise StageError(f"{visible_gpus} GPUs are visible to one training process; set "
-                         f"{section}.processes={visible_gpus} for data-parallel training (DDP), or run on one GPU "
-                         "with CUDA_VISIBLE_DEVICES=0 (dvc repro does this for processes: 1)")
+        raise StageError(
+            f"{visible_gpus} GPUs are visible to one training process; set "
+            f"{section}.processes={visible_gpus} for data-parallel training (DDP), or run on one GPU "
+            "with CUDA_VISIBLE_DEVICES=0 (dvc repro does this for processes: 1)"
+        )
 
 
 class OptimizerStepCurves(DVCLiveCallback):
@@ -267,21 +275,34 @@ class PipelineTrainer(Seq2SeqTrainer):
         batch_size = max(b for b in range(1, batch_size + 1) if self.samples_per_device_step % b == 0)
         accumulation = self.samples_per_device_step // batch_size
         if accumulation != self.args.gradient_accumulation_steps:
-            print(f"per-device batch {batch_size}: gradient accumulation {self.args.gradient_accumulation_steps} -> "
-                  f"{accumulation}, keeping {self.samples_per_device_step} samples per device per optimizer step")
+            print(
+                f"per-device batch {batch_size}: gradient accumulation {self.args.gradient_accumulation_steps} -> "
+                f"{accumulation}, keeping {self.samples_per_device_step} samples per device per optimizer step"
+            )
             self.args.gradient_accumulation_steps = accumulation
         super()._update_auto_batch_size(batch_size)
 
 
-def build_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Dataset,
-                  validation: Dataset, args: Seq2SeqTrainingArguments) -> PipelineTrainer:
+def build_trainer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: Dataset,
+    validation: Dataset,
+    args: Seq2SeqTrainingArguments,
+) -> PipelineTrainer:
     # pad per batch (not to max length); -100 labels are ignored by the loss; multiples of 8
     # keep tensor-core shapes on GPU
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
-    trainer = PipelineTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                              data_collator=collator, processing_class=tokenizer,
-                              # RunLedger first: it asks for the log lines TrainerProgress shows
-                              callbacks=[RunLedger(args.device), TrainerProgress()])
+    trainer = PipelineTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+        data_collator=collator,
+        processing_class=tokenizer,
+        # RunLedger first: it asks for the log lines TrainerProgress shows
+        callbacks=[RunLedger(args.device), TrainerProgress()],
+    )
     trainer.remove_callback(PrinterCallback)  # raw log dicts; TrainerProgress prints step/total, rate, ETA, loss
     # T5's forward takes **kwargs, so the Trainer assumes it divides the loss by
     # num_items_in_batch; it does not (plain mean), so with 4 accumulation steps the loss and
@@ -294,8 +315,11 @@ def count_parameters(model: torch.nn.Module) -> dict[str, float]:
     # parameters() de-duplicates shared tensors, so a tied head would not be counted twice
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable_params": trainable, "total_params": total,
-            "trainable_percent": round(100 * trainable / total, 4)}
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4),
+    }
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -352,8 +376,11 @@ def training_costs(trainer: PipelineTrainer) -> dict[str, float]:
     runtime = ledger.runtime_s()
     samples = len(trainer.train_dataset) * trainer.args.num_train_epochs
     memory_key = "peak_gpu_memory_mb" if trainer.args.device.type == "cuda" else "peak_rss_mb"
-    return {"train_runtime_s": round(runtime, 2), "train_samples_per_second": round(samples / runtime, 3),
-            memory_key: round(ledger.peak_memory_mb(), 1)}
+    return {
+        "train_runtime_s": round(runtime, 2),
+        "train_samples_per_second": round(samples / runtime, 3),
+        memory_key: round(ledger.peak_memory_mb(), 1),
+    }
 
 
 def model_card(base_model: str, library: str, params: dict, metrics: dict) -> str:
@@ -363,16 +390,22 @@ def model_card(base_model: str, library: str, params: dict, metrics: dict) -> st
     would give identical weights a new hash and rerun every evaluation. Where the data came from
     is in metrics/data.json and the report (a renamed copy of the same data must not retrain).
     """
-    front_matter = {"base_model": base_model, "library_name": library, "pipeline_tag": "summarization",
-                    "tags": ["dialogue-summarization", "dvc", "flan-t5"]}
+    front_matter = {
+        "base_model": base_model,
+        "library_name": library,
+        "pipeline_tag": "summarization",
+        "tags": ["dialogue-summarization", "dvc", "flan-t5"],
+    }
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in metrics.items())
-    return (f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n\n"
-            f"# {base_model} fine-tuned for dialogue summarization ({'PEFT adapter' if library == 'peft' else 'full fine-tuning'})\n\n"
-            "Trained by this repository's DVC pipeline (`dvc repro`) on its DialogSum snapshot (`data/raw`; "
-            "source and revision in `metrics/data.json`); ROUGE on the test split is in "
-            "`metrics/evaluate/*.json` and `metrics/report.md`. The data (DialogSum) is licensed CC BY-NC-SA 4.0.\n\n"
-            f"## Params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n\n"
-            f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n")
+    return (
+        f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n\n"
+        f"# {base_model} fine-tuned for dialogue summarization ({'PEFT adapter' if library == 'peft' else 'full fine-tuning'})\n\n"
+        "Trained by this repository's DVC pipeline (`dvc repro`) on its DialogSum snapshot (`data/raw`; "
+        "source and revision in `metrics/data.json`); ROUGE on the test split is in "
+        "`metrics/evaluate/*.json` and `metrics/report.md`. The data (DialogSum) is licensed CC BY-NC-SA 4.0.\n\n"
+        f"## Params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n\n"
+        f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n"
+    )
 
 
 def write_json(data: dict, path: Path) -> None:

@@ -28,8 +28,12 @@ def require_shared() -> Path:
 
 def make_tiny_model(out_dir: Path, *args: str) -> Path:
     """Run scripts/make_tiny_model.py as users do; return the model directory."""
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(out_dir), *args],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(out_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"make_tiny_model.py failed:\n{result.stdout}\n{result.stderr}"
     return out_dir
 
@@ -50,10 +54,17 @@ def dialogsum_rows(split: str, count: int, references: int = 1) -> list[dict]:
     """Small DialogSum-shaped rows; with references > 1 each dialogue repeats like the test split."""
     rows = []
     for i in range(count):
-        dialogue = (f"#Person1#: Hello, I would like to book table {i} for dinner.\n"
-                    f"#Person2#: Sure, for how many people?\n#Person1#: {i % 5 + 2} people, at seven ({split}).")
+        dialogue = (
+            f"#Person1#: Hello, I would like to book table {i} for dinner.\n"
+            f"#Person2#: Sure, for how many people?\n#Person1#: {i % 5 + 2} people, at seven ({split})."
+        )
         for r in range(references):
-            rows.append({"id": f"{split}_{i}_{r + 1}" if references > 1 else f"{split}_{i}",
-                         "dialogue": dialogue, "summary": f"Person1 books table {i} for dinner (version {r}).",
-                         "topic": "booking"})
+            rows.append(
+                {
+                    "id": f"{split}_{i}_{r + 1}" if references > 1 else f"{split}_{i}",
+                    "dialogue": dialogue,
+                    "summary": f"Person1 books table {i} for dinner (version {r}).",
+                    "topic": "booking",
+                }
+            )
     return rows

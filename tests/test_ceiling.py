@@ -31,8 +31,15 @@ from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, make_tiny_model, require
 # dialogues in 150 epochs (~25 s); width 32 stalls near 96 for full fine-tuning.
 WIDTH = 128
 VARIANTS = ("base", "full", "lora", "lead")
-OVERFIT = {"batch_size": 4, "gradient_accumulation_steps": 1, "eval_batch_size": 4, "warmup_ratio": 0.0,
-           "weight_decay": 0.0, "logging_steps": 50, "save_steps": 100000}
+OVERFIT = {
+    "batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "eval_batch_size": 4,
+    "warmup_ratio": 0.0,
+    "weight_decay": 0.0,
+    "logging_steps": 50,
+    "save_steps": 100000,
+}
 FULL = {**OVERFIT, "epochs": 150, "learning_rate": 3.0e-3}  # 4 rows / 4 per step = 150 optimizer steps
 # LoRA on every linear layer and the output head (the embedding stays frozen and random), with
 # rank 32 and no dropout: enough capacity to memorize. 5e-3 reaches 100 in 200 epochs; 1e-2
@@ -51,8 +58,9 @@ def speaker_heavy_dialogues(count: int) -> list[dict]:
 
 def run_stage(module: str, *args: str, cwd: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, f"{module} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
 
 
@@ -77,9 +85,15 @@ def memorized(tmp_path_factory) -> Path:
     for split in ("train", "validation", "test"):  # the snapshot the data stage would write, overlap kept
         (work / "data" / "raw").mkdir(parents=True, exist_ok=True)
         (work / "data" / "raw" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for module, *args in (("stages.prepare",), ("stages.baselines",), ("stages.train_full",), ("stages.train_lora",),
-                          *(("stages.generate", v) for v in VARIANTS), *(("stages.evaluate", v) for v in VARIANTS),
-                          ("stages.report",)):
+    for module, *args in (
+        ("stages.prepare",),
+        ("stages.baselines",),
+        ("stages.train_full",),
+        ("stages.train_lora",),
+        *(("stages.generate", v) for v in VARIANTS),
+        *(("stages.evaluate", v) for v in VARIANTS),
+        ("stages.report",),
+    ):
         run_stage(module, *args, cwd=work)
     return work
 

@@ -34,8 +34,10 @@ def write_split(directory, split, rows, fmt):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
 def test_each_format_loads_the_same_rows(tmp_path, fmt):
-    expected = {split: dialogsum_rows(split, 3, references=3 if split == "test" else 1)
-                for split in ("train", "validation", "test")}
+    expected = {
+        split: dialogsum_rows(split, 3, references=3 if split == "test" else 1)
+        for split in ("train", "validation", "test")
+    }
     for split, rows in expected.items():
         write_split(tmp_path, split, rows, fmt)
     loaded = load_local(tmp_path)
@@ -53,8 +55,11 @@ def test_multiline_dialogue_survives_csv(tmp_path):
 def test_missing_split_names_the_expected_files(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", dialogsum_rows("train", 2))
     write_jsonl(tmp_path / "test.jsonl", dialogsum_rows("test", 2))
-    with pytest.raises(DataError, match=r"no validation split; expected one of validation\.jsonl, "
-                                        r"validation\.json, validation\.csv, validation\.parquet"):
+    with pytest.raises(
+        DataError,
+        match=r"no validation split; expected one of validation\.jsonl, "
+        r"validation\.json, validation\.csv, validation\.parquet",
+    ):
         load_local(tmp_path)
 
 
@@ -97,21 +102,36 @@ def test_stage_writes_snapshot_limit_and_stats(tmp_path):
     source = tmp_path / "source"
     for split in ("train", "validation", "test"):
         write_split(source, split, dialogsum_rows(split, 4, references=3 if split == "test" else 1), "jsonl")
-    (source / "train.jsonl").write_text((source / "train.jsonl").read_text()
-                                        + json.dumps({"id": "empty", "dialogue": " ", "summary": "x", "topic": ""}) + "\n")
+    (source / "train.jsonl").write_text(
+        (source / "train.jsonl").read_text()
+        + json.dumps({"id": "empty", "dialogue": " ", "summary": "x", "topic": ""})
+        + "\n"
+    )
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(source=str(source), limit=6)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "stages.data"], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.data"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "metrics" / "data.json").read_text())
     assert stats.pop("source") == str(source) and stats.pop("source_revision") == "main"
     resolved = stats.pop("source_resolved_revision")  # a content hash: an edited file shows in metrics diff
     assert resolved.startswith("sha256:") and len(resolved) == 7 + 64
-    assert stats == {"train_rows": 4, "train_dropped_empty": 1, "train_dropped_test_overlap": 0,
-                     "validation_rows": 4, "validation_dropped_empty": 0, "validation_dropped_test_overlap": 0,
-                     "test_rows": 6, "test_dropped_empty": 0}
+    assert stats == {
+        "train_rows": 4,
+        "train_dropped_empty": 1,
+        "train_dropped_test_overlap": 0,
+        "validation_rows": 4,
+        "validation_dropped_empty": 0,
+        "validation_dropped_test_overlap": 0,
+        "test_rows": 6,
+        "test_dropped_empty": 0,
+    }
     snapshot = [json.loads(line) for line in (tmp_path / "data" / "raw" / "test.jsonl").read_text().splitlines()]
     assert [r["id"] for r in snapshot] == ["test_0_1", "test_0_2", "test_0_3", "test_1_1", "test_1_2", "test_1_3"]
     assert set(snapshot[0]) == {"id", "dialogue", "summary", "topic"}
@@ -121,9 +141,13 @@ def test_unreachable_hub_dataset_is_one_clear_line(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["source"] = "no-such-user/no-such-dataset"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "stages.data"], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-                                 "HF_HOME": str(tmp_path / "hf")})
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.data"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # after the progress lines
     assert len(errors) == 1
@@ -149,8 +173,12 @@ def test_stage_exits_2_naming_the_malformed_line(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["source"] = str(source)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "stages.data"], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.data"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2
-    assert result.stderr == (f"error: {source}/validation.jsonl:3: malformed JSON line "
-                             "(Expecting value)\n")
+    assert result.stderr == (f"error: {source}/validation.jsonl:3: malformed JSON line (Expecting value)\n")

@@ -36,21 +36,32 @@ def test_lead_summary_takes_first_turns_without_speaker_tags():
 def test_batched_sorted_generation_matches_per_example(tiny_model_dir, num_beams):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).eval()
-    texts = ["hello", "how are you today my friend", "see you at the station tomorrow morning at nine",
-             "thanks", "I would like to book a table for two people please"]
+    texts = [
+        "hello",
+        "how are you today my friend",
+        "see you at the station tomorrow morning at nine",
+        "thanks",
+        "I would like to book a table for two people please",
+    ]
     input_ids = tokenizer(texts)["input_ids"]
     params = generate_params(batch_size=4, precision="fp32", num_beams=num_beams, max_new_tokens=8)
     batched = generate_summaries(model, tokenizer, input_ids, params)
-    one_by_one = [generate_summaries(model, tokenizer, [ids], dataclasses.replace(params, batch_size=1))
-                  for ids in input_ids]
+    one_by_one = [
+        generate_summaries(model, tokenizer, [ids], dataclasses.replace(params, batch_size=1)) for ids in input_ids
+    ]
     assert batched[0] == [s[0][0] for s in one_by_one]  # same summaries, in input order
     assert batched[1] == [s[1][0] for s in one_by_one]  # same generated lengths
     assert all(0 < n <= 8 for n in batched[1])
 
 
 def run_stage_module(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -60,7 +71,9 @@ def workdir(tmp_path_factory, tiny_model_dir) -> Path:
     """A directory where the data, prepare and baselines stages have run on small local data."""
     root = tmp_path_factory.mktemp("evaluate")
     for split in ("train", "validation", "test"):
-        write_jsonl(root / "source" / f"{split}.jsonl", dialogsum_rows(split, 6, references=3 if split == "test" else 1))
+        write_jsonl(
+            root / "source" / f"{split}.jsonl", dialogsum_rows(split, 6, references=3 if split == "test" else 1)
+        )
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["name"] = str(tiny_model_dir)
     params["data"]["source"] = str(root / "source")
@@ -80,8 +93,12 @@ def generate_and_evaluate(workdir: Path, variant: str) -> None:
 
 @pytest.mark.parametrize("variant", ["base", "lead"])
 def test_metrics_and_predictions_are_bit_identical_across_runs(workdir, variant):
-    outputs = [workdir / "metrics" / "evaluate" / f"{variant}.json", workdir / "data" / "predictions" / f"{variant}.jsonl",
-               workdir / "data" / "scores" / f"{variant}.jsonl", workdir / "metrics" / "generate" / f"{variant}.json"]
+    outputs = [
+        workdir / "metrics" / "evaluate" / f"{variant}.json",
+        workdir / "data" / "predictions" / f"{variant}.jsonl",
+        workdir / "data" / "scores" / f"{variant}.jsonl",
+        workdir / "metrics" / "generate" / f"{variant}.json",
+    ]
     generate_and_evaluate(workdir, variant)
     first = [p.read_bytes() for p in outputs]
     generate_and_evaluate(workdir, variant)
@@ -107,8 +124,13 @@ def test_lead_baseline_scores_its_own_text(workdir):
 
 @pytest.mark.parametrize("stage", ["stages.generate", "stages.evaluate"])
 def test_unknown_variant_is_refused(workdir, stage):
-    result = subprocess.run([sys.executable, "-m", stage, "fulll"], cwd=workdir, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-m", stage, "fulll"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 2
     assert result.stderr == "error: unknown variant 'fulll'; params.yaml variants are base, full, lora, lead\n"
 
@@ -145,12 +167,24 @@ def test_checkpoint_generation_config_cannot_change_what_is_scored(tiny_model_di
     shutil.copytree(tiny_model_dir, shipped)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     forced = tokenizer.convert_tokens_to_ids("▁the")
-    (shipped / "generation_config.json").write_text(json.dumps({
-        "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "forced_bos_token_id": forced,
-        "min_length": 7, "repetition_penalty": 5.0, "no_repeat_ngram_size": 1}))
+    (shipped / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "decoder_start_token_id": 0,
+                "eos_token_id": 1,
+                "pad_token_id": 0,
+                "forced_bos_token_id": forced,
+                "min_length": 7,
+                "repetition_penalty": 5.0,
+                "no_repeat_ngram_size": 1,
+            }
+        )
+    )
     input_ids = tokenizer(["hello", "see you at the station tomorrow", "thanks a lot"])["input_ids"]
     params = generate_params(batch_size=2, precision="fp32", num_beams=2, max_new_tokens=8)
-    clean = generate_summaries(AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).eval(), tokenizer, input_ids, params)
+    clean = generate_summaries(
+        AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).eval(), tokenizer, input_ids, params
+    )
     model = AutoModelForSeq2SeqLM.from_pretrained(shipped).eval()
     assert model.generation_config.forced_bos_token_id == forced  # the premise: the checkpoint ships these
     assert generate_summaries(model, tokenizer, input_ids, params) == clean
@@ -160,9 +194,15 @@ def test_generation_settings_are_recorded_with_the_outputs(workdir):
     run_stage_module("stages.generate", "base", cwd=workdir)
     metrics = json.loads((workdir / "metrics" / "generate" / "base.json").read_text())
     assert {k: v for k, v in metrics.items() if k.startswith("generation_")} == {
-        "generation_num_beams": 2, "generation_max_new_tokens": 6, "generation_min_new_tokens": 0,
-        "generation_length_penalty": 1.0, "generation_no_repeat_ngram_size": 0, "generation_repetition_penalty": 1.0,
-        "generation_early_stopping": 1, "generation_do_sample": 0}
+        "generation_num_beams": 2,
+        "generation_max_new_tokens": 6,
+        "generation_min_new_tokens": 0,
+        "generation_length_penalty": 1.0,
+        "generation_no_repeat_ngram_size": 0,
+        "generation_repetition_penalty": 1.0,
+        "generation_early_stopping": 1,
+        "generation_do_sample": 0,
+    }
 
 
 def test_default_generation_can_write_a_reference_with_repeated_speaker_tags():
@@ -174,7 +214,7 @@ def test_default_generation_can_write_a_reference_with_repeated_speaker_tags():
     ids = tokenizer(reference)["input_ids"]
     n = load_params(REPO / "params.yaml").generate.no_repeat_ngram_size
     if n > 0:
-        ngrams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        ngrams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
         assert len(set(ngrams)) == len(ngrams), f"no_repeat_ngram_size={n} forbids this reference"
 
 
@@ -183,8 +223,13 @@ def tiny_lora(tiny_model_dir, out_dir: Path) -> Path:
     from peft import LoraConfig, TaskType, get_peft_model
 
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir)
-    config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=4, target_modules=["q", "k", "v", "o", "wi_0",
-                        "wi_1", "wo"], init_lora_weights=False)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        r=4,
+        lora_alpha=4,
+        target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+        init_lora_weights=False,
+    )
     peft_model = get_peft_model(model, config)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -207,12 +252,14 @@ def test_lora_is_evaluated_as_trained_not_merged_in_bf16(tiny_model_dir, tmp_pat
     adapter = tiny_lora(tiny_model_dir, tmp_path / "lora")
     model_params = ModelParams(name=str(tiny_model_dir), revision="main")
     write_jsonl(tmp_path / "base" / "pin.json", [])  # the folder; the pin itself below
-    (tmp_path / "base" / "pin.json").write_text(json.dumps({"name": str(tiny_model_dir), "revision": "main",
-                                                            "resolved_revision": "sha256:test"}))
+    (tmp_path / "base" / "pin.json").write_text(
+        json.dumps({"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:test"})
+    )
     monkeypatch.setattr(generate, "BASE_DIR", tmp_path / "base")
     tokenizer, evaluated = generate.load_variant(adapter, model_params, torch.bfloat16)
     reference = PeftModel.from_pretrained(
-        AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), str(adapter)).eval()
+        AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), str(adapter)
+    ).eval()
     batch = tokenizer(["how are you today my friend", "see you at the station"], return_tensors="pt", padding=True)
     labels = tokenizer(["fine thanks", "see you"], return_tensors="pt", padding=True)["input_ids"]
     with torch.no_grad():

@@ -28,10 +28,24 @@ from stages.params import ModelParams, TrainParams
 from stages.training import build_trainer, training_arguments
 from tests.conftest import REPO
 
-TRAIN = TrainParams(epochs=1, learning_rate=1.0e-2, batch_size=2, gradient_accumulation_steps=1, eval_batch_size=2,
-                    weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=1.0, precision="fp32",
-                    group_by_length=False, logging_steps=1, save_steps=100, auto_find_batch_size=False,
-                    dataloader_workers=0, processes=1)
+TRAIN = TrainParams(
+    epochs=1,
+    learning_rate=1.0e-2,
+    batch_size=2,
+    gradient_accumulation_steps=1,
+    eval_batch_size=2,
+    weight_decay=0.0,
+    warmup_ratio=0.0,
+    lr_scheduler="constant",
+    max_grad_norm=1.0,
+    precision="fp32",
+    group_by_length=False,
+    logging_steps=1,
+    save_steps=100,
+    auto_find_batch_size=False,
+    dataloader_workers=0,
+    processes=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +58,9 @@ def saved_head(tiny_model_dir) -> torch.Tensor:
 def tiny_dataset(tokenizer) -> Dataset:
     source = tokenizer(["hello how are you", "see you at the station", "book a table for two", "thanks a lot"])
     labels = tokenizer(["greeting", "meeting", "booking", "thanks"])["input_ids"]
-    return Dataset.from_dict({"input_ids": source["input_ids"], "attention_mask": source["attention_mask"],
-                              "labels": labels})
+    return Dataset.from_dict(
+        {"input_ids": source["input_ids"], "attention_mask": source["attention_mask"], "labels": labels}
+    )
 
 
 def train(model, tokenizer, output_dir) -> None:
@@ -76,8 +91,9 @@ def test_full_training_save_and_reload_keep_the_trained_head(tiny_model_dir, sav
 
 def test_lora_training_saving_and_merging_keep_the_original_head(tiny_model_dir, saved_head, tmp_path):
     tokenizer, base = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=8,
-                                            target_modules=["q", "v"]))
+    model = get_peft_model(
+        base, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=8, target_modules=["q", "v"])
+    )
     train(model, tokenizer, tmp_path / "checkpoints")
     model.save_pretrained(tmp_path / "lora")
     merged = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(tmp_path / "lora")).merge_and_unload()
@@ -95,16 +111,28 @@ def test_only_safetensors_weights_load(tiny_model_dir, tmp_path):
 
 def test_lora_targets_come_from_the_config_alone(tiny_model_dir):
     assert linear_layer_names(ModelParams(name=str(tiny_model_dir), revision="main")) == [
-        "k", "lm_head", "o", "q", "v", "wi_0", "wi_1", "wo"]
+        "k",
+        "lm_head",
+        "o",
+        "q",
+        "v",
+        "wi_0",
+        "wi_1",
+        "wo",
+    ]
 
 
 def test_unreachable_model_is_one_clear_line(tmp_path):
     params = (REPO / "params.yaml").read_text().replace("name: google/flan-t5-base", "name: no-such-org/no-such-model")
     (tmp_path / "params.yaml").write_text(params)
     (tmp_path / "data" / "raw").mkdir(parents=True)
-    result = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-                                 "HF_HOME": str(tmp_path / "hf")})
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.prepare"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     assert result.returncode == 2
     first, hint = result.stderr.splitlines()[:2]
     assert first.startswith("error: could not load 'no-such-org/no-such-model' (revision 'main'): ")
@@ -128,12 +156,15 @@ def test_truncated_weights_file_is_one_clear_error(tiny_model_dir, tmp_path):
         load_model(str(tmp_path))
 
 
-@pytest.mark.parametrize(("capability", "emulated_bf16", "expected"), [
-    ((7, 5), True, False),  # T4: torch 2.13 reports bf16 "supported" through slow emulation
-    ((7, 0), True, False),  # V100
-    ((8, 0), True, True),  # A100
-    ((9, 0), True, True),  # H100
-])
+@pytest.mark.parametrize(
+    ("capability", "emulated_bf16", "expected"),
+    [
+        ((7, 5), True, False),  # T4: torch 2.13 reports bf16 "supported" through slow emulation
+        ((7, 0), True, False),  # V100
+        ((8, 0), True, True),  # A100
+        ((9, 0), True, True),  # H100
+    ],
+)
 def test_auto_precision_picks_only_native_bf16_on_gpus(monkeypatch, capability, emulated_bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: emulated_bf16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
@@ -145,8 +176,14 @@ def test_auto_precision_picks_only_native_bf16_on_gpus(monkeypatch, capability, 
 
 
 def test_strict_determinism_turns_on_deterministic_kernels():
-    code = ("import torch, os; from stages.modeling import set_determinism; set_determinism(0, {strict}); "
-            "print(torch.are_deterministic_algorithms_enabled(), os.environ.get('CUBLAS_WORKSPACE_CONFIG'))")
-    outputs = [subprocess.run([sys.executable, "-c", code.format(strict=strict)], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.split() for strict in (False, True)]
+    code = (
+        "import torch, os; from stages.modeling import set_determinism; set_determinism(0, {strict}); "
+        "print(torch.are_deterministic_algorithms_enabled(), os.environ.get('CUBLAS_WORKSPACE_CONFIG'))"
+    )
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", code.format(strict=strict)], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
+        for strict in (False, True)
+    ]
     assert outputs == [["False", "None"], ["True", ":4096:8"]]

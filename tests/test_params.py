@@ -55,7 +55,10 @@ def test_out_of_range_values_are_all_reported_at_once(raw):
 
 def test_unknown_key_names_the_valid_ones(raw):
     raw["lora"]["rank"] = 16
-    assert "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, r, target_modules, use_dora, use_rslora" in problems(raw)
+    assert (
+        "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, r, target_modules, use_dora, use_rslora"
+        in problems(raw)
+    )
 
 
 def test_missing_key_and_section(raw):
@@ -80,8 +83,10 @@ def test_wrong_types(raw):
 
 def test_yaml_float_without_dot_gets_a_hint(raw):
     raw["train_lora"]["learning_rate"] = "1e-4"  # what PyYAML makes of `1e-4`
-    assert ("train_lora.learning_rate: expected a number, got '1e-4' "
-            "(PyYAML reads numbers like 1e-4 as strings: write 1.0e-4)") in problems(raw)
+    assert (
+        "train_lora.learning_rate: expected a number, got '1e-4' "
+        "(PyYAML reads numbers like 1e-4 as strings: write 1.0e-4)"
+    ) in problems(raw)
 
 
 def test_fp16_is_refused(raw):
@@ -102,8 +107,13 @@ def test_ints_are_accepted_where_floats_are_expected(raw):
 def test_stage_exits_2_with_the_message_before_any_work(tmp_path, raw):
     raw["lora"]["r"] = 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "stages.data"], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.data"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2
     assert result.stderr == "error: 1 problem(s) in params.yaml:\n  - lora.r: must be >= 1, got 0\n"
     assert not (tmp_path / "data").exists()
@@ -114,8 +124,10 @@ def test_scheduler_typo_is_caught_with_the_other_params(raw):
     raw["train_lora"]["precision"] = "fp16"
     message = problems(raw)
     assert message.startswith("2 problem(s) in params.yaml:")
-    assert ("train_full.lr_scheduler: expected one of 'linear', 'cosine', 'cosine_with_restarts', 'polynomial', "
-            "'constant', 'constant_with_warmup', 'inverse_sqrt', got 'cosin'") in message
+    assert (
+        "train_full.lr_scheduler: expected one of 'linear', 'cosine', 'cosine_with_restarts', 'polynomial', "
+        "'constant', 'constant_with_warmup', 'inverse_sqrt', got 'cosin'"
+    ) in message
     assert "train_lora.precision: expected one of 'auto', 'bf16', 'fp32', got 'fp16'" in message
 
 

@@ -29,10 +29,24 @@ from stages.training import build_trainer, count_parameters, training_arguments
 from tests.conftest import REPO, dialogsum_rows, write_jsonl
 
 COMMITTED = load_params(REPO / "params.yaml")
-TRAIN = TrainParams(epochs=4, learning_rate=1.0e-2, batch_size=4, gradient_accumulation_steps=1, eval_batch_size=4,
-                    weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=1.0, precision="fp32",
-                    group_by_length=False, logging_steps=1, save_steps=1000, auto_find_batch_size=False,
-                    dataloader_workers=0, processes=1)
+TRAIN = TrainParams(
+    epochs=4,
+    learning_rate=1.0e-2,
+    batch_size=4,
+    gradient_accumulation_steps=1,
+    eval_batch_size=4,
+    weight_decay=0.0,
+    warmup_ratio=0.0,
+    lr_scheduler="constant",
+    max_grad_norm=1.0,
+    precision="fp32",
+    group_by_length=False,
+    logging_steps=1,
+    save_steps=1000,
+    auto_find_batch_size=False,
+    dataloader_workers=0,
+    processes=1,
+)
 LORA = dataclasses.replace(COMMITTED.lora, r=4, alpha=8)  # the committed LoRA params, at the tiny model's scale
 # method -> (stage module, its params, a learning rate that moves the loss within 8 steps); the
 # committed params of each method, LoRA's at a rank that fits the tiny model
@@ -54,10 +68,13 @@ def generate_params():
 
 
 def dataset(tokenizer, rows: int) -> Dataset:
-    sources = tokenizer([f"#Person1#: I need table {i} for dinner. #Person2#: Sure, at {i % 3 + 6}." for i in range(rows)])
+    sources = tokenizer(
+        [f"#Person1#: I need table {i} for dinner. #Person2#: Sure, at {i % 3 + 6}." for i in range(rows)]
+    )
     labels = tokenizer([f"Person1 books table {i}." for i in range(rows)])["input_ids"]
-    return Dataset.from_dict({"input_ids": sources["input_ids"], "attention_mask": sources["attention_mask"],
-                              "labels": labels})
+    return Dataset.from_dict(
+        {"input_ids": sources["input_ids"], "attention_mask": sources["attention_mask"], "labels": labels}
+    )
 
 
 def peft_config(method: str, model_dir: Path):
@@ -80,8 +97,13 @@ def trained(request, tiny_model_dir, tmp_path_factory):
     initial = train_lora.save_initial_adapter(model, params) if module is train_lora else None
     data = dataset(tokenizer, 8)
     out = tmp_path_factory.mktemp(method)
-    args = training_arguments(dataclasses.replace(TRAIN, learning_rate=learning_rate), seed=0,
-                              output_dir=out / "checkpoints", device=torch.device("cpu"), section=f"train_{method}")
+    args = training_arguments(
+        dataclasses.replace(TRAIN, learning_rate=learning_rate),
+        seed=0,
+        output_dir=out / "checkpoints",
+        device=torch.device("cpu"),
+        section=f"train_{method}",
+    )
     trainer = build_trainer(model, tokenizer, data, data.select(range(4)), args)
     trainer.train()
     module.save_adapter(trainer.model, tokenizer, out / "adapter", *([initial] if initial else []))
@@ -92,7 +114,9 @@ def test_loss_falls(trained):
     method, _, history, _, _ = trained
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 8  # 8 rows / 4 per step x 4 epochs, one log per step
-    assert losses[-1] < losses[0] and sum(losses[-2:]) < 0.95 * sum(losses[:2]), f"{method}: loss did not fall: {losses}"
+    assert losses[-1] < losses[0] and sum(losses[-2:]) < 0.95 * sum(losses[:2]), (
+        f"{method}: loss did not fall: {losses}"
+    )
 
 
 def test_only_the_adapter_is_saved(trained, tiny_model_dir):
@@ -105,9 +129,14 @@ def test_only_the_adapter_is_saved(trained, tiny_model_dir):
 
 def logits(model, tokenizer) -> torch.Tensor:
     # a padded batch: the short row's padding must be masked the same way in both models
-    batch = tokenizer.pad({"input_ids": tokenizer(["#Person1#: Hello there.", "#Person1#: I need table 3 for "
-                                                  "dinner tonight. #Person2#: Sure."])["input_ids"]},
-                          return_tensors="pt")
+    batch = tokenizer.pad(
+        {
+            "input_ids": tokenizer(
+                ["#Person1#: Hello there.", "#Person1#: I need table 3 for dinner tonight. #Person2#: Sure."]
+            )["input_ids"]
+        },
+        return_tensors="pt",
+    )
     labels = tokenizer(["Person1 books table 3.", "Person1 books table 3."], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         return model(**batch, labels=labels).logits
@@ -119,15 +148,20 @@ def test_the_saved_adapter_on_a_fresh_base_is_the_trained_model(trained, tiny_mo
     method, model, _, adapter_dir, tokenizer = trained
     reloaded = load_adapter(load_model(str(tiny_model_dir)), adapter_dir)
     torch.testing.assert_close(logits(reloaded, tokenizer), logits(model, tokenizer), rtol=1e-4, atol=1e-5)
-    texts = ["#Person1#: Hello.", "#Person1#: I need table 3 for dinner. #Person2#: Sure, at 7.",
-             "#Person1#: See you at the station tomorrow morning at nine, then. #Person2#: Fine."]
+    texts = [
+        "#Person1#: Hello.",
+        "#Person1#: I need table 3 for dinner. #Person2#: Sure, at 7.",
+        "#Person1#: See you at the station tomorrow morning at nine, then. #Person2#: Fine.",
+    ]
     input_ids = tokenizer(texts)["input_ids"]
     params = dataclasses.replace(generate_params(), batch_size=2)  # batches of unequal lengths: padded
     expected = generate_summaries(model, tokenizer, input_ids, params)
     assert generate_summaries(reloaded, tokenizer, input_ids, params) == expected
     if method == "prompt":  # peft prepends the prompt to the input and ones to its attention mask in generate()
-        one_by_one = [generate_summaries(reloaded, tokenizer, [ids], dataclasses.replace(params, batch_size=1))[0][0]
-                      for ids in input_ids]
+        one_by_one = [
+            generate_summaries(reloaded, tokenizer, [ids], dataclasses.replace(params, batch_size=1))[0][0]
+            for ids in input_ids
+        ]
         assert one_by_one == expected[0]  # padding in a batch does not change a summary
 
 
@@ -139,26 +173,33 @@ def test_trainable_counts_are_honest(trained, tiny_model_dir):
         assert counts["trainable_params"] == COMMITTED.prompt.num_virtual_tokens * config["d_model"]
     elif method == "ia3":  # one scale per output of k and v, one per input of wo
         base = load_model(str(tiny_model_dir))
-        expected = sum(m.out_features if name.rsplit(".", 1)[-1] in ("k", "v") else m.in_features
-                       for name, m in base.named_modules() if name.rsplit(".", 1)[-1] in ("k", "v", "wo"))
+        expected = sum(
+            m.out_features if name.rsplit(".", 1)[-1] in ("k", "v") else m.in_features
+            for name, m in base.named_modules()
+            if name.rsplit(".", 1)[-1] in ("k", "v", "wo")
+        )
         assert counts["trainable_params"] == expected
     else:
         assert 0 < counts["trainable_params"] < counts["total_params"] / 5
 
 
-@pytest.mark.parametrize(("init", "use_rslora", "use_dora"), [("pissa", True, False), ("olora", True, False),
-                                                          ("pissa", False, True)])
+@pytest.mark.parametrize(
+    ("init", "use_rslora", "use_dora"), [("pissa", True, False), ("olora", True, False), ("pissa", False, True)]
+)
 def test_pissa_and_olora_adapters_are_saved_converted(tiny_model_dir, tmp_path, init, use_rslora, use_dora):
     """PiSSA/OLoRA rewrite the base weights; the adapter is saved as a plain LoRA of rank 2r that
     applies to the untouched base (with rsLoRA's alpha / sqrt(r) too). DoRA's magnitudes do not
     survive that conversion, which is why params refuse DoRA with these inits."""
     params = dataclasses.replace(LORA, init=init, use_rslora=use_rslora, use_dora=use_dora)
     torch.manual_seed(0)
-    model = get_peft_model(load_model(str(tiny_model_dir)), train_lora.lora_config(
-        params, linear_layer_names(ModelParams(name=str(tiny_model_dir), revision="main"))))
+    model = get_peft_model(
+        load_model(str(tiny_model_dir)),
+        train_lora.lora_config(params, linear_layer_names(ModelParams(name=str(tiny_model_dir), revision="main"))),
+    )
     attention = model.base_model.model.encoder.block[0].layer[0].SelfAttention
-    assert not torch.equal(attention.q.base_layer.weight,
-                           load_model(str(tiny_model_dir)).encoder.block[0].layer[0].SelfAttention.q.weight)
+    assert not torch.equal(
+        attention.q.base_layer.weight, load_model(str(tiny_model_dir)).encoder.block[0].layer[0].SelfAttention.q.weight
+    )
     initial = train_lora.save_initial_adapter(model, params)
     with torch.no_grad():  # stands in for training: move every trainable weight
         for weight in (p for p in model.parameters() if p.requires_grad):
@@ -215,8 +256,10 @@ def test_bad_lora_variants_are_all_reported(raw):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_dora_with_a_base_rewriting_init_is_refused(raw, init):
     raw["lora"].update(use_dora=True, init=init)
-    assert (f"lora.use_dora: DoRA cannot be combined with init '{init}' (its adapter is saved converted to "
-            "plain LoRA, which drops DoRA's magnitudes); use init default or gaussian") in problems(raw)
+    assert (
+        f"lora.use_dora: DoRA cannot be combined with init '{init}' (its adapter is saved converted to "
+        "plain LoRA, which drops DoRA's magnitudes); use init default or gaussian"
+    ) in problems(raw)
 
 
 def test_bad_ia3_and_prompt_params_are_all_reported(raw):
@@ -224,8 +267,9 @@ def test_bad_ia3_and_prompt_params_are_all_reported(raw):
     raw["prompt"].update(num_virtual_tokens=0, init="txt")
     message = problems(raw)
     assert message.startswith("2 problem(s) in params.yaml:")  # a mistyped prompt.init hides its other checks
-    assert ("ia3.feedforward_modules: wo, wi not in target_modules; a feed-forward module must also be "
-            "a target") in message
+    assert (
+        "ia3.feedforward_modules: wo, wi not in target_modules; a feed-forward module must also be a target"
+    ) in message
     assert "prompt.init: expected one of 'text', 'sample_vocab', 'random', got 'txt'" in message
     raw["prompt"].update(num_virtual_tokens=0, init="text", init_text=" ")
     message = problems(raw)
@@ -238,21 +282,29 @@ def test_targets_the_model_lacks_name_the_linear_layers(tiny_model_dir):
     assert layers == ["k", "lm_head", "o", "q", "v", "wi_0", "wi_1", "wo"]  # FLAN-T5's names
     with pytest.raises(StageError) as info:
         train_ia3.ia3_config(dataclasses.replace(COMMITTED.ia3, target_modules=["k", "v", "wi"]), layers)
-    assert str(info.value) == ("ia3.target_modules: wi not found in the model; linear layers available: "
-                               "k, lm_head, o, q, v, wi_0, wi_1, wo")
+    assert str(info.value) == (
+        "ia3.target_modules: wi not found in the model; linear layers available: k, lm_head, o, q, v, wi_0, wi_1, wo"
+    )
     with pytest.raises(StageError) as info:
         train_lora.lora_config(dataclasses.replace(LORA, target_modules=["q", "query"]), layers)
     assert str(info.value).startswith("lora.target_modules: query not found in the model; linear layers available")
-    assert train_lora.lora_config(dataclasses.replace(LORA, target_modules="all-linear"), layers).target_modules \
+    assert (
+        train_lora.lora_config(dataclasses.replace(LORA, target_modules="all-linear"), layers).target_modules
         == "all-linear"
+    )
 
 
 # the stages, end to end
 
 
 def run_stage(module: str, cwd: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", module], cwd=cwd, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -298,5 +350,6 @@ def test_ia3_stage_stops_on_an_unknown_target_before_loading_weights(tiny_model_
     monkeypatch.setattr(train_ia3, "load_base", lambda *args: pytest.fail("loaded the weights before checking"))
     with pytest.raises(StageError) as info:
         train_ia3.main()
-    assert str(info.value) == ("ia3.target_modules: wi not found in the model; linear layers available: "
-                               "k, lm_head, o, q, v, wi_0, wi_1, wo")
+    assert str(info.value) == (
+        "ia3.target_modules: wi not found in the model; linear layers available: k, lm_head, o, q, v, wi_0, wi_1, wo"
+    )

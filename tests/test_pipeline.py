@@ -28,8 +28,12 @@ ROUGE_KEYS = {"rouge1", "rouge2", "rougeL", "rougeLsum"}
 
 def run(args: list[str], cwd: Path) -> str:
     """Run a command with this interpreter's bin dir first on PATH (DVC's `python` is ours)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+    }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
@@ -37,8 +41,11 @@ def run(args: list[str], cwd: Path) -> str:
 
 def run_json(args: list[str], cwd: Path):
     """A DVC command's --json output (stdout only: DVC writes notes to stderr)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return json.loads(result.stdout)
@@ -58,8 +65,14 @@ def smoke_params(raw: dict, model_dir: Path) -> dict:
     raw["model"]["name"] = str(model_dir)
     raw["data"].update(source=str(DIALOGSUM), limit=24)  # 24 rows per split; test = 8 dialogues x 3
     for section in (f"train_{m}" for m in trained(raw)):
-        raw[section].update(epochs=1, batch_size=4, gradient_accumulation_steps=2, eval_batch_size=8,
-                            dataloader_workers=0, logging_steps=1)
+        raw[section].update(
+            epochs=1,
+            batch_size=4,
+            gradient_accumulation_steps=2,
+            eval_batch_size=8,
+            dataloader_workers=0,
+            logging_steps=1,
+        )
     raw["generate"].update(batch_size=8, num_beams=2, max_new_tokens=12)
     raw["evaluate"].update(bootstrap_resamples=200)
     return raw
@@ -93,8 +106,15 @@ def reproduced(pipeline_repo) -> str:
 
 
 def test_repro_runs_every_stage(reproduced):
-    assert stages_run(reproduced) == {"data", "prepare", "baselines", *(f"train_{m}" for m in TRAINED), "report",
-                                      *(f"generate@{v}" for v in VARIANTS), *(f"evaluate@{v}" for v in VARIANTS)}
+    assert stages_run(reproduced) == {
+        "data",
+        "prepare",
+        "baselines",
+        *(f"train_{m}" for m in TRAINED),
+        "report",
+        *(f"generate@{v}" for v in VARIANTS),
+        *(f"evaluate@{v}" for v in VARIANTS),
+    }
 
 
 def test_declared_outputs_exist(pipeline_repo, reproduced):
@@ -102,16 +122,23 @@ def test_declared_outputs_exist(pipeline_repo, reproduced):
     for split in ("train", "validation", "test"):
         assert (repo / "data" / "raw" / f"{split}.jsonl").is_file()
     assert (repo / "data" / "prepared" / "dataset_dict.json").is_file()
-    assert {p.name for p in (repo / "models" / "full").iterdir()} >= {"config.json", "model.safetensors",
-                                                                      "tokenizer.json"}
+    assert {p.name for p in (repo / "models" / "full").iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    }
     assert json.loads((repo / "models" / "full" / "config.json").read_text())["tie_word_embeddings"] is False
-    assert {p.name for p in (repo / "models" / "lora").iterdir()} >= {"adapter_config.json",
-                                                                      "adapter_model.safetensors"}
+    assert {p.name for p in (repo / "models" / "lora").iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
     assert not (repo / "models" / "lora" / "model.safetensors").exists()  # adapter only
     for variant in VARIANTS:
         lines = (repo / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines()
         assert len(lines) == 8  # one per unique test dialogue, not per reference row
-        assert "generation_runtime_s" in json.loads((repo / "metrics" / "timing" / f"generate_{variant}.json").read_text())
+        assert "generation_runtime_s" in json.loads(
+            (repo / "metrics" / "timing" / f"generate_{variant}.json").read_text()
+        )
     assert (repo / "metrics" / "report.md").read_text().startswith("# FLAN-T5 on DialogSum")
     assert len((repo / "data" / "per_dialogue.jsonl").read_text().splitlines()) == 8
 
@@ -141,8 +168,14 @@ def test_metric_files_have_the_expected_keys(pipeline_repo, reproduced):
 
 def test_report_states_significance_in_words(pipeline_repo, reproduced):
     report = (pipeline_repo / "metrics" / "report.md").read_text()
-    for heading in ("## Multi-reference ROUGE", "## Mean over references", "## 95% bootstrap confidence intervals",
-                    "## Paired tests on ROUGE-L", "## Generation diagnostics", "## Examples"):
+    for heading in (
+        "## Multi-reference ROUGE",
+        "## Mean over references",
+        "## 95% bootstrap confidence intervals",
+        "## Paired tests on ROUGE-L",
+        "## Generation diagnostics",
+        "## Examples",
+    ):
         assert heading in report
     assert re.search(r"- \*\*full fine-tuning\*\* (is significantly (better|worse) than|vs) \*\*original", report)
     assert "| lead baseline" in report
@@ -161,7 +194,8 @@ def test_frontier_plot_renders_every_trained_variant(pipeline_repo, reproduced):
     assert {v["variant"] for v in values} == set(TRAINED)
     assert all(v["rougeL_ci_low"] <= v["rougeL"] <= v["rougeL_ci_high"] for v in values)
     assert {v["pareto"] for v in values} <= {"Pareto-optimal", "dominated"} and "Pareto-optimal" in {
-        v["pareto"] for v in values}
+        v["pareto"] for v in values
+    }
     report = (pipeline_repo / "metrics" / "report.md").read_text()
     assert "## Quality and cost" in report and all(f"| {label} " in report for label in ("LoRA", "full fine-tuning"))
 
@@ -181,8 +215,14 @@ def test_a_subset_of_variants_runs_only_what_it_needs(pipeline_repo, reproduced)
         planned = stages_run(run(["dvc", "repro", "--dry", "--force", "report"], pipeline_repo))
     finally:
         params_file.write_text(original)
-    assert planned == {"data", "prepare", "baselines", "train_lora", "report",
-                       *(f"{stage}@{v}" for stage in ("generate", "evaluate") for v in ("base", "lora", "lead"))}
+    assert planned == {
+        "data",
+        "prepare",
+        "baselines",
+        "train_lora",
+        "report",
+        *(f"{stage}@{v}" for stage in ("generate", "evaluate") for v in ("base", "lora", "lead")),
+    }
 
 
 def test_statistics_change_reruns_no_generation_and_no_training(pipeline_repo, reproduced):
@@ -291,6 +331,7 @@ def test_queued_grid_of_lora_ranks_lands_in_exp_show(pipeline_repo, reproduced):
     baseline = next(row for row in shown if row["rev"] != "workspace")
     for experiment in baseline["experiments"] or []:
         data = experiment["revs"][0]["data"]
-        ranks[data["params"]["params.yaml"]["data"]["lora"]["r"]] = \
-            data["metrics"]["metrics/evaluate/lora.json"]["data"]["rougeL"]
+        ranks[data["params"]["params.yaml"]["data"]["lora"]["r"]] = data["metrics"]["metrics/evaluate/lora.json"][
+            "data"
+        ]["rougeL"]
     assert {4, 8} <= set(ranks)

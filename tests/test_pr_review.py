@@ -59,9 +59,14 @@ REPORT = "# Report\n\nLoRA r=16 beats r=32 by 1.5 ROUGE-L.\n"
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # dvc beside python
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
-               DVC_NO_ANALYTICS="1", GIT_CONFIG_NOSYSTEM="1")
+    env.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        DVC_NO_ANALYTICS="1",
+        GIT_CONFIG_NOSYSTEM="1",
+    )
     return env
 
 
@@ -107,8 +112,11 @@ def _comment(repo: Path, base: str = "main") -> str:
 
 def _rows(markdown: str) -> list[list[str]]:
     """Cells of every markdown table row, padding stripped."""
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in markdown.splitlines() if line.startswith("|")]
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("|")
+    ]
 
 
 def _between(text: str, start: str, end: str | None = None) -> str:
@@ -145,9 +153,14 @@ def test_noisy_metrics_only_in_their_folded_section(exp_comment):
     for name in ("metrics/timing", "metrics/cost", "runtime_s", "peak_memory_mb"):
         assert name not in before_noisy
     paths = {row[0] for row in _rows(noisy)[2:]}
-    assert paths == {"metrics/cost/full.json", "metrics/cost/ia3.json", "metrics/cost/lora.json",
-                     "metrics/timing/evaluate_full.json", "metrics/timing/evaluate_ia3.json",
-                     "metrics/timing/evaluate_lora.json"}
+    assert paths == {
+        "metrics/cost/full.json",
+        "metrics/cost/ia3.json",
+        "metrics/cost/lora.json",
+        "metrics/timing/evaluate_full.json",
+        "metrics/timing/evaluate_ia3.json",
+        "metrics/timing/evaluate_lora.json",
+    }
     assert noisy.rstrip().endswith("</details>")
 
 
@@ -171,7 +184,9 @@ def test_comment_against_itself_says_no_changes(tmp_path):
     repo = _make_repo(tmp_path / "repo", with_exp=False)
     out = _comment(repo)
     assert _rows(_between(out, "## ROUGE-L by variant (vs main)\n", "## Params"))[2:] == [
-        ["full", "33.00", "33.00", "+0.00", "no"], ["lora", "30.00", "30.00", "+0.00", "no"]]
+        ["full", "33.00", "33.00", "+0.00", "no"],
+        ["lora", "30.00", "30.00", "+0.00", "no"],
+    ]
     assert "## Params (vs main)\n\nNo param changes.\n" in out
     assert f"{DETERMINISTIC}\n\nNo metric changes.\n\n</details>" in out
     assert f"{NOISY}\n\nNo timing or cost changes.\n\n</details>" in out
@@ -184,9 +199,11 @@ def test_stale_warning_when_params_or_code_changed_after_dvc_lock(tmp_path):
     repo = _make_repo(tmp_path / "repo", with_exp=False)
     _write_params(repo, r=16, scores={"full": 33.0, "lora": 30.0})  # edited, not reproduced
     out = _comment(repo)
-    assert ("> **Stale:** the committed metrics do not match params.yaml and the code (dvc.lock is out of date): "
-            "evaluate@full (params: lora), evaluate@lora (params: lora). "
-            "Run `dvc repro` and commit the metrics.") in out
+    assert (
+        "> **Stale:** the committed metrics do not match params.yaml and the code (dvc.lock is out of date): "
+        "evaluate@full (params: lora), evaluate@lora (params: lora). "
+        "Run `dvc repro` and commit the metrics."
+    ) in out
     assert out.index("> **Stale:**") < out.index("## Params")
 
     with open(repo / "evaluate.py", "a") as f:
@@ -214,14 +231,19 @@ def test_missing_cached_outputs_are_not_stale(tmp_path):
 
 def test_readme_exp_show_leads_with_rouge_and_changed_params(tmp_path):
     """The `dvc exp show` line the README gives, on real experiments: ROUGE-L per variant, then changed params."""
-    (line,) = [line for line in (REPO / "README.md").read_text().splitlines()
-               if line.startswith("dvc exp show --")]
+    (line,) = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("dvc exp show --")]
     repo = _make_repo(tmp_path / "repo", with_exp=False)
     _run(repo, "dvc", "exp", "run", "-q", "-S", "lora.r=16")
     _run(repo, "dvc", "exp", "run", "-q", "-S", "scores.lora=31.5")
     table = _rows(_run(repo, *shlex.split(line, comments=True), "--md", "--no-pager"))
-    assert table[0] == ["Experiment", "Created", "metrics/evaluate/full.json:rougeL",
-                        "metrics/evaluate/lora.json:rougeL", "lora.r", "scores.lora"]
+    assert table[0] == [
+        "Experiment",
+        "Created",
+        "metrics/evaluate/full.json:rougeL",
+        "metrics/evaluate/lora.json:rougeL",
+        "lora.r",
+        "scores.lora",
+    ]
     assert [row[0] for row in table[2:4]] == ["workspace", "main"]
     assert [row[2:] for row in table[2:4]] == [["33", "31.5", "16", "31.5"], ["33", "30", "32", "30"]]
     # the experiments; each `dvc exp run` starts from the workspace, so the second keeps lora.r=16
@@ -230,8 +252,9 @@ def test_readme_exp_show_leads_with_rouge_and_changed_params(tmp_path):
 
 def test_unknown_base_ref_fails(tmp_path):
     repo = _make_repo(tmp_path / "repo", with_exp=False)
-    result = subprocess.run([sys.executable, str(SCRIPT), "origin/nope"], cwd=repo, env=_env(),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "origin/nope"], cwd=repo, env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert "origin/nope" in result.stderr
     assert result.stdout == ""

@@ -19,7 +19,8 @@ def tokenizer(tiny_model_dir):
 
 def test_prompt_formatting_is_literal():
     assert format_prompt(TEMPLATE, "#Person1#: Hi {there}") == (
-        "Summarize the following conversation.\n\n#Person1#: Hi {there}\n\nSummary: ")
+        "Summarize the following conversation.\n\n#Person1#: Hi {there}\n\nSummary: "
+    )
 
 
 def test_truncation_keeps_eos_and_is_counted(tokenizer):
@@ -35,7 +36,10 @@ def test_training_split_has_labels_and_stats(tokenizer):
     dataset, stats = prepare_training_split(dialogsum_rows("train", 3), tokenizer, params)
     assert dataset.column_names == ["input_ids", "attention_mask", "labels"]
     assert stats == {"source_truncated": 3, "target_truncated": 0}
-    assert tokenizer.decode(dataset[0]["labels"], skip_special_tokens=True) == "Person1 books table 0 for dinner (version 0)."
+    assert (
+        tokenizer.decode(dataset[0]["labels"], skip_special_tokens=True)
+        == "Person1 books table 0 for dinner (version 0)."
+    )
 
 
 def test_references_group_by_dialogue_text_not_id():

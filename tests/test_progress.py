@@ -32,9 +32,22 @@ def lines(stream: io.StringIO) -> list[str]:
     return stream.getvalue().splitlines()
 
 
-@pytest.mark.parametrize("seconds, text", [(0, "0s"), (9, "9s"), (9.99, "9s"), (59, "59s"), (60, "1m00s"),
-                                           (252, "4m12s"), (3599, "59m59s"), (3600, "1h00m"), (3720, "1h02m"),
-                                           (90000, "25h00m"), (-3, "0s")])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0, "0s"),
+        (9, "9s"),
+        (9.99, "9s"),
+        (59, "59s"),
+        (60, "1m00s"),
+        (252, "4m12s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (3720, "1h02m"),
+        (90000, "25h00m"),
+        (-3, "0s"),
+    ],
+)
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
 
@@ -173,8 +186,14 @@ class Args:
     output_dir = "checkpoints/train_lora"
 
 
-def step(callback: TrainerProgress, s: TrainerState, control: TrainerControl, clock: FakeClock, seconds: float,
-         logs: dict | None = None) -> None:
+def step(
+    callback: TrainerProgress,
+    s: TrainerState,
+    control: TrainerControl,
+    clock: FakeClock,
+    seconds: float,
+    logs: dict | None = None,
+) -> None:
     """One optimizer step as the Trainer runs it: DefaultFlowCallback sets should_log before the
     other callbacks' on_step_end on a logging step, then the Trainer logs and clears it."""
     clock.advance(seconds)
@@ -281,8 +300,10 @@ def test_download_progress_lines_off_a_terminal_and_bars_restored():
     with download_progress("knkarthick/dialogsum@abc123", stream=out, clock=clock):
         assert datasets_utils.are_progress_bars_disabled() and hub_utils.are_progress_bars_disabled()
         clock.advance(75)
-    assert lines(out) == ["data: fetching knkarthick/dialogsum@abc123 (download bars show on a terminal only)",
-                          "data: fetched knkarthick/dialogsum@abc123 in 1m15s"]
+    assert lines(out) == [
+        "data: fetching knkarthick/dialogsum@abc123 (download bars show on a terminal only)",
+        "data: fetched knkarthick/dialogsum@abc123 in 1m15s",
+    ]
     assert (datasets_utils.are_progress_bars_disabled(), hub_utils.are_progress_bars_disabled()) == before
 
     out = io.StringIO()

@@ -39,8 +39,12 @@ def clear_effects() -> dict[str, list[dict]]:
     """full and lead clearly above base; lora identical to base."""
     rng = np.random.default_rng(0)
     base = rng.uniform(0.2, 0.5, size=150)
-    return as_predictions(base=base, lora=base.copy(), full=base + 0.1 + rng.normal(0.0, 0.02, size=150),
-                          lead=base + 0.1 + rng.normal(0.0, 0.02, size=150))
+    return as_predictions(
+        base=base,
+        lora=base.copy(),
+        full=base + 0.1 + rng.normal(0.0, 0.02, size=150),
+        lead=base + 0.1 + rng.normal(0.0, 0.02, size=150),
+    )
 
 
 # --- direction ----------------------------------------------------------------
@@ -51,13 +55,14 @@ def test_better_and_worse_follow_the_sign_of_a_minus_b() -> None:
     assert set(results) == set(COMPARISONS)
     assert results[("full", "base")]["diff"] == pytest.approx(10.0, abs=0.5)  # x100: ROUGE-L points
     assert "**full fine-tuning** is significantly better than **original" in comparison_sentence(
-        results[("full", "base")])
-    assert "**LoRA** is significantly worse than **full fine-tuning**" in comparison_sentence(
-        results[("lora", "full")])
+        results[("full", "base")]
+    )
+    assert "**LoRA** is significantly worse than **full fine-tuning**" in comparison_sentence(results[("lora", "full")])
     # base is the `a` side of (base, lead): lead is better, so base is worse
     assert results[("base", "lead")]["diff"] < 0
     assert "**original (zero-shot)** is significantly worse than **lead baseline**" in comparison_sentence(
-        results[("base", "lead")])
+        results[("base", "lead")]
+    )
     assert "no significant difference" in comparison_sentence(results[("lora", "base")])
     assert results[("lora", "base")]["p_holm"] == 1.0
 
@@ -66,12 +71,14 @@ def test_sentence_direction_from_hand_built_results() -> None:
     common = {"a": "full", "b": "lora", "ci_low": 0.5, "ci_high": 1.5, "p_value": 0.001, "p_holm": 0.004}
     assert "full fine-tuning** is significantly better than **LoRA" in comparison_sentence({**common, "diff": 1.0})
     assert "full fine-tuning** is significantly worse than **LoRA" in comparison_sentence(
-        {**common, "diff": -1.0, "ci_low": -1.5, "ci_high": -0.5})
+        {**common, "diff": -1.0, "ci_low": -1.5, "ci_high": -0.5}
+    )
 
 
 def test_significant_raw_but_not_after_holm_is_no_significant_difference() -> None:
-    sentence = comparison_sentence({"a": "full", "b": "base", "diff": 1.2, "ci_low": 0.2, "ci_high": 2.2,
-                                    "p_value": 0.02, "p_holm": 0.08})
+    sentence = comparison_sentence(
+        {"a": "full", "b": "base", "diff": 1.2, "ci_low": 0.2, "ci_high": 2.2, "p_value": 0.02, "p_holm": 0.08}
+    )
     assert "**full fine-tuning** vs **original (zero-shot)**: no significant difference" in sentence
     assert "p = 0.0200" in sentence and "Holm-adjusted p = 0.0800" in sentence
 
@@ -84,8 +91,11 @@ def test_comparisons_decide_on_the_holm_adjusted_p() -> None:
     z = np.random.default_rng(1).normal(size=n)
     d = spread * (z - z.mean()) / z.std(ddof=1) + 2.3 * spread / np.sqrt(n)
     base = np.random.default_rng(2).uniform(0.2, 0.6, size=n)
-    results = by_pair(comparisons(as_predictions(base=base, full=base + d, lora=base.copy(), lead=base.copy()),
-                                  COMPARISONS, RESAMPLES, seed=0))
+    results = by_pair(
+        comparisons(
+            as_predictions(base=base, full=base + d, lora=base.copy(), lead=base.copy()), COMPARISONS, RESAMPLES, seed=0
+        )
+    )
     small = results[("full", "base")]
     assert SIGNIFICANCE / 4 < small["p_value"] < SIGNIFICANCE  # significant alone...
     assert small["p_holm"] == pytest.approx(4 * small["p_value"])
@@ -96,18 +106,42 @@ def test_comparisons_decide_on_the_holm_adjusted_p() -> None:
 
 def test_report_says_p_values_are_holm_adjusted() -> None:
     tests = comparisons(clear_effects(), COMPARISONS, RESAMPLES, seed=0)
-    evaluation = {v: {**{f"{t}{s}": 40.0 for t in ROUGE_TYPES for s in ("", "_mean_ref", "_ci_low", "_ci_high")},
-                      "dialogues": 150, "references": 450} for v in VARIANTS}
+    evaluation = {
+        v: {
+            **{f"{t}{s}": 40.0 for t in ROUGE_TYPES for s in ("", "_mean_ref", "_ci_low", "_ci_high")},
+            "dialogues": 150,
+            "references": 450,
+        }
+        for v in VARIANTS
+    }
     generation = {v: {"gen_mean_tokens": 20.0, "gen_hit_max_share": 0.0} for v in VARIANTS}
-    cost = {v: {"trainable_params": 1000 if v in ("full", "lora") else 0, "trainable_percent": 1.0,
-                "total_params": 10**5, "saved_mb": 1.0, "train_runtime_s": 60.0, "peak_rss_mb": 900.0,
-                "generation_dialogues_per_second": 2.0} for v in VARIANTS}
+    cost = {
+        v: {
+            "trainable_params": 1000 if v in ("full", "lora") else 0,
+            "trainable_percent": 1.0,
+            "total_params": 10**5,
+            "saved_mb": 1.0,
+            "train_runtime_s": 60.0,
+            "peak_rss_mb": 900.0,
+            "generation_dialogues_per_second": 2.0,
+        }
+        for v in VARIANTS
+    }
     base_model = {"base_model_name": "tiny", "base_model_revision": "main", "base_model_resolved_revision": "abc"}
-    report = render(VARIANTS, evaluation, generation, cost, tests, frontier_rows(VARIANTS, evaluation, cost),
-                    base_model, "")
+    report = render(
+        VARIANTS, evaluation, generation, cost, tests, frontier_rows(VARIANTS, evaluation, cost), base_model, ""
+    )
     row = next(line for line in report.splitlines() if line.startswith("| full fine-tuning ") and "RSS" in line)
     assert [cell.strip() for cell in row.strip("|").split("|")] == [
-        "full fine-tuning", "40.00 [40.00, 40.00]", "1,000 (1.00%)", "1.0", "1.0 min", "900 (RSS)", "2.00", "yes"]
+        "full fine-tuning",
+        "40.00 [40.00, 40.00]",
+        "1,000 (1.00%)",
+        "1.0",
+        "1.0 min",
+        "900 (RSS)",
+        "2.00",
+        "yes",
+    ]
     assert "## Paired tests on ROUGE-L (Holm-adjusted over 4 comparisons, family-wise error rate 0.05)" in report
     assert "Holm-adjusted p = " in report
 
@@ -135,11 +169,15 @@ def test_consistent_small_gain_is_found_only_because_the_test_is_paired() -> Non
     n = 200
     base = np.random.default_rng(4).uniform(0.05, 0.85, size=n)
     full = base + 0.01
-    results = by_pair(comparisons(as_predictions(base=base, full=full, lora=base.copy(), lead=base.copy()),
-                                  COMPARISONS, RESAMPLES, seed=0))
+    results = by_pair(
+        comparisons(
+            as_predictions(base=base, full=full, lora=base.copy(), lead=base.copy()), COMPARISONS, RESAMPLES, seed=0
+        )
+    )
     assert results[("full", "base")]["p_holm"] < 0.01
     assert "**full fine-tuning** is significantly better than **original" in comparison_sentence(
-        results[("full", "base")])
+        results[("full", "base")]
+    )
 
     # An unpaired look at the same numbers finds nothing: Welch's z is far below 1.96 ...
     welch_z = (full.mean() - base.mean()) / np.sqrt(full.var(ddof=1) / n + base.var(ddof=1) / n)
@@ -154,24 +192,42 @@ def test_consistent_small_gain_is_found_only_because_the_test_is_paired() -> Non
 
 def test_every_trained_variant_is_compared_with_the_original_and_with_full_fine_tuning() -> None:
     assert comparison_pairs(["base", "full", "lora", "ia3", "prompt", "lead"]) == [
-        ("full", "base"), ("lora", "base"), ("ia3", "base"), ("prompt", "base"),
-        ("lora", "full"), ("ia3", "full"), ("prompt", "full"), ("base", "lead")]
+        ("full", "base"),
+        ("lora", "base"),
+        ("ia3", "base"),
+        ("prompt", "base"),
+        ("lora", "full"),
+        ("ia3", "full"),
+        ("prompt", "full"),
+        ("base", "lead"),
+    ]
     # a subset run compares what it ran
     assert comparison_pairs(["base", "lora", "lead"]) == [("lora", "base"), ("base", "lead")]
     assert comparison_pairs(["lora"]) == []
 
 
 def test_pareto_optimal_variants_are_not_beaten_on_both_cost_and_quality() -> None:
-    points = {"full": (250e6, 40.0), "lora": (3.5e6, 39.0), "ia3": (0.1e6, 35.0), "worse_lora": (7e6, 38.0),
-              "tie": (3.5e6, 39.0)}
+    points = {
+        "full": (250e6, 40.0),
+        "lora": (3.5e6, 39.0),
+        "ia3": (0.1e6, 35.0),
+        "worse_lora": (7e6, 38.0),
+        "tie": (3.5e6, 39.0),
+    }
     assert pareto_optimal(points) == {"full", "lora", "ia3", "tie"}  # worse_lora costs more and scores less
 
 
 def test_frontier_has_the_trained_variants_with_their_intervals() -> None:
-    evaluation = {v: {"rougeL": r, "rougeL_ci_low": r - 1, "rougeL_ci_high": r + 1}
-                  for v, r in (("base", 20.0), ("full", 40.0), ("lora", 41.0), ("lead", 25.0))}
-    cost = {"base": {"trainable_params": 0}, "lead": {"trainable_params": 0}, "full": {"trainable_params": 10**8},
-            "lora": {"trainable_params": 10**6}}
+    evaluation = {
+        v: {"rougeL": r, "rougeL_ci_low": r - 1, "rougeL_ci_high": r + 1}
+        for v, r in (("base", 20.0), ("full", 40.0), ("lora", 41.0), ("lead", 25.0))
+    }
+    cost = {
+        "base": {"trainable_params": 0},
+        "lead": {"trainable_params": 0},
+        "full": {"trainable_params": 10**8},
+        "lora": {"trainable_params": 10**6},
+    }
     rows = frontier_rows(["base", "full", "lora", "lead"], evaluation, cost)
     assert [(r["variant"], r["pareto"]) for r in rows] == [("full", "dominated"), ("lora", "Pareto-optimal")]
     assert rows[1]["rougeL_ci_low"] == 40.0 and rows[1]["trainable_params"] == 10**6

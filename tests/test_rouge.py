@@ -31,9 +31,7 @@ def reference_scorer() -> rouge_scorer.RougeScorer:
 
 def test_split_sentences_puts_each_sentence_on_a_line() -> None:
     text = "Hi there. How are you?  Fine!\nok then\n\nIt costs 3.5 dollars."
-    assert split_sentences(text) == (
-        "Hi there.\nHow are you?\nFine!\nok then\nIt costs 3.5 dollars."
-    )
+    assert split_sentences(text) == ("Hi there.\nHow are you?\nFine!\nok then\nIt costs 3.5 dollars.")
 
 
 def test_split_sentences_does_not_change_token_based_types() -> None:
@@ -133,9 +131,7 @@ def test_multi_reference_matches_rouge_score(prediction: str, references: list[s
 
 
 def test_single_reference_multi_equals_mean() -> None:
-    scores = score_dialogue(
-        "Tom is late. He missed the bus.", ["Tom missed the bus and will be late."]
-    )
+    scores = score_dialogue("Tom is late. He missed the bus.", ["Tom missed the bus and will be late."])
     for t in ROUGE_TYPES:
         assert scores[t] == pytest.approx(scores[f"{t}_mean_ref"])
 

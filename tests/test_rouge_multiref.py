@@ -37,13 +37,19 @@ _EDGE = [
     ("", ["Nobody says anything.", "Silence.", "#Person1# and #Person2# say nothing."]),
     ("...", ["#Person1# hesitates...", "They pause.", "Nothing happens."]),
     ("?!", ["#Person1# is surprised?!", "A surprise!\nEveryone laughs.", "What?!"]),
-    ("Amanda baked cookies. She will bring Jerry some tomorrow!",
-     ["Amanda baked cookies. She will bring Jerry some tomorrow!",  # identical: 100 on every type
-      "Amanda made cookies for Jerry.", "Jerry will get cookies from Amanda."]),
+    (
+        "Amanda baked cookies. She will bring Jerry some tomorrow!",
+        [
+            "Amanda baked cookies. She will bring Jerry some tomorrow!",  # identical: 100 on every type
+            "Amanda made cookies for Jerry.",
+            "Jerry will get cookies from Amanda.",
+        ],
+    ),
     ("the the the the the", ["The cat sat on the mat.", "the end", "THE THE"]),
-    ("Café owner Zoë serves crème brûlée to #Person2#.",
-     ["Zoë, the café owner, serves dessert.", "#Person2# orders crème brûlée.\nZoë serves it.",
-      "A café visit."]),
+    (
+        "Café owner Zoë serves crème brûlée to #Person2#.",
+        ["Zoë, the café owner, serves dessert.", "#Person2# orders crème brûlée.\nZoë serves it.", "A café visit."],
+    ),
 ]
 
 
@@ -53,11 +59,13 @@ def _sample() -> tuple[list[str], list[list[str]]]:
         subject, (action, gist) = _SUBJECTS[i % len(_SUBJECTS)], _ACTIONS[i % len(_ACTIONS)]
         other = _SUBJECTS[(i + 3) % len(_SUBJECTS)]
         predictions.append(f"{subject} {action}" if i % 3 else f"{subject} {gist}.")
-        references.append([
-            f"{subject} {action}",
-            f"{other} talks with {subject}.\n{subject} {gist}.",  # already split into sentences
-            f"{subject.upper()} {gist} -- then leaves!! Dialogue {i}.",
-        ])
+        references.append(
+            [
+                f"{subject} {action}",
+                f"{other} talks with {subject}.\n{subject} {gist}.",  # already split into sentences
+                f"{subject.upper()} {gist} -- then leaves!! Dialogue {i}.",
+            ]
+        )
     for prediction, refs in _EDGE:
         predictions.append(prediction)
         references.append(refs)
@@ -123,14 +131,24 @@ print(json.dumps({"scores": scores, "modules_cache": str(evaluate.config.HF_MODU
 def test_loads_offline_by_path_from_another_directory(tmp_path: Path) -> None:
     elsewhere = tmp_path / "notebooks"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_", "XDG_")) and k != "PYTHONPATH"}
-    env.update(HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "hf"), HF_EVALUATE_OFFLINE="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "XDG_")) and k != "PYTHONPATH"
+    }
+    env.update(
+        HOME=str(tmp_path / "home"),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_EVALUATE_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
     result = subprocess.run(
         [sys.executable, "-c", _NOTEBOOK, str(MODULE_DIR), str(tmp_path / "metrics")],
-        input=json.dumps([PREDICTIONS, REFERENCES]), cwd=elsewhere, env=env,
-        capture_output=True, text=True, timeout=300,
+        input=json.dumps([PREDICTIONS, REFERENCES]),
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -161,8 +179,9 @@ def test_per_dialogue_matches_score_corpus(metric) -> None:
 
 def test_single_string_references_are_one_reference_each(metric) -> None:
     firsts = [refs[0] for refs in REFERENCES]
-    assert (metric.compute(predictions=PREDICTIONS, references=firsts)
-            == mean_scores(score_corpus(PREDICTIONS, [[r] for r in firsts])))
+    assert metric.compute(predictions=PREDICTIONS, references=firsts) == mean_scores(
+        score_corpus(PREDICTIONS, [[r] for r in firsts])
+    )
 
 
 def test_empty_reference_list_is_refused(metric) -> None:
@@ -180,8 +199,13 @@ def _word_tokenizer(texts: list[str]):
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def _padded(rows: list[list[int]], width: int, fill: int) -> np.ndarray:
@@ -198,12 +222,13 @@ def test_trainer_compute_metrics_gives_the_same_numbers(metric) -> None:
     # concatenates batches padding with -100. Two batches of 10:
     generated = [[tokenizer.pad_token_id] + row + [tokenizer.eos_token_id] for row in ids]
     width = max(map(len, generated)) + 3
-    batches = [_padded(generated[s:s + 10], max(map(len, generated[s:s + 10])), tokenizer.pad_token_id)
-               for s in (0, 10)]
-    predictions = np.concatenate([np.pad(b, ((0, 0), (0, width - b.shape[1])), constant_values=-100)
-                                  for b in batches])
-    labels = _padded([tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                      for t in firsts], width, -100)
+    batches = [
+        _padded(generated[s : s + 10], max(map(len, generated[s : s + 10])), tokenizer.pad_token_id) for s in (0, 10)
+    ]
+    predictions = np.concatenate([np.pad(b, ((0, 0), (0, width - b.shape[1])), constant_values=-100) for b in batches])
+    labels = _padded(
+        [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in firsts], width, -100
+    )
     assert (predictions == -100).any() and (predictions == tokenizer.pad_token_id).any()
     eval_prediction = EvalPrediction(predictions=predictions, label_ids=labels)
 
@@ -213,7 +238,6 @@ def test_trainer_compute_metrics_gives_the_same_numbers(metric) -> None:
     assert with_labels == mean_scores(score_corpus(PREDICTIONS, [[r] for r in firsts]))
 
     with pytest.raises(ValueError, match="predict_with_generate"):  # logits, not generated ids
-        metric.make_compute_metrics(tokenizer)(EvalPrediction(predictions=np.zeros((2, 3, 5)),
-                                                              label_ids=labels[:2]))
+        metric.make_compute_metrics(tokenizer)(EvalPrediction(predictions=np.zeros((2, 3, 5)), label_ids=labels[:2]))
     with pytest.raises(ValueError, match="got 20 predictions but 19 reference lists"):
         metric.make_compute_metrics(tokenizer, REFERENCES[:-1])(eval_prediction)

@@ -16,15 +16,33 @@ SOURCE, TARGET, BATCH = 256, 64, 2
 
 def tiny_config() -> T5Config:
     """FLAN-T5's family (T5 v1.1 gated-gelu, FLAN vocabulary) at width 32, 2+2 layers."""
-    return T5Config(vocab_size=32128, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=2,
-                    num_decoder_layers=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-                    dropout_rate=0.0)
+    return T5Config(
+        vocab_size=32128,
+        d_model=32,
+        d_ff=64,
+        d_kv=16,
+        num_heads=2,
+        num_layers=2,
+        num_decoder_layers=2,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
+    )
 
 
 def flan_t5_base_config() -> T5Config:
     """google/flan-t5-base's geometry (its config.json), without touching the Hub."""
-    return T5Config(vocab_size=32128, d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12,
-                    num_decoder_layers=12, feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    return T5Config(
+        vocab_size=32128,
+        d_model=768,
+        d_ff=2048,
+        d_kv=64,
+        num_heads=12,
+        num_layers=12,
+        num_decoder_layers=12,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+    )
 
 
 def build(config: T5Config) -> T5ForConditionalGeneration:
@@ -49,10 +67,18 @@ def analytic_forward_flops(c: T5Config, batch: int, source: int, target: int) ->
     d, inner, ff = c.d_model, c.num_heads * c.d_kv, c.d_ff
     layer = 4 * d * inner + 3 * d * ff  # matmul parameters of one encoder layer (= decoder's self part)
     encoder = 2 * source * layer + 2 * 2 * source * source * inner
-    decoder = (2 * target * layer + 2 * 2 * target * target * inner
-               + 2 * target * 2 * d * inner + 2 * source * 2 * d * inner + 2 * 2 * target * source * inner)
-    return {"encoder": batch * c.num_layers * encoder, "decoder": batch * c.num_decoder_layers * decoder,
-            "lm_head": batch * 2 * target * d * c.vocab_size}
+    decoder = (
+        2 * target * layer
+        + 2 * 2 * target * target * inner
+        + 2 * target * 2 * d * inner
+        + 2 * source * 2 * d * inner
+        + 2 * 2 * target * source * inner
+    )
+    return {
+        "encoder": batch * c.num_layers * encoder,
+        "decoder": batch * c.num_decoder_layers * decoder,
+        "lm_head": batch * 2 * target * d * c.vocab_size,
+    }
 
 
 def old_formula(model: torch.nn.Module, batch: int, source: int, target: int) -> int:
@@ -80,8 +106,9 @@ def batch_of(source: int, target: int, device: str = "cpu", mask: bool = True) -
 def test_forward_flops_match_the_per_stack_count() -> None:
     model, config = tiny_model(), tiny_config()
     expected = analytic_forward_flops(config, BATCH, SOURCE, TARGET)
-    assert step_flops(model, batch_of(SOURCE, TARGET), backward=False) == pytest.approx(sum(expected.values()),
-                                                                                        rel=0.02)
+    assert step_flops(model, batch_of(SOURCE, TARGET), backward=False) == pytest.approx(
+        sum(expected.values()), rel=0.02
+    )
     # per stack, from the counter's module breakdown (forward only: it attributes backward less reliably)
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         model(**batch_of(SOURCE, TARGET))
@@ -101,7 +128,7 @@ def test_padding_positions_are_counted_like_tokens() -> None:
     # the padded batch is what the GPU computes: masking half the source changes no matmul shape
     model = tiny_model()
     padded = batch_of(SOURCE, TARGET)
-    padded["attention_mask"][:, SOURCE // 2:] = 0
+    padded["attention_mask"][:, SOURCE // 2 :] = 0
     assert step_flops(model, padded) == step_flops(model, batch_of(SOURCE, TARGET))
 
 
@@ -109,9 +136,13 @@ def test_encoder_flops_grow_with_source_only() -> None:
     # Doubling the source adds encoder work and cross-attention k/v and scores, never decoder-only work.
     model, config = tiny_model(), tiny_config()
     grown = step_flops(model, batch_of(2 * SOURCE, TARGET), backward=False) - step_flops(
-        model, batch_of(SOURCE, TARGET), backward=False)
-    expected = {k: analytic_forward_flops(config, BATCH, 2 * SOURCE, TARGET)[k]
-                - analytic_forward_flops(config, BATCH, SOURCE, TARGET)[k] for k in ("encoder", "decoder", "lm_head")}
+        model, batch_of(SOURCE, TARGET), backward=False
+    )
+    expected = {
+        k: analytic_forward_flops(config, BATCH, 2 * SOURCE, TARGET)[k]
+        - analytic_forward_flops(config, BATCH, SOURCE, TARGET)[k]
+        for k in ("encoder", "decoder", "lm_head")
+    }
     assert expected["lm_head"] == 0
     assert grown == pytest.approx(sum(expected.values()), rel=0.02)
 
@@ -144,8 +175,9 @@ def test_old_formula_overstates_flan_t5_base_about_2_3x() -> None:
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(247.6e6, rel=0.001)  # flan-t5-base's
     batch = batch_of(SOURCE, TARGET, device="meta", mask=False)  # masks on meta need .item(); shapes suffice
     counted = step_flops(model, batch)
-    assert counted == pytest.approx(3 * sum(analytic_forward_flops(flan_t5_base_config(), BATCH, SOURCE,
-                                                                   TARGET).values()), rel=0.02)
+    assert counted == pytest.approx(
+        3 * sum(analytic_forward_flops(flan_t5_base_config(), BATCH, SOURCE, TARGET).values()), rel=0.02
+    )
     assert counted / BATCH == pytest.approx(209e9, rel=0.01)
     assert old_formula(model, BATCH, SOURCE, TARGET) / counted == pytest.approx(2.27, rel=0.02)
 
@@ -153,22 +185,26 @@ def test_old_formula_overstates_flan_t5_base_about_2_3x() -> None:
 # --- peak per card ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "card", "peak"), [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989e12),
-    ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
-    ("NVIDIA H100 NVL", "H100 NVL", 835e12),
-    ("NVIDIA H200", "H200", 989e12),
-    ("NVIDIA A100-SXM4-80GB", "A100", 312e12),
-    ("NVIDIA A100 80GB PCIe", "A100", 312e12),
-    ("NVIDIA L4", "L4", 121e12),
-    ("NVIDIA A10", "A10", 125e12),
-])
+@pytest.mark.parametrize(
+    ("name", "card", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989e12),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", "H100 NVL", 835e12),
+        ("NVIDIA H200", "H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312e12),
+        ("NVIDIA A100 80GB PCIe", "A100", 312e12),
+        ("NVIDIA L4", "L4", 121e12),
+        ("NVIDIA A10", "A10", 125e12),
+    ],
+)
 def test_peak_by_device_name(name: str, card: str, peak: float) -> None:
     assert peak_bf16(name) == (card, peak)
 
 
-@pytest.mark.parametrize("name", ["NVIDIA A10G", "NVIDIA L40S", "NVIDIA GH200 480GB", "Tesla T4",
-                                  "NVIDIA GeForce RTX 4090"])
+@pytest.mark.parametrize(
+    "name", ["NVIDIA A10G", "NVIDIA L40S", "NVIDIA GH200 480GB", "Tesla T4", "NVIDIA GeForce RTX 4090"]
+)
 def test_unknown_cards_get_no_peak(name: str) -> None:
     # near-misses by substring ("A10" in "A10G", "L4" in "L40S") have other peaks: no MFU beats a wrong one
     assert peak_bf16(name) is None

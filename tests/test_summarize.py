@@ -24,11 +24,14 @@ from tests.conftest import REPO, write_jsonl
 
 # over 255 characters without a slash, so it cannot even be a file name, and over
 # prepare.max_source_length tokens below, so it is truncated
-LONG_DIALOGUE = "\n".join(f"#Person{i % 2 + 1}#: Could we move the meeting about the budget to {i} o'clock?"
-                          for i in range(12))
-DIALOGUES = ["#Person1#: Hello, I would like to book a table.\n#Person2#: Sure, for how many people?",
-             "#Person1#: Is the train to the station late?\n#Person2#: Yes, by ten minutes.",
-             "#Person1#: Thanks for the dinner!\n#Person2#: You are welcome, see you tomorrow."]
+LONG_DIALOGUE = "\n".join(
+    f"#Person{i % 2 + 1}#: Could we move the meeting about the budget to {i} o'clock?" for i in range(12)
+)
+DIALOGUES = [
+    "#Person1#: Hello, I would like to book a table.\n#Person2#: Sure, for how many people?",
+    "#Person1#: Is the train to the station late?\n#Person2#: Yes, by ten minutes.",
+    "#Person1#: Thanks for the dinner!\n#Person2#: You are welcome, see you tomorrow.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,15 @@ def workdir(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def run_summarize(*args: str, cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "summarize", *args], cwd=cwd, input=stdin, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "summarize", *args],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def expected_summaries(model, tokenizer, dialogues: list[str], params_file: Path) -> list[str]:
@@ -66,17 +76,29 @@ def test_literal_text_with_base_model_prints_one_summary_per_line(workdir, base_
     result = run_summarize("--model", "base", LONG_DIALOGUE, DIALOGUES[0], cwd=workdir)
     assert result.returncode == 0, result.stderr
     tokenizer, model = base_model
-    assert result.stdout.splitlines() == expected_summaries(model, tokenizer, [LONG_DIALOGUE, DIALOGUES[0]],
-                                                            workdir / "params.yaml")
+    assert result.stdout.splitlines() == expected_summaries(
+        model, tokenizer, [LONG_DIALOGUE, DIALOGUES[0]], workdir / "params.yaml"
+    )
     assert "1 of 2 dialogue(s) exceed prepare.max_source_length=128" in result.stderr
 
 
 def test_txt_jsonl_and_stdin_to_output_file_keep_ids_and_show_progress(workdir, tiny_model_dir, base_model):
     (workdir / "one.txt").write_text(LONG_DIALOGUE, encoding="utf-8")
-    write_jsonl(workdir / "many.jsonl", [{"id": "d1", "dialogue": DIALOGUES[0]}, {"dialogue": DIALOGUES[1]},
-                                         {"id": 7, "dialogue": DIALOGUES[2]}])
-    result = run_summarize("--model", str(tiny_model_dir), "one.txt", "many.jsonl", "-", "--output", "out/s.jsonl",
-                           cwd=workdir, stdin=DIALOGUES[1])
+    write_jsonl(
+        workdir / "many.jsonl",
+        [{"id": "d1", "dialogue": DIALOGUES[0]}, {"dialogue": DIALOGUES[1]}, {"id": 7, "dialogue": DIALOGUES[2]}],
+    )
+    result = run_summarize(
+        "--model",
+        str(tiny_model_dir),
+        "one.txt",
+        "many.jsonl",
+        "-",
+        "--output",
+        "out/s.jsonl",
+        cwd=workdir,
+        stdin=DIALOGUES[1],
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (workdir / "out" / "s.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["one.txt", "d1", "many.jsonl:2", 7, "stdin"]
@@ -91,8 +113,10 @@ def test_txt_jsonl_and_stdin_to_output_file_keep_ids_and_show_progress(workdir, 
 
 def test_lora_adapter_is_merged_into_the_base_named_in_its_config(workdir, tiny_model_dir, base_model, tmp_path):
     tokenizer, _ = base_model
-    peft_model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir),
-                                LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=4, target_modules=["q", "v"]))
+    peft_model = get_peft_model(
+        AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir),
+        LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=4, target_modules=["q", "v"]),
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # lora_B starts at zero (a no-op adapter): give it weights that change outputs
         for name, parameter in peft_model.named_parameters():
@@ -101,8 +125,9 @@ def test_lora_adapter_is_merged_into_the_base_named_in_its_config(workdir, tiny_
     adapter_dir = tmp_path / "adapter"
     peft_model.save_pretrained(adapter_dir)
     config_file = adapter_dir / "adapter_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
-                                       "base_model_name_or_path": str(tiny_model_dir)}))
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": str(tiny_model_dir)})
+    )
 
     result = run_summarize("--model", str(adapter_dir), *DIALOGUES, cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -117,15 +142,19 @@ def test_missing_model_directory_is_one_error_line_and_exit_2(workdir):
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1] == (
         "error: model directory 'models/missing' not found; pass a trained model (models/full, models/lora) "
-        "or --model base")
+        "or --model base"
+    )
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("missing.txt", "missing.txt: no such file"),
-    ("notes.md", "notes.md: unsupported file type '.md'"),
-    ("folder", "folder: is a directory"),
-    ("bad.jsonl", "bad.jsonl:2: expected an object with a string 'dialogue' field"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("missing.txt", "missing.txt: no such file"),
+        ("notes.md", "notes.md: unsupported file type '.md'"),
+        ("folder", "folder: is a directory"),
+        ("bad.jsonl", "bad.jsonl:2: expected an object with a string 'dialogue' field"),
+    ],
+)
 def test_inputs_that_are_not_dialogues_are_refused(tmp_path, monkeypatch, arg, message):
     monkeypatch.chdir(tmp_path)
     Path("notes.md").write_text("# notes")

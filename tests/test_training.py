@@ -20,8 +20,12 @@ NOISY = {"train_runtime_s", "train_samples_per_second", "peak_rss_mb"}
 
 
 def env() -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,10 +58,23 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
     for name in tracked.splitlines():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
-    slow = {"epochs": 2, "batch_size": 1, "gradient_accumulation_steps": 1, "dataloader_workers": 0,
-            "logging_steps": 10, "save_steps": 2}  # 30 rows x 2 epochs = 60 steps, a checkpoint every 2
-    set_params(repo, {"model": {"name": str(tiny_model_dir)}, "data": {"source": str(root / "source")},
-                      "train_full": slow, "train_lora": slow})
+    slow = {
+        "epochs": 2,
+        "batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "dataloader_workers": 0,
+        "logging_steps": 10,
+        "save_steps": 2,
+    }  # 30 rows x 2 epochs = 60 steps, a checkpoint every 2
+    set_params(
+        repo,
+        {
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"source": str(root / "source")},
+            "train_full": slow,
+            "train_lora": slow,
+        },
+    )
     run(["git", "init", "-q"], repo)
     run(["dvc", "repro", "prepare", "baselines"], repo)
     git_commit(repo, "prepared")
@@ -66,8 +83,14 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
 
 def start_and_kill_after_first_checkpoint(repo: Path, stage: str) -> None:
     # --force: the stage may be up to date from an earlier test
-    process = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", stage],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not list((repo / "checkpoints" / stage).glob("checkpoint-*/trainer_state.json")):
         assert process.poll() is None, f"{stage} ended before its first checkpoint"
@@ -103,9 +126,13 @@ def test_training_from_scratch_is_bit_identical(repo):
     outputs = []
     for _ in range(2):
         run([sys.executable, "-m", "stages.train_full"], repo)
-        outputs.append(((repo / "metrics" / "train" / "full.json").read_bytes(),
-                        (repo / "models" / "full" / "README.md").read_bytes(),  # the card: nothing noisy in it
-                        (repo / "models" / "full" / "model.safetensors").read_bytes()))
+        outputs.append(
+            (
+                (repo / "metrics" / "train" / "full.json").read_bytes(),
+                (repo / "models" / "full" / "README.md").read_bytes(),  # the card: nothing noisy in it
+                (repo / "models" / "full" / "model.safetensors").read_bytes(),
+            )
+        )
     assert outputs[0] == outputs[1]
     costs = json.loads((repo / "metrics" / "timing" / "train_full.json").read_text())
     assert set(costs) == NOISY  # noisy figures are kept apart, under keys that say what they are
@@ -117,8 +144,10 @@ def test_bad_lora_target_from_dvc_exp_run_fails_fast_with_the_names(repo):
     result = run(["dvc", "exp", "run", "-S", "lora.target_modules=[q,qv]", "train_lora"], repo, check=False)
     run(["git", "checkout", "--", "params.yaml"], repo)  # a failed experiment leaves its -S values behind
     assert result.returncode != 0
-    assert ("error: lora.target_modules: qv not found in the model; linear layers available: k, lm_head, o, q, v, "
-            "wi_0, wi_1, wo") in result.stderr + result.stdout
+    assert (
+        "error: lora.target_modules: qv not found in the model; linear layers available: k, lm_head, o, q, v, "
+        "wi_0, wi_1, wo"
+    ) in result.stderr + result.stdout
     assert time.monotonic() - started < 60
 
 
@@ -130,7 +159,10 @@ def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
     assert result.returncode != 0
     output = result.stderr + result.stdout
     assert "error: 2 problem(s) in params.yaml:" in output
-    assert "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, r, target_modules, use_dora, use_rslora" in output
+    assert (
+        "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, r, target_modules, use_dora, use_rslora"
+        in output
+    )
     assert "lora.r: must be >= 1, got 0" in output
 
 

@@ -28,17 +28,32 @@ from stages.training import (
 )
 from tests.conftest import REPO
 
-TRAIN = TrainParams(epochs=1, learning_rate=1.0e-3, batch_size=2, gradient_accumulation_steps=1, eval_batch_size=4,
-                    weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="linear", max_grad_norm=1.0, precision="fp32",
-                    group_by_length=False, logging_steps=1, save_steps=2, auto_find_batch_size=False,
-                    dataloader_workers=0, processes=1)
+TRAIN = TrainParams(
+    epochs=1,
+    learning_rate=1.0e-3,
+    batch_size=2,
+    gradient_accumulation_steps=1,
+    eval_batch_size=4,
+    weight_decay=0.0,
+    warmup_ratio=0.0,
+    lr_scheduler="linear",
+    max_grad_norm=1.0,
+    precision="fp32",
+    group_by_length=False,
+    logging_steps=1,
+    save_steps=2,
+    auto_find_batch_size=False,
+    dataloader_workers=0,
+    processes=1,
+)
 
 
 def dataset(tokenizer, rows: int) -> Dataset:
     sources = tokenizer([f"#Person1#: I need table {i} for dinner. #Person2#: Sure." for i in range(rows)])
     labels = tokenizer([f"Person1 books table {i}." for i in range(rows)])["input_ids"]
-    return Dataset.from_dict({"input_ids": sources["input_ids"], "attention_mask": sources["attention_mask"],
-                              "labels": labels})
+    return Dataset.from_dict(
+        {"input_ids": sources["input_ids"], "attention_mask": sources["attention_mask"], "labels": labels}
+    )
 
 
 def make_trainer(model_dir: Path, output_dir: Path, params: TrainParams, rows: int = 16):
@@ -49,8 +64,14 @@ def make_trainer(model_dir: Path, output_dir: Path, params: TrainParams, rows: i
 
 
 def test_out_of_memory_retry_keeps_the_batch_per_optimizer_step(tiny_model_dir, tmp_path, capsys):
-    params = dataclasses.replace(TRAIN, batch_size=4, gradient_accumulation_steps=2, auto_find_batch_size=True, eval_batch_size=2,
-                                 save_steps=1000)
+    params = dataclasses.replace(
+        TRAIN,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        auto_find_batch_size=True,
+        eval_batch_size=2,
+        save_steps=1000,
+    )
     trainer = make_trainer(tiny_model_dir, tmp_path, params)
     forward = trainer.model.forward
 
@@ -131,9 +152,11 @@ def test_a_short_run_still_logs_its_loss(tiny_model_dir, tmp_path):
 def test_one_process_refuses_several_gpus():
     with pytest.raises(StageError) as info:
         check_one_device_per_process(2, "train_full")
-    assert str(info.value) == ("2 GPUs are visible to one training process; set train_full.processes=2 for "
-                               "data-parallel training (DDP), or run on one GPU with CUDA_VISIBLE_DEVICES=0 "
-                               "(dvc repro does this for processes: 1)")
+    assert str(info.value) == (
+        "2 GPUs are visible to one training process; set train_full.processes=2 for "
+        "data-parallel training (DDP), or run on one GPU with CUDA_VISIBLE_DEVICES=0 "
+        "(dvc repro does this for processes: 1)"
+    )
     check_one_device_per_process(1, "train_full")  # one GPU (or none) is fine
 
 

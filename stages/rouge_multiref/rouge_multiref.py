@@ -81,10 +81,10 @@ class RougeMultiref(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=[
-                datasets.Features({"predictions": datasets.Value("string"),
-                                   "references": datasets.Sequence(datasets.Value("string"))}),
-                datasets.Features({"predictions": datasets.Value("string"),
-                                   "references": datasets.Value("string")}),
+                datasets.Features(
+                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+                ),
+                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
             ],
             codebase_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
             reference_urls=["https://aclanthology.org/W04-1013"],
@@ -121,7 +121,8 @@ class RougeMultiref(evaluate.Metric):
             refs = decode(eval_prediction.label_ids) if references is None else references
             if len(refs) != len(predictions):
                 raise ValueError(f"got {len(predictions)} predictions but {len(refs)} reference lists")
-            return self.compute(predictions=predictions,
-                                references=[[r] if isinstance(r, str) else list(r) for r in refs])
+            return self.compute(
+                predictions=predictions, references=[[r] if isinstance(r, str) else list(r) for r in refs]
+            )
 
         return compute_metrics
