@@ -1,8 +1,9 @@
 """Stage `data`: fetch DialogSum (Hub id or local directory) and write a raw JSONL snapshot.
 
 The snapshot in data/raw/ is what DVC versions, so every later stage reads exactly the same
-rows no matter where they came from. Only `data.*` params affect this stage: changing the
-prompt or tokenization reruns `prepare`, never a fetch.
+rows no matter where they came from. Only `data.*` params and the files in data/source (the
+place for local data, a declared dependency) affect this stage: changing the prompt or
+tokenization reruns `prepare`, never a fetch.
 
 What is repaired and what is an error (nothing is dropped silently):
 - empty or whitespace-only dialogue or summary: row dropped, counted as <split>_dropped_empty
@@ -182,27 +183,28 @@ def resolved_revision(params: DataParams) -> str:
     from huggingface_hub import HfApi, snapshot_download
 
     try:
-        return HfApi().dataset_info(params.source, revision=params.revision).sha
+        sha = HfApi().dataset_info(params.source, revision=params.revision).sha
     except Exception:  # offline or unreachable: the cached snapshot's commit, if any
+        sha = None
+    if sha is None:
         try:
             return Path(
                 snapshot_download(params.source, repo_type="dataset", revision=params.revision, local_files_only=True)
             ).name
         except Exception:
             return "unresolved (offline, not in the Hub cache)"
+    return sha
 
 
 def main() -> None:
     params = load_params()
     splits = fetch(params.data)
-    cleaned, stats = (
-        {},
-        {
-            "source": params.data.source,
-            "source_revision": params.data.revision,
-            "source_resolved_revision": resolved_revision(params.data),
-        },
-    )
+    cleaned: dict[str, list[dict]] = {}
+    stats: dict[str, str | int] = {
+        "source": params.data.source,
+        "source_revision": params.data.revision,
+        "source_resolved_revision": resolved_revision(params.data),
+    }
     for split in SPLITS:
         cleaned[split], stats[f"{split}_dropped_empty"] = clean_split(splits[split], split, params.data.source)
     for split in ("train", "validation"):

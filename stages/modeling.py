@@ -119,9 +119,11 @@ def resolve_revision(name: str, revision: str) -> str:
     from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
-        return HfApi().model_info(name, revision=revision).sha
+        sha = HfApi().model_info(name, revision=revision).sha
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError):
-        pass
+        sha = None
+    if sha:
+        return sha
     try:  # offline: the commit of the cached snapshot (its folder is named after it)
         return Path(snapshot_download(name, revision=revision, local_files_only=True)).name
     except (OSError, ValueError) as error:

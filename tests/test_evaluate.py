@@ -270,3 +270,20 @@ def test_lora_is_evaluated_as_trained_not_merged_in_bf16(tiny_model_dir, tmp_pat
     scale = want.abs().max()
     assert (merged - want).abs().max() > 1e-3 * scale  # the premise: a bf16 merge moves the logits
     assert (got - want).abs().max() <= 1e-6 * scale  # the evaluated model is the unmerged adapter
+
+
+def test_stage_scores_equal_the_evaluate_module_and_the_plain_scorer(workdir):
+    # the evaluate stage, a notebook's evaluate.load(...) and stages.rouge give the same numbers
+    import evaluate
+
+    from stages.rouge import mean_scores, score_corpus
+
+    generate_and_evaluate(workdir, "base")
+    stage = json.loads((workdir / "metrics" / "evaluate" / "base.json").read_text())
+    rows = [json.loads(line) for line in (workdir / "data" / "predictions" / "base.jsonl").read_text().splitlines()]
+    predictions, references = [r["prediction"] for r in rows], [r["references"] for r in rows]
+    plain = mean_scores(score_corpus(predictions, references))
+    module = evaluate.load(str(REPO / "stages" / "rouge_multiref"), keep_in_memory=True)
+    notebook = module.compute(predictions=predictions, references=references)
+    assert notebook == plain
+    assert {k: stage[k] for k in plain} == plain
