@@ -55,14 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model",
         required=True,
         metavar="DIR|base",
-        help="a full model directory (config.json, e.g. models/full), a LoRA adapter "
+        help="a full model directory (config.json, e.g. models/full), a PEFT adapter "
         "directory (adapter_config.json, e.g. models/lora), or 'base' for "
         "params.yaml's model.name (write ./base for a directory named base)",
     )
     parser.add_argument(
         "--base-model",
         metavar="NAME_OR_DIR",
-        help="base model for a LoRA adapter, instead of the base_model_name_or_path in its adapter_config.json",
+        help="base model for a PEFT adapter, instead of the base_model_name_or_path in its adapter_config.json",
     )
     parser.add_argument(
         "--params",
@@ -205,7 +205,7 @@ def reject_base_model(base_model: str | None, model: str) -> None:
 def load_adapter(
     directory: Path, base_model: str | None, defaults: ModelParams, dtype: torch.dtype
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """The base model with the LoRA adapter applied unmerged, exactly as the evaluate stage scores it
+    """The base model with the PEFT adapter (LoRA, IA3, prompt tuning) applied unmerged, exactly as the evaluate stage scores it
     (a merge in bf16 would round the update away: see stages.generate.load_adapter)."""
     config = read_adapter_config(directory / "adapter_config.json")
     base_name = base_model or config.get("base_model_name_or_path")
