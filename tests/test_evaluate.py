@@ -132,7 +132,8 @@ def test_unknown_variant_is_refused(workdir, stage):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 2
-    assert result.stderr == "error: unknown variant 'fulll'; params.yaml variants are base, full, lora, lead\n"
+    variants = ", ".join(load_params(REPO / "params.yaml").variants)
+    assert result.stderr == f"error: unknown variant 'fulll'; params.yaml variants are {variants}\n"
 
 
 class OutOfMemoryAbove:
