@@ -56,7 +56,7 @@ def main() -> None:
         write_json(metrics, METRICS_FILE)
         write_json(training_costs(trainer), COSTS_FILE)
         card_params = {"seed": params.seed, "model": asdict(params.model), "train_full": asdict(params.train_full)}
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "transformers", card_params, metrics))
+        (MODEL_DIR / "README.md").write_text(model_card(BASE_PIN, "transformers", card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 
 

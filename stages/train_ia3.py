@@ -90,7 +90,7 @@ def main() -> None:
             "train_ia3": asdict(params.train_ia3),
             "ia3": asdict(params.ia3),
         }
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft", card_params, metrics))
+        (MODEL_DIR / "README.md").write_text(model_card(BASE_PIN, "peft", card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 
 

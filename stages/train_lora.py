@@ -128,7 +128,7 @@ def main() -> None:
             "train_lora": asdict(params.train_lora),
             "lora": asdict(params.lora),
         }
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft", card_params, metrics))
+        (MODEL_DIR / "README.md").write_text(model_card(BASE_PIN, "peft", card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 
 

@@ -97,7 +97,7 @@ def main() -> None:
             "train_prompt": asdict(params.train_prompt),
             "prompt": asdict(params.prompt),
         }
-        (MODEL_DIR / "README.md").write_text(model_card(params.model.name, "peft", card_params, metrics))
+        (MODEL_DIR / "README.md").write_text(model_card(BASE_PIN, "peft", card_params, metrics))
         remove_checkpoints(CHECKPOINT_DIR)
 
 

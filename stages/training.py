@@ -383,13 +383,16 @@ def training_costs(trainer: PipelineTrainer) -> dict[str, float]:
     }
 
 
-def model_card(base_model: str, library: str, params: dict, metrics: dict) -> str:
+def model_card(pin_file: Path, library: str, params: dict, metrics: dict) -> str:
     """A Hugging Face Hub model card (README.md): YAML metadata, then what was trained and how.
 
     Only deterministic content: the card sits in the cached model folder, so a run time in it
     would give identical weights a new hash and rerun every evaluation. Where the data came from
     is in metrics/data.json and the report (a renamed copy of the same data must not retrain).
+    The base model is named with the exact commit the baselines stage pinned (`pin_file`).
     """
+    pin = json.loads(pin_file.read_text())
+    base_model = pin["name"]
     front_matter = {
         "base_model": base_model,
         "library_name": library,
@@ -403,6 +406,7 @@ def model_card(base_model: str, library: str, params: dict, metrics: dict) -> st
         "Trained by this repository's DVC pipeline (`dvc repro`) on its DialogSum snapshot (`data/raw`; "
         "source and revision in `metrics/data.json`); ROUGE on the test split is in "
         "`metrics/evaluate/*.json` and `metrics/report.md`. The data (DialogSum) is licensed CC BY-NC-SA 4.0.\n\n"
+        f"Base model: `{base_model}` at revision `{pin['revision']}`, resolved commit `{pin['resolved_revision']}`.\n\n"
         f"## Params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n\n"
         f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n"
     )

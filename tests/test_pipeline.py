@@ -301,6 +301,9 @@ def test_training_curves_and_model_cards(pipeline_repo, reproduced):
     assert (repo / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()  # DVCLive left it alone
     full_card, lora_card = ((repo / "models" / v / "README.md").read_text() for v in ("full", "lora"))
     assert full_card.startswith("---\nbase_model: ") and "library_name: transformers" in full_card
+    pin = json.loads((repo / "models" / "base" / "pin.json").read_text())
+    assert pin["resolved_revision"].startswith("sha256:")  # a local model directory: a content hash
+    assert f"resolved commit `{pin['resolved_revision']}`" in full_card and pin["resolved_revision"] in lora_card
     assert "library_name: peft" in lora_card and "r: 32" in lora_card and "| `eval_loss` |" in lora_card
 
 
