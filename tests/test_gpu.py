@@ -9,17 +9,12 @@ Skipped without CUDA, so CI (CPU only) collects and skips every test here.
     with halved batches and gives the same summaries;
 (d) training through stages.training on the card: bf16 autocast, TF32, fused AdamW, loss falls;
 (e) the offline tiny-model `dvc repro` end to end in a temp repo, training on the card.
-
-The generation functions live in stages.generate (generation split from scoring) or, before that
-split, in stages.evaluate; the helpers below accept either.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
-import inspect
 import json
 import os
 import re
@@ -32,6 +27,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from stages import generate as gen
 from stages.modeling import native_bf16, use_bf16
 from stages.params import ModelParams, load_params
 from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, SHARED, dialogsum_rows, make_tiny_model, require_shared
@@ -47,21 +43,9 @@ FLAN_BASE = SHARED / "models" / "flan-t5-base-config"
 CUDA = torch.device("cuda")
 
 
-def generation_module():
-    """stages.generate, or stages.evaluate where generation has not been split from scoring."""
-    try:
-        return importlib.import_module("stages.generate")
-    except ModuleNotFoundError as error:
-        if error.name != "stages.generate":
-            raise
-        return importlib.import_module("stages.evaluate")
-
-
 def generation_params(**overrides):
-    """The committed generation params (section `generate`, formerly `evaluate`) with overrides."""
-    params = load_params(REPO / "params.yaml")
-    section = params.generate if hasattr(params, "generate") else params.evaluate
-    return dataclasses.replace(section, **overrides)
+    """The committed `generate` params with overrides."""
+    return dataclasses.replace(load_params(REPO / "params.yaml").generate, **overrides)
 
 
 def cards_native_bf16() -> bool:
@@ -106,9 +90,7 @@ def fp32_matmul_precision(mode: str | None = None):
 def summarize_with_stage_code(gen, model_dir: Path, test, params):
     """The stage's own summarize(): device, dtype from params.precision, load, generate."""
     model_params = ModelParams(name=str(model_dir), revision="main")
-    if "model_dir" in inspect.signature(gen.summarize).parameters:  # variant folders: a full model's folder
-        return gen.summarize(Path(model_dir), test, model_params, params)
-    return gen.summarize("base", test, model_params, params, 2)  # stages.evaluate: base = model.name
+    return gen.summarize(Path(model_dir), test, model_params, params)  # a full model's folder
 
 
 def test_auto_precision_picks_native_bf16_and_generation_runs_bf16_on_the_card(tiny_model_dir, monkeypatch):
@@ -119,7 +101,6 @@ def test_auto_precision_picks_native_bf16_and_generation_runs_bf16_on_the_card(t
     assert use_bf16("auto", CUDA) is native  # compute capability >= 8.0 (Ampere and newer): bf16, else fp32
     assert use_bf16("fp32", CUDA) is False
 
-    gen = generation_module()
     seen = []
     real = gen.generate_summaries
 
@@ -143,14 +124,11 @@ def test_auto_precision_picks_native_bf16_and_generation_runs_bf16_on_the_card(t
 def load_lora_with_stage_code(gen, adapter: Path, base_dir: Path, tmp_path: Path, monkeypatch):
     """The stage's load_variant() for a LoRA adapter on `base_dir`, loaded in bf16."""
     model_params = ModelParams(name=str(base_dir), revision="main")
-    if "model_dir" in inspect.signature(gen.load_variant).parameters:  # the adapter's folder; base pinned
-        pin = tmp_path / "base" / "pin.json"
-        pin.parent.mkdir(parents=True, exist_ok=True)
-        pin.write_text(json.dumps({"name": str(base_dir), "revision": "main", "resolved_revision": "sha256:test"}))
-        monkeypatch.setattr(gen, "BASE_DIR", pin.parent)
-        return gen.load_variant(adapter, model_params, torch.bfloat16)
-    monkeypatch.setattr(gen, "LORA_DIR", adapter)  # stages.evaluate: the lora variant reads LORA_DIR
-    return gen.load_variant("lora", model_params, torch.bfloat16)
+    pin = tmp_path / "base" / "pin.json"  # the base model as the baselines stage pins it
+    pin.parent.mkdir(parents=True, exist_ok=True)
+    pin.write_text(json.dumps({"name": str(base_dir), "revision": "main", "resolved_revision": "sha256:test"}))
+    monkeypatch.setattr(gen, "BASE_DIR", pin.parent)
+    return gen.load_variant(adapter, model_params, torch.bfloat16)
 
 
 def test_lora_is_evaluated_unmerged_in_bf16_on_the_card(tiny_model_dir, tmp_path, monkeypatch):
@@ -158,7 +136,6 @@ def test_lora_is_evaluated_unmerged_in_bf16_on_the_card(tiny_model_dir, tmp_path
 
     from tests.test_evaluate import tiny_lora
 
-    gen = generation_module()
     adapter = tiny_lora(tiny_model_dir, tmp_path / "lora")
     tokenizer, evaluated = load_lora_with_stage_code(gen, adapter, tiny_model_dir, tmp_path, monkeypatch)
     evaluated.to(CUDA).eval()  # as the stage does after loading
@@ -247,7 +224,7 @@ def long_inputs(tokenizer, count: int, length: int) -> list[list[int]]:
 
 def test_real_out_of_memory_in_generation_is_retried_with_halved_batches(capsys):
     require_shared()
-    gen = generation_module()
+
     tokenizer = AutoTokenizer.from_pretrained(FLAN_BASE)
     torch.manual_seed(0)
     model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(FLAN_BASE)).to(CUDA).eval()
