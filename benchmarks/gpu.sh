@@ -22,7 +22,7 @@
 # 2. One call of the run tool (about 10 of the 15 minutes of device time, so there is no rerun):
 #        run(command="bash benchmarks/gpu.sh", carry=[".gpu"], timeout_s=600)
 #    The script stops itself after GPU_SH_BUDGET_S seconds (default 580): each step has a time cap
-#    (pytest 200 s, speed.py 200 s) and the last step (dvc repro) gets what is left; a failed or cut
+#    (pytest 300 s: the first run cut its tiny `dvc repro` test at 200 s; speed.py 200 s) and the last step (dvc repro) gets what is left; a failed or cut
 #    step is recorded and the next one runs, and the summary is written either way. Then give_back.
 #    The repro is a temp copy of the repo (git init there, or core.no_scm where the machine has no
 #    git) with params.yaml overridden (model.name, data.source, train_*.epochs 1, variants limited
@@ -543,7 +543,7 @@ on_machine() {
     describe_machine
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv -l 1 >"$OUT/gpu-util.csv" 2>/dev/null &
     local sampler=$!
-    step pytest 200 "$W/pytest.log" python -m pytest -v -m gpu tests/test_gpu.py -rA --durations=0 -p no:cacheprovider
+    step pytest 300 "$W/pytest.log" python -m pytest -v -m gpu tests/test_gpu.py -rA --durations=0 -p no:cacheprovider
     # ~2 min expected (the seed's one-dialogue-at-a-time generation dominates); eval batch 32 = params' default
     # shellcheck disable=SC2086
     step speed 200 "$W/speed.log" python benchmarks/speed.py $SPEED_ARGS --json "$OUT/speed.json"
