@@ -41,10 +41,31 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def import_evaluate():
+    """The Hugging Face `evaluate` package (this module is stages.evaluate), without its pipeline evaluators.
+
+    `import evaluate` imports evaluate.evaluator, which imports transformers.pipelines and with it
+    torch: 2.9 of its 4.1 s on 2 cores, paid by every evaluate@ stage (6 in the smoke run) for code
+    this stage never runs. evaluate.evaluator guards that import with `except ImportError` and then
+    only lacks its pipeline evaluators; a None entry in sys.modules makes the import raise
+    ImportError at once. The entry lives only while `evaluate` imports, so a later
+    `import transformers.pipelines` in this process works as usual.
+    """
+    if "evaluate" in sys.modules or "transformers.pipelines" in sys.modules:
+        import evaluate
+
+        return evaluate
+    sys.modules["transformers.pipelines"] = None  # type: ignore[assignment]
+    try:
+        import evaluate
+    finally:
+        del sys.modules["transformers.pipelines"]
+    return evaluate
+
+
 def score(predictions: list[dict]) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Corpus ROUGE (x100) and per-dialogue ROUGE (0..1), through the evaluate module."""
-    import evaluate  # the Hugging Face package (this module is stages.evaluate)
-
+    evaluate = import_evaluate()
     rouge = evaluate.load(str(ROUGE_MODULE), keep_in_memory=True)  # a local path: never the Hub
     scores = rouge.compute(
         predictions=[p["prediction"] for p in predictions],

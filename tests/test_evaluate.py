@@ -288,3 +288,18 @@ def test_stage_scores_equal_the_evaluate_module_and_the_plain_scorer(workdir):
     notebook = module.compute(predictions=predictions, references=references)
     assert notebook == plain
     assert {k: stage[k] for k in plain} == plain
+
+
+def test_evaluate_stage_imports_the_evaluate_package_without_torch():
+    """Each evaluate@ stage is its own process: `import evaluate` must not drag in torch through
+    evaluate.evaluator (transformers.pipelines), and transformers.pipelines must import normally after."""
+    code = (
+        "import sys\n"
+        "from stages.evaluate import import_evaluate\n"
+        "evaluate = import_evaluate()\n"
+        "print(evaluate.__name__, 'torch' in sys.modules)\n"
+        "import transformers.pipelines\n"
+        "print(transformers.pipelines.SUPPORTED_TASKS is not None)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["evaluate", "False", "True"]
