@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from stages.errors import run_stage
+from stages.jsonio import write_json
 from stages.modeling import count_parameters_from_config, resolve_revision
 from stages.params import ModelParams, load_params
 
@@ -55,11 +56,6 @@ def main() -> None:
     for variant in ("base", "lead"):  # nothing trained, nothing spent
         write_json({"train_runtime_s": 0.0}, TIMING_DIR / f"train_{variant}.json")
     print(json.dumps(pin))
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from stages.errors import StageError, run_stage
+from stages.jsonio import read_json, read_jsonl, write_json
 from stages.params import load_params
 from stages.rouge import ROUGE_TYPES, bootstrap_ci
 
@@ -30,15 +31,6 @@ COST_DIR = Path("metrics/cost")
 # the project's multi-reference ROUGE as a Hugging Face `evaluate` module: the same numbers here,
 # in a notebook (evaluate.load("stages/rouge_multiref")) and in a Trainer's compute_metrics
 ROUGE_MODULE = Path(__file__).resolve().parent / "rouge_multiref"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def import_evaluate():
@@ -125,11 +117,6 @@ def main(variant: str) -> None:
         ),
         COST_DIR / f"{variant}.json",
     )
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from datasets import Dataset, load_from_disk
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError, run_stage
+from stages.jsonio import read_json, write_json
 from stages.modeling import (
     deterministic_kernels,
     load_base,
@@ -189,7 +190,7 @@ def summarize(
     model_dir: Path, test: Dataset, model_params: ModelParams, params: GenerateParams
 ) -> tuple[list[str], list[int], list[bool]]:
     if (model_dir / LEAD_FILE).is_file():  # a rule, not a model
-        turns = json.loads((model_dir / LEAD_FILE).read_text())["turns"]
+        turns = read_json(model_dir / LEAD_FILE)["turns"]
         summaries = [lead_summary(d, turns) for d in test["dialogue"]]
         return summaries, [0] * len(summaries), [False] * len(summaries)
     device = pick_device()
@@ -242,11 +243,6 @@ def main(variant: str) -> None:
         },
         TIMING_DIR / f"generate_{variant}.json",
     )
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

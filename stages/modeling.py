@@ -94,6 +94,17 @@ def linear_layer_names(params: ModelParams) -> list[str]:
     )
 
 
+def check_target_modules(section: str, targets: list[str], linear_layers: list[str]) -> None:
+    """Refuse target modules that are not linear layers of the model, naming the ones it has (a
+    name that matches nothing would otherwise fail inside peft, after the weights have loaded)."""
+    unknown = [m for m in targets if m not in linear_layers]
+    if unknown:
+        raise StageError(
+            f"{section}.target_modules: {', '.join(unknown)} not found in the model; "
+            f"linear layers available: {', '.join(linear_layers)}"
+        )
+
+
 def count_parameters_from_config(params: ModelParams) -> int:
     """Parameters of the model as loaded (FLAN-T5 base: 247.6M), from its config alone.
 

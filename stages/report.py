@@ -17,6 +17,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from stages.errors import run_stage
+from stages.jsonio import read_json, read_jsonl, write_json
 from stages.params import UNTRAINED, load_params
 from stages.rouge import ROUGE_TYPES, holm_adjust, paired_test
 
@@ -43,15 +44,6 @@ SIGNIFICANCE = 0.05  # family-wise error rate over all comparisons together (Hol
 
 def label(variant: str) -> str:
     return LABELS.get(variant, variant)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
@@ -285,8 +277,8 @@ def main() -> None:
     REPORT_FILE.write_text(
         render(variants, evaluation, generation, cost, tests, frontier, read_json(BASE_MODEL_FILE), examples)
     )
-    PLOT_FILE.write_text(json.dumps(plot_rows(variants, evaluation), indent=2) + "\n")
-    FRONTIER_FILE.write_text(json.dumps(frontier, indent=2) + "\n")
+    write_json(plot_rows(variants, evaluation), PLOT_FILE)
+    write_json(frontier, FRONTIER_FILE)
     PER_DIALOGUE_FILE.parent.mkdir(parents=True, exist_ok=True)
     PER_DIALOGUE_FILE.write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_dialogue_rows(variants, predictions, scores))

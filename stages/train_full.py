@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stages.errors import run_stage
+from stages.jsonio import read_json, write_json
 from stages.modeling import load_base, pick_device, read_pin, save_seq2seq, set_determinism
 from stages.params import load_params
 from stages.training import (
@@ -24,7 +25,6 @@ from stages.training import (
     training_arguments,
     training_costs,
     training_metrics,
-    write_json,
 )
 
 PREPARED_DIR = Path("data/prepared")
@@ -41,12 +41,13 @@ def main() -> None:
     exit_with_launcher()
     set_determinism(params.seed, params.deterministic)
     device = pick_device()
-    tokenizer, model = load_base(read_pin(BASE_PIN, params.model))  # the commit baselines pinned
+    base = read_pin(BASE_PIN, params.model)  # the commit baselines pinned
+    tokenizer, model = load_base(base)
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_full, params.seed, CHECKPOINT_DIR, device, "train_full")
     trainer = build_trainer(model, tokenizer, train, validation, args)
     resume = resumable_checkpoint(
-        trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model, params.train_full)
+        trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_full)
     )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)

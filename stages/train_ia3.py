@@ -13,8 +13,9 @@ from pathlib import Path
 
 from peft import IA3Config, TaskType, get_peft_model
 
-from stages.errors import StageError, run_stage
-from stages.modeling import linear_layer_names, load_base, pick_device, read_pin, set_determinism
+from stages.errors import run_stage
+from stages.jsonio import read_json, write_json
+from stages.modeling import check_target_modules, linear_layer_names, load_base, pick_device, read_pin, set_determinism
 from stages.params import Ia3Params, load_params
 from stages.training import (
     attach_curves,
@@ -29,7 +30,6 @@ from stages.training import (
     training_arguments,
     training_costs,
     training_metrics,
-    write_json,
 )
 
 PREPARED_DIR = Path("data/prepared")
@@ -44,12 +44,7 @@ COSTS_FILE = Path("metrics/timing/train_ia3.json")
 def ia3_config(params: Ia3Params, linear_layers: list[str]) -> IA3Config:
     """IA3Config from params, after checking every target module is a linear layer of the model
     (ia3.feedforward_modules is a subset of the targets: params.py checks that)."""
-    unknown = [m for m in params.target_modules if m not in linear_layers]
-    if unknown:
-        raise StageError(
-            f"ia3.target_modules: {', '.join(unknown)} not found in the model; "
-            f"linear layers available: {', '.join(linear_layers)}"
-        )
+    check_target_modules("ia3", list(params.target_modules), linear_layers)
     return IA3Config(
         task_type=TaskType.SEQ_2_SEQ_LM,
         target_modules=list(params.target_modules),
@@ -68,14 +63,17 @@ def main() -> None:
     exit_with_launcher()
     set_determinism(params.seed, params.deterministic)
     device = pick_device()
-    config = ia3_config(params.ia3, linear_layer_names(params.model))  # fail fast, before the weights
-    tokenizer, model = load_base(read_pin(BASE_PIN, params.model))  # the commit baselines pinned
+    base = read_pin(BASE_PIN, params.model)  # the commit baselines pinned
+    config = ia3_config(params.ia3, linear_layer_names(base))  # fail fast, before the weights
+    tokenizer, model = load_base(base)
     model = get_peft_model(model, config)
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_ia3, params.seed, CHECKPOINT_DIR, device, "train_ia3")
     trainer = build_trainer(model, tokenizer, train, validation, args)
     resume = resumable_checkpoint(
-        trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model, params.train_ia3, params.ia3)
+        trainer,
+        CHECKPOINT_DIR,
+        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_ia3, params.ia3),
     )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)

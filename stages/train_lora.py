@@ -17,8 +17,9 @@ from pathlib import Path
 
 from peft import LoraConfig, TaskType, get_peft_model
 
-from stages.errors import StageError, run_stage
-from stages.modeling import linear_layer_names, load_base, pick_device, read_pin, set_determinism
+from stages.errors import run_stage
+from stages.jsonio import read_json, write_json
+from stages.modeling import check_target_modules, linear_layer_names, load_base, pick_device, read_pin, set_determinism
 from stages.params import LoraParams, load_params
 from stages.training import (
     attach_curves,
@@ -33,7 +34,6 @@ from stages.training import (
     training_arguments,
     training_costs,
     training_metrics,
-    write_json,
 )
 
 PREPARED_DIR = Path("data/prepared")
@@ -52,12 +52,8 @@ def lora_config(params: LoraParams, linear_layers: list[str]) -> LoraConfig:
     """LoraConfig from params, after checking every target module is a linear layer of the model
     (all-linear is peft's shorthand for every linear layer but the output head)."""
     targets = params.target_modules if params.target_modules == "all-linear" else list(params.target_modules)
-    unknown = [] if targets == "all-linear" else [m for m in targets if m not in linear_layers]
-    if unknown:
-        raise StageError(
-            f"lora.target_modules: {', '.join(unknown)} not found in the model; "
-            f"linear layers available: {', '.join(linear_layers)}"
-        )
+    if targets != "all-linear":
+        check_target_modules("lora", targets, linear_layers)
     return LoraConfig(
         task_type=TaskType.SEQ_2_SEQ_LM,
         r=params.r,
@@ -105,15 +101,18 @@ def main() -> None:
     exit_with_launcher()
     set_determinism(params.seed, params.deterministic)
     device = pick_device()
-    config = lora_config(params.lora, linear_layer_names(params.model))  # fail fast, before the weights
-    tokenizer, model = load_base(read_pin(BASE_PIN, params.model))  # the commit baselines pinned
+    base = read_pin(BASE_PIN, params.model)  # the commit baselines pinned
+    config = lora_config(params.lora, linear_layer_names(base))  # fail fast, before the weights
+    tokenizer, model = load_base(base)
     model = get_peft_model(model, config)
     initial = save_initial_adapter(model, params.lora)  # PiSSA/OLoRA: to convert the adapter on save
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_lora, params.seed, CHECKPOINT_DIR, device, "train_lora")
     trainer = build_trainer(model, tokenizer, train, validation, args)
     resume = resumable_checkpoint(
-        trainer, CHECKPOINT_DIR, fingerprint(PREPARED_DIR, params.seed, params.model, params.train_lora, params.lora)
+        trainer,
+        CHECKPOINT_DIR,
+        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_lora, params.lora),
     )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)

@@ -14,6 +14,7 @@ from pathlib import Path
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
 from stages.errors import run_stage
+from stages.jsonio import read_json, write_json
 from stages.modeling import load_base, pick_device, read_pin, set_determinism
 from stages.params import ModelParams, PromptParams, load_params
 from stages.training import (
@@ -29,7 +30,6 @@ from stages.training import (
     training_arguments,
     training_costs,
     training_metrics,
-    write_json,
 )
 
 PREPARED_DIR = Path("data/prepared")
@@ -73,8 +73,9 @@ def main() -> None:
     exit_with_launcher()
     set_determinism(params.seed, params.deterministic)
     device = pick_device()
-    config = prompt_config(params.prompt, params.model)  # fail fast, before the weights
-    tokenizer, model = load_base(read_pin(BASE_PIN, params.model))  # the commit baselines pinned
+    base = read_pin(BASE_PIN, params.model)  # the commit baselines pinned
+    config = prompt_config(params.prompt, base)  # fail fast, before the weights
+    tokenizer, model = load_base(base)
     model = get_peft_model(model, config)
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_prompt, params.seed, CHECKPOINT_DIR, device, "train_prompt")
@@ -82,7 +83,7 @@ def main() -> None:
     resume = resumable_checkpoint(
         trainer,
         CHECKPOINT_DIR,
-        fingerprint(PREPARED_DIR, params.seed, params.model, params.train_prompt, params.prompt),
+        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_prompt, params.prompt),
     )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)

@@ -39,6 +39,7 @@ from transformers.integrations import DVCLiveCallback
 from transformers.trainer_callback import ExportableState
 
 from stages.errors import StageError
+from stages.jsonio import read_json
 from stages.modeling import use_bf16
 from stages.params import TrainParams
 from stages.progress import TrainerProgress
@@ -391,7 +392,7 @@ def model_card(pin_file: Path, library: str, params: dict, metrics: dict) -> str
     is in metrics/data.json and the report (a renamed copy of the same data must not retrain).
     The base model is named with the exact commit the baselines stage pinned (`pin_file`).
     """
-    pin = json.loads(pin_file.read_text())
+    pin = read_json(pin_file)
     base_model = pin["name"]
     front_matter = {
         "base_model": base_model,
@@ -410,8 +411,3 @@ def model_card(pin_file: Path, library: str, params: dict, metrics: dict) -> str
         f"## Params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n\n"
         f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n"
     )
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -68,3 +69,44 @@ def dialogsum_rows(split: str, count: int, references: int = 1) -> list[dict]:
                 }
             )
     return rows
+
+
+def tiny_train_params(**changes):
+    """A training recipe for the tiny model in tests: fp32, no warm-up, decay, grouping or retry,
+    a log line every step, one process; `changes` sets what a test varies."""
+    from stages.params import TrainParams
+
+    fixed = dict(
+        epochs=1,
+        learning_rate=1.0e-3,
+        batch_size=2,
+        gradient_accumulation_steps=1,
+        eval_batch_size=2,
+        weight_decay=0.0,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        max_grad_norm=1.0,
+        precision="fp32",
+        group_by_length=False,
+        logging_steps=1,
+        save_steps=1000,
+        auto_find_batch_size=False,
+        dataloader_workers=0,
+        processes=1,
+    )
+    return TrainParams(**{**fixed, **changes})
+
+
+@pytest.fixture()
+def raw() -> dict:
+    """The committed params.yaml as plain data, for a test to break one key of."""
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def problems(raw: dict) -> str:
+    """The one error load_params would raise for `raw`, as text."""
+    from stages.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)

@@ -213,10 +213,13 @@ def test_default_generation_can_write_a_reference_with_repeated_speaker_tags():
     tokenizer = AutoTokenizer.from_pretrained(FLAN_SMALL)
     reference = "#Person1# asks #Person2# for help. #Person2# tells #Person1# the way."
     ids = tokenizer(reference)["input_ids"]
+
+    def ngrams(n: int) -> list[tuple[int, ...]]:
+        return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+
+    assert len(set(ngrams(3))) < len(ngrams(3)), "premise: the reference repeats a 3-gram"
     n = load_params(REPO / "params.yaml").generate.no_repeat_ngram_size
-    if n > 0:
-        ngrams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
-        assert len(set(ngrams)) == len(ngrams), f"no_repeat_ngram_size={n} forbids this reference"
+    assert n == 0 or len(set(ngrams(n))) == len(ngrams(n)), f"no_repeat_ngram_size={n} forbids this reference"
 
 
 def tiny_lora(tiny_model_dir, out_dir: Path) -> Path:

@@ -111,7 +111,6 @@ def test_model_generates(tiny_model, tiny_tokenizer):
     assert output.shape[0] == 1
     assert 1 < output.shape[1] <= 6  # decoder start token + at most 5 new tokens
     assert output[0, 0].item() == tiny_model.config.decoder_start_token_id
-    assert isinstance(tiny_tokenizer.decode(output[0], skip_special_tokens=True), str)
 
 
 def test_same_seed_gives_identical_output(tiny_dir, tmp_path):

@@ -24,28 +24,11 @@ from stages.modeling import (
     save_seq2seq,
     use_bf16,
 )
-from stages.params import ModelParams, TrainParams
+from stages.params import ModelParams
 from stages.training import build_trainer, training_arguments
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_train_params
 
-TRAIN = TrainParams(
-    epochs=1,
-    learning_rate=1.0e-2,
-    batch_size=2,
-    gradient_accumulation_steps=1,
-    eval_batch_size=2,
-    weight_decay=0.0,
-    warmup_ratio=0.0,
-    lr_scheduler="constant",
-    max_grad_norm=1.0,
-    precision="fp32",
-    group_by_length=False,
-    logging_steps=1,
-    save_steps=100,
-    auto_find_batch_size=False,
-    dataloader_workers=0,
-    processes=1,
-)
+TRAIN = tiny_train_params(learning_rate=1.0e-2, save_steps=100)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +170,12 @@ def test_strict_determinism_turns_on_deterministic_kernels():
         for strict in (False, True)
     ]
     assert outputs == [["False", "None"], ["True", ":4096:8"]]
+
+
+def test_explicit_bf16_on_a_gpu_without_bf16_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a P100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (6, 0))
+    cuda = torch.device("cuda")
+    assert use_bf16("auto", cuda) is False
+    with pytest.raises(ModelLoadError, match=r"^precision bf16 needs a GPU with bf16 support \(Ampere or newer\)"):
+        use_bf16("bf16", cuda)

@@ -9,19 +9,8 @@ import sys
 import pytest
 import yaml
 
-from stages.params import ParamsError, load_params, parse_params
-from tests.conftest import REPO
-
-
-@pytest.fixture()
-def raw() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
-
-
-def problems(raw: dict) -> str:
-    with pytest.raises(ParamsError) as info:
-        parse_params(raw)
-    return str(info.value)
+from stages.params import load_params, parse_params
+from tests.conftest import REPO, problems
 
 
 def test_committed_params_load_with_defaults():

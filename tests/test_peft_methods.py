@@ -24,29 +24,12 @@ from stages import train_ia3, train_lora, train_prompt
 from stages.errors import StageError
 from stages.generate import generate_summaries, load_adapter
 from stages.modeling import linear_layer_names, load_model, load_tokenizer
-from stages.params import ModelParams, ParamsError, TrainParams, load_params, parse_params
+from stages.params import ModelParams, load_params, parse_params
 from stages.training import build_trainer, count_parameters, training_arguments
-from tests.conftest import REPO, dialogsum_rows, write_jsonl
+from tests.conftest import REPO, dialogsum_rows, problems, tiny_train_params, write_jsonl
 
 COMMITTED = load_params(REPO / "params.yaml")
-TRAIN = TrainParams(
-    epochs=4,
-    learning_rate=1.0e-2,
-    batch_size=4,
-    gradient_accumulation_steps=1,
-    eval_batch_size=4,
-    weight_decay=0.0,
-    warmup_ratio=0.0,
-    lr_scheduler="constant",
-    max_grad_norm=1.0,
-    precision="fp32",
-    group_by_length=False,
-    logging_steps=1,
-    save_steps=1000,
-    auto_find_batch_size=False,
-    dataloader_workers=0,
-    processes=1,
-)
+TRAIN = tiny_train_params(epochs=4, learning_rate=1.0e-2, batch_size=4, eval_batch_size=4)
 LORA = dataclasses.replace(COMMITTED.lora, r=4, alpha=8)  # the committed LoRA params, at the tiny model's scale
 # method -> (stage module, its params, a learning rate that moves the loss within 8 steps); the
 # committed params of each method, LoRA's at a rank that fits the tiny model
@@ -216,17 +199,6 @@ def test_pissa_and_olora_adapters_are_saved_converted(tiny_model_dir, tmp_path, 
 # params, checked before any weights load
 
 
-@pytest.fixture()
-def raw() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
-
-
-def problems(raw: dict) -> str:
-    with pytest.raises(ParamsError) as info:
-        parse_params(raw)
-    return str(info.value)
-
-
 def test_committed_defaults():
     assert (COMMITTED.lora.r, COMMITTED.lora.alpha, COMMITTED.lora.target_modules) == (32, 32, ["q", "v"])
     assert (COMMITTED.lora.init, COMMITTED.lora.use_dora, COMMITTED.lora.use_rslora) == ("default", False, False)
@@ -346,6 +318,9 @@ def test_ia3_stage_stops_on_an_unknown_target_before_loading_weights(tiny_model_
     params["model"]["name"] = str(tiny_model_dir)
     params["ia3"]["target_modules"] = ["k", "v", "wo", "wi"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    pin = {"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:0"}  # baselines' output
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "base" / "pin.json").write_text(json.dumps(pin))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train_ia3, "load_base", lambda *args: pytest.fail("loaded the weights before checking"))
     with pytest.raises(StageError) as info:

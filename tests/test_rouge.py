@@ -136,8 +136,14 @@ def test_single_reference_multi_equals_mean() -> None:
         assert scores[t] == pytest.approx(scores[f"{t}_mean_ref"])
 
 
-def test_explicit_scorer_gives_same_result() -> None:
-    assert score_dialogue(PRED, REFS, make_scorer()) == score_dialogue(PRED, REFS)
+def test_explicit_scorer_is_used_and_the_shared_one_stems() -> None:
+    # "jumps"/"jumped" match only after stemming: the default (shared) scorer stems, and a scorer
+    # passed in is the one that scores
+    refs = ["the fox jumped"]
+    unstemmed = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
+    assert score_dialogue("the fox jumps", refs, make_scorer()) == score_dialogue("the fox jumps", refs)
+    assert score_dialogue("the fox jumps", refs)["rouge1"] == pytest.approx(1.0)
+    assert score_dialogue("the fox jumps", refs, unstemmed)["rouge1"] == pytest.approx(2 / 3)
 
 
 # --- score_corpus / mean_scores --------------------------------------------
@@ -235,6 +241,7 @@ def test_paired_test_is_deterministic() -> None:
     a = rng.uniform(size=120)
     b = a + rng.normal(0.0, 0.05, size=120)
     assert paired_test(a, b, 3000, seed=11) == paired_test(a, b, 3000, seed=11)
+    assert paired_test(a, b, 3000, seed=12) != paired_test(a, b, 3000, seed=11)  # the seed is what fixes it
 
 
 def test_paired_test_length_mismatch() -> None:
