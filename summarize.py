@@ -5,7 +5,7 @@
 Each input is a `.txt` file (one dialogue), a `.jsonl` file (one object per line with a
 `dialogue` field and optionally an `id`), `-` (one dialogue from stdin) or literal dialogue
 text. Prompts, truncation and generation settings come from params.yaml, through the same
-code the prepare and evaluate stages use, so a summary here is what evaluation would produce.
+code the prepare and generate stages use, so a summary here is what evaluation would produce.
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FILE.jsonl",
         help="write {id, summary} JSON lines here instead of printing one summary per line",
     )
-    for option in ("batch-size", "num-beams", "max-new-tokens"):  # the evaluate stage's settings by default
+    for option in ("batch-size", "num-beams", "max-new-tokens"):  # the generate stage's settings by default
         parser.add_argument(
             f"--{option}",
             type=positive_int,
             metavar="N",
-            help=f"default: params.yaml evaluate.{option.replace('-', '_')}",
+            help=f"default: params.yaml generate.{option.replace('-', '_')}",
         )
     return parser.parse_args(argv)
 
@@ -205,7 +205,7 @@ def reject_base_model(base_model: str | None, model: str) -> None:
 def load_adapter(
     directory: Path, base_model: str | None, defaults: ModelParams, dtype: torch.dtype
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """The base model with the PEFT adapter (LoRA, IA3, prompt tuning) applied unmerged, exactly as the evaluate stage scores it
+    """The base model with the PEFT adapter (LoRA, IA3, prompt tuning) applied unmerged, exactly as the generate stage applies it
     (a merge in bf16 would round the update away: see stages.generate.load_adapter)."""
     config = read_adapter_config(directory / "adapter_config.json")
     base_name = base_model or config.get("base_model_name_or_path")

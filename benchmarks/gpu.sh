@@ -10,7 +10,7 @@
 # 1. On the CPU side, before asking for the machine (needs ../shared, .venv with requirements.txt
 #    installed, and PyPI; takes under a minute):
 #        bash benchmarks/gpu.sh prepare
-#    It writes .gpu/ (git-ignored through .git/info/exclude; ~45 MiB):
+#    It writes .gpu/ (git-ignored by .gitignore, and prepare adds it to .git/info/exclude too; ~45 MiB):
 #      .gpu/whl/     wheels (CPython 3.12, x86-64) of every package the pipeline needs that the
 #                    machine's image lacks (dvc, dvclive, datasets, evaluate, rouge_score, ...), plus
 #                    transformers, peft, datasets, fsspec and regex at this venv's versions;
@@ -33,7 +33,7 @@
 #    codes, targets as measured ratios, the speed table, per-stage times of the repro: what goes
 #    into BENCHMARKS.md), summary.json, gpu.log (everything printed), env.txt (nvidia-smi -q,
 #    versions, pip freeze), speed.json, gpu-util.csv (nvidia-smi once a second) and repro.tar.gz
-#    (the repro's metrics/, dvc.lock, params.yaml and timestamped log).
+#    (the repro's metrics/, dvclive/, dvc.lock, params.yaml and timestamped log).
 #
 # Knobs (environment), for a partial rerun or a dry run of the plumbing on a CPU: GPU_SH_BUDGET_S (580),
 # GPU_SH_STEPS ("pytest speed repro"), GPU_SH_PYTHON (python3), SPEED_ARGS, REPRO_CONFIG

@@ -193,6 +193,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(config)
     dialogues = speed.load_dialogues("test", max(args.eval_batches))
     model = speed.random_model(config, device)
+    if bf16:
+        model = model.to(torch.bfloat16)  # as the generate stage (the first GPU run measured fp32 here)
     speed.pipeline_generation(model, tokenizer, dialogues[:8], 8, 8)  # warm-up
     results["generation"] = []
     for eval_batch in args.eval_batches:

@@ -96,7 +96,7 @@ def parse_args() -> argparse.Namespace:
         "--eval-batch-size",
         type=int,
         default=16,
-        help="the evaluate stage's batch size (16 is fastest on CPU; use 64+ on a GPU)",
+        help="the generate stage's batch size (16 is fastest on CPU; params' generate.batch_size, 32, is for a GPU)",
     )
     parser.add_argument("--train-steps", type=int, default=12, help="optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size (both paths)")
@@ -136,7 +136,7 @@ def seed_generation(model, tokenizer, dialogues: list[dict], new_tokens: int) ->
 
 
 def pipeline_generation(model, tokenizer, dialogues: list[dict], new_tokens: int, batch_size: int) -> float:
-    """The evaluate stage's path: pre-tokenized, sorted batches, inference_mode, bf16 on GPU."""
+    """The generate stage's path: pre-tokenized, sorted batches, inference_mode, bf16 on GPU."""
     input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in dialogues], tokenizer, MAX_SOURCE)
     # greedy like the seed, and min = max new tokens so random-weight models compare fairly
     params = dataclasses.replace(
@@ -339,7 +339,7 @@ def main() -> None:
     seed_generation(model, tokenizer, test[:2], 4)
     seed_s = seed_generation(model, tokenizer, test, args.new_tokens)
     if use_bf16("auto", device):
-        model = model.to(torch.bfloat16)  # as the evaluate stage: bf16 where the hardware has it
+        model = model.to(torch.bfloat16)  # as the generate stage: bf16 where the hardware has it
     pipeline_generation(model, tokenizer, test[: args.eval_batch_size], 4, args.eval_batch_size)
     ours_s = pipeline_generation(model, tokenizer, test, args.new_tokens, args.eval_batch_size)
     results["generation_speedup"] = seed_s / ours_s

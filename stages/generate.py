@@ -68,9 +68,9 @@ def load_variant(
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
-    """The base model with its LoRA adapter applied unmerged, as in training.
+    """The base model with its PEFT adapter (LoRA, IA3, prompt tuning) applied unmerged, as in training.
 
-    Not merge_and_unload(): merging adds B @ A onto the base weights in their dtype, and in bf16
+    For LoRA, not merge_and_unload(): merging adds B @ A onto the base weights in their dtype, and in bf16
     that rounds a small update onto the coarse bf16 grid of the (much larger) base weights (a
     1%-norm update came out 16.5% wrong), which full fine-tuning never suffers: the comparison
     would be biased against LoRA. Unmerged, peft keeps the adapter weights in fp32
@@ -91,8 +91,8 @@ def generation_config(params: GenerateParams) -> GenerationConfig:
         length_penalty=params.length_penalty,
         no_repeat_ngram_size=params.no_repeat_ngram_size,
         repetition_penalty=params.repetition_penalty,
-        early_stopping=params.early_stopping and params.num_beams > 1,
-        do_sample=False,  # greedy has no beams to stop
+        early_stopping=params.early_stopping and params.num_beams > 1,  # greedy has no beams to stop
+        do_sample=False,
     )
 
 

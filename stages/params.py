@@ -91,7 +91,7 @@ LR_SCHEDULERS = Literal[
 
 @dataclass(frozen=True)
 class TrainParams:
-    """One training recipe; `train_full` and `train_lora` each have their own."""
+    """One training recipe; every `train_<method>` section (full, lora, ia3, prompt) has its own."""
 
     epochs: float
     learning_rate: float

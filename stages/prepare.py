@@ -1,4 +1,4 @@
-"""Stage `prepare`: prompt-format and tokenize the raw splits once, for both trainers and evaluation.
+"""Stage `prepare`: prompt-format and tokenize the raw splits once, for every training stage and generation.
 
 Train and validation become (input_ids, attention_mask, labels) rows. The test split becomes
 one row per unique dialogue with all its human references, because DialogSum's test split

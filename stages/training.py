@@ -1,7 +1,8 @@
-"""The training skeleton shared by train_full and train_lora: data, Trainer, checkpoints, metrics.
+"""The training skeleton shared by every train_<method> stage (full, lora, ia3, prompt): data,
+Trainer, checkpoints, metrics.
 
-Both stages fine-tune with the same Seq2SeqTrainer recipe; only what is trainable (all weights
-or LoRA adapters) and what is saved differs, so everything else lives here once.
+They all fine-tune with the same Seq2SeqTrainer recipe; only what is trainable (all weights or a
+peft adapter) and what is saved differs, so everything else lives here once.
 
 Checkpoints go to checkpoints/<stage>/, a `persist: true` output that DVC leaves alone, so a
 run killed overnight resumes from its last checkpoint on the next `dvc repro`. A fingerprint of
@@ -262,7 +263,7 @@ class PipelineTrainer(Seq2SeqTrainer):
 
     auto_find_batch_size halves the per-device batch on CUDA out-of-memory; alone, that halves
     the batch per step and doubles the step count, so the run would silently train with another
-    recipe. Here gradient accumulation grows by the same factor (8 x 4 -> 4 x 8 = 32 per step).
+    recipe. Here gradient accumulation grows by the same factor (32 x 1 -> 16 x 2 = 32 per step).
     Under several processes each one finds its batch alone: this keeps each process's share.
     """
 
@@ -272,7 +273,7 @@ class PipelineTrainer(Seq2SeqTrainer):
 
     def _update_auto_batch_size(self, batch_size):
         # accelerate retries with ~0.9x the batch; take the largest batch that divides the samples
-        # per step (8 x 4: 32 -> 28 becomes 16 x 2), so the batch per step stays exactly the same
+        # per step (32 x 1: 32 -> 28 becomes 16 x 2), so the batch per step stays exactly the same
         batch_size = max(b for b in range(1, batch_size + 1) if self.samples_per_device_step % b == 0)
         accumulation = self.samples_per_device_step // batch_size
         if accumulation != self.args.gradient_accumulation_steps:
