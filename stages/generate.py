@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError, run_stage
@@ -37,7 +37,7 @@ from stages.modeling import (
 from stages.params import GenerateParams, ModelParams, load_params
 from stages.progress import Progress
 
-PREPARED_DIR = Path("data/prepared")
+TEST_DIR = Path("data/prepared/test")  # only the test split: a training-only prepare change reruns no generation
 MODELS_DIR = Path("models")
 BASE_DIR = MODELS_DIR / "base"
 PIN_FILE = "pin.json"  # models/base/pin.json: the base model's name, revision and resolved commit
@@ -229,7 +229,7 @@ def main(variant: str) -> None:
         raise StageError(f"unknown variant {variant!r}; params.yaml variants are {', '.join(params.variants)}")
     if params.deterministic:
         deterministic_kernels()
-    test = load_from_disk(str(PREPARED_DIR))["test"]
+    test = Dataset.load_from_disk(str(TEST_DIR))
     started = time.perf_counter()
     summaries, lengths, hit_max = summarize(MODELS_DIR / variant, test, params.model, params.generate)
     runtime = time.perf_counter() - started

@@ -378,3 +378,17 @@ def test_each_method_experiment_reruns_exactly_its_stages(pipeline_repo, reprodu
     git_commit(pipeline_repo, f"before {change}")
     output = run(["dvc", "exp", "run", "-S", change], pipeline_repo)
     assert stages_run(output) == {f"train_{method}", f"generate@{method}", f"evaluate@{method}", "report"}
+
+
+def test_training_only_prepare_change_regenerates_no_untrained_variant(pipeline_repo, reproduced):
+    # max_target_length truncates training labels only: the test split is byte-identical, so the
+    # original model and the lead rule are not regenerated (hours on a GPU), trained variants are
+    git_commit(pipeline_repo, "before a training-only prepare change")
+    output = run(["dvc", "exp", "run", "-S", "prepare.max_target_length=8"], pipeline_repo)
+    trained = [v for v in VARIANTS if v not in ("base", "lead")]
+    assert stages_run(output) == {
+        "prepare",
+        *(f"{stage}@{v}" for v in trained for stage in ("generate", "evaluate")),
+        *(f"train_{v}" for v in trained),
+        "report",
+    }

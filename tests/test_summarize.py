@@ -60,7 +60,7 @@ def run_summarize(*args: str, cwd: Path, stdin: str = "") -> subprocess.Complete
 
 
 def expected_summaries(model, tokenizer, dialogues: list[str], params_file: Path) -> list[str]:
-    """What the evaluate stage's generation gives for these dialogues, in this process."""
+    """What the generate stage gives for these dialogues, in this process."""
     params = load_params(params_file)
     prompts = [format_prompt(params.prepare.prompt_template, d) for d in dialogues]
     input_ids, _ = tokenize(prompts, tokenizer, params.prepare.max_source_length)
@@ -131,7 +131,7 @@ def test_lora_adapter_is_applied_to_the_base_named_in_its_config(workdir, tiny_m
 
     result = run_summarize("--model", str(adapter_dir), *DIALOGUES, cwd=workdir)
     assert result.returncode == 0, result.stderr
-    # the adapter unmerged, as the evaluate stage scores it (in fp32 a merge would give the same)
+    # the adapter unmerged, as the generate stage applies it (in fp32 a merge would give the same)
     adapted = expected_summaries(peft_model.eval(), tokenizer, DIALOGUES, workdir / "params.yaml")
     assert result.stdout.splitlines() == adapted
     assert adapted != expected_summaries(base_model[1], tokenizer, DIALOGUES, workdir / "params.yaml")
