@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,23 +15,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import FLAN_SMALL, REPO, make_tiny_model, require_shared
+
 SCRIPT = REPO / "scripts" / "make_tiny_model.py"
-SHARED = REPO.parent / "shared"
-FLAN_TOKENIZER = SHARED / "models" / "flan-t5-small-config"
 
 SENTENCE = "#Person1#: Hello, how are you? #Person2#: I'm fine, thanks. Let's meet at 9:30 a.m."
-
-
-def make_tiny_model(out_dir: Path, *args: str) -> Path:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, f"make_tiny_model.py failed:\n{result.stdout}\n{result.stderr}"
-    return out_dir
 
 
 def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -43,9 +28,9 @@ def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """The default output (self-trained tokenizer, seed 0), built once for the module."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+def tiny_dir(tiny_model_dir) -> Path:
+    """The default output (self-trained tokenizer, seed 0): conftest's session-wide build."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +120,8 @@ def test_other_seed_gives_other_weights(tiny_dir, tmp_path):
 
 
 def test_with_flan_t5_tokenizer(tmp_path):
-    if not FLAN_TOKENIZER.is_dir():
-        message = f"../shared not found: {FLAN_TOKENIZER} is missing"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must provide the shared FLAN-T5 tokenizer files")
-        pytest.skip(message)
-
-    out_dir = make_tiny_model(tmp_path / "flan", "--tokenizer", str(FLAN_TOKENIZER), "--seed", "1")
+    require_shared()
+    out_dir = make_tiny_model(tmp_path / "flan", "--tokenizer", str(FLAN_SMALL), "--seed", "1")
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(out_dir)
 
