@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import T5Config, T5ForConditionalGeneration
 
 from benchmarks.speed import CPU_ATTENTION_FLOPS, peak_bf16, step_flops
+from scripts.make_tiny_model import TINY_ARCH
 from stages.modeling import untie_lm_head
 
 # DialogSum-like lengths: a prompted dialogue is about 4x its summary
@@ -15,19 +16,8 @@ SOURCE, TARGET, BATCH = 256, 64, 2
 
 
 def tiny_config() -> T5Config:
-    """FLAN-T5's family (T5 v1.1 gated-gelu, FLAN vocabulary) at width 32, 2+2 layers."""
-    return T5Config(
-        vocab_size=32128,
-        d_model=32,
-        d_ff=64,
-        d_kv=16,
-        num_heads=2,
-        num_layers=2,
-        num_decoder_layers=2,
-        feed_forward_proj="gated-gelu",
-        decoder_start_token_id=0,
-        dropout_rate=0.0,
-    )
+    """FLAN-T5's family (T5 v1.1 gated-gelu) at make_tiny_model.py's size, FLAN vocabulary, no dropout."""
+    return T5Config(vocab_size=32128, decoder_start_token_id=0, **{**TINY_ARCH, "dropout_rate": 0.0})
 
 
 def flan_t5_base_config() -> T5Config:
