@@ -26,11 +26,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stages.errors import StageError, run_stage
 from stages.generate import generate_summaries
 from stages.generate import load_adapter as attach_adapter
-from stages.modeling import ModelLoadError, load_base, load_model, load_tokenizer, pick_device, use_bf16
+from stages.modeling import (
+    ModelLoadError,
+    load_base,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pinned_base,
+    read_pin,
+    use_bf16,
+)
 from stages.params import GenerateParams, ModelParams, Params, PrepareParams, load_params
-from stages.prepare import format_prompt, tokenize
+from stages.prepare import fit_prompts
 
-BASE = "base"  # --model base: params.yaml's model.name at model.revision, not fine-tuned
+BASE = "base"  # --model base: the original model at the commit models/base/pin.json pins, not fine-tuned
+BASE_PIN = Path("models/base/pin.json")
+PIN_FILE = "pin.json"  # beside a trained adapter: the exact base it was trained on
 FILE_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -165,7 +176,8 @@ def load_summarizer(
     try:
         if model == BASE:
             reject_base_model(base_model, "--model base")
-            tokenizer, loaded = load_base(defaults, dtype)
+            # the pinned commit, as the generate stage scores it; params.yaml's revision before a first run
+            tokenizer, loaded = load_base(read_pin(BASE_PIN, defaults) if BASE_PIN.is_file() else defaults, dtype)
         else:
             tokenizer, loaded = load_directory(Path(model), base_model, defaults, dtype)
     except ModelLoadError as error:
@@ -208,12 +220,17 @@ def load_adapter(
     """The base model with the PEFT adapter (LoRA, IA3, prompt tuning) applied unmerged, exactly as the generate stage applies it
     (a merge in bf16 would round the update away: see stages.generate.load_adapter)."""
     config = read_adapter_config(directory / "adapter_config.json")
-    base_name = base_model or config.get("base_model_name_or_path")
+    pin = pinned_base(json.loads((directory / PIN_FILE).read_text())) if (directory / PIN_FILE).is_file() else None
+    base_name = base_model or (pin.name if pin else config.get("base_model_name_or_path"))
     if not base_name:
         raise StageError(f"{directory / 'adapter_config.json'} names no base_model_name_or_path; pass --base-model")
-    # an adapter only fits the exact base weights it was trained on: the revision the adapter
-    # records, else the one params.yaml pins when the adapter was trained from params.yaml's model
-    revision = config.get("revision") or (defaults.revision if base_name == defaults.name else "main")
+    # an adapter only fits the exact base weights it was trained on: the commit its pin.json
+    # records (the training stages write it), else the revision the adapter config records, else
+    # params.yaml's when the adapter was trained from params.yaml's model
+    if pin is not None and base_name == pin.name:
+        revision = pin.revision
+    else:
+        revision = config.get("revision") or (defaults.revision if base_name == defaults.name else "main")
     # train_lora saves the tokenizer beside the adapter; other adapters may not have one
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(directory) if has_tokenizer else base_name, revision)
@@ -251,12 +268,13 @@ def read_adapter_config(path: Path) -> dict:
 
 def encode(dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase, params: PrepareParams) -> list[list[int]]:
     """Prompt ids exactly as the prepare stage builds them for training and evaluation."""
-    prompts = [format_prompt(params.prompt_template, d.text) for d in dialogues]
-    input_ids, truncated = tokenize(prompts, tokenizer, params.max_source_length)
-    if truncated:
+    input_ids, cut = fit_prompts(
+        params.prompt_template, [d.text for d in dialogues], tokenizer, params.max_source_length
+    )
+    if cut:
         print(
-            f"note: {truncated} of {len(prompts)} dialogue(s) exceed prepare.max_source_length="
-            f"{params.max_source_length} tokens; their ends are cut off",
+            f"note: {cut} of {len(dialogues)} dialogue(s) exceed prepare.max_source_length="
+            f"{params.max_source_length} tokens with the prompt; their ends are cut off (the prompt's end is kept)",
             file=sys.stderr,
         )
     return input_ids
@@ -270,8 +288,7 @@ def summarize(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]], params: GenerateParams
 ) -> list[str]:
     progress = print_progress if len(input_ids) > 1 else None  # one dialogue needs no progress
-    summaries, _, _ = generate_summaries(model, tokenizer, input_ids, params, progress=progress)
-    return summaries
+    return generate_summaries(model, tokenizer, input_ids, params, progress=progress).summaries
 
 
 def write_summaries(dialogues: list[Dialogue], summaries: list[str], output: Path | None, stdout: TextIO) -> None:

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from stages.errors import StageError, run_stage
+from stages.jsonio import write_json, write_jsonl
 from stages.params import DataParams, load_params
 
 SPLITS = ("train", "validation", "test")
@@ -156,13 +157,6 @@ def drop_test_overlap(rows: list[dict], test_rows: list[dict]) -> tuple[list[dic
     return kept, len(rows) - len(kept)
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def fetch(params: DataParams) -> dict[str, list[dict]]:
     local = Path(params.source)
     if local.is_dir():
@@ -213,8 +207,7 @@ def main() -> None:
         rows = cleaned[split][: params.data.limit]  # None keeps all
         write_jsonl(rows, RAW_DIR / f"{split}.jsonl")
         stats[f"{split}_rows"] = len(rows)
-    STATS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    STATS_FILE.write_text(json.dumps(stats, indent=2) + "\n")
+    write_json(stats, STATS_FILE)
     print(json.dumps(stats))
 
 

@@ -1,7 +1,7 @@
 """Stage `evaluate@<variant>`: score a variant's summaries with multi-reference ROUGE.
 
-Reads only files: data/predictions/<variant>.jsonl (from generate@<variant>) and the variant's
-training metrics. Scoring is separate from generation, so changing a statistics param reruns
+Reads only files: data/predictions/<variant>.jsonl (from generate@<variant>), the test references
+(data/prepared/references.jsonl, matched by dialogue id) and the variant's training metrics. Scoring is separate from generation, so changing a statistics param reruns
 this and the report in seconds, never the hours of generation.
 
 Outputs: metrics/evaluate/<variant>.json (flat ROUGE means with 95% bootstrap intervals: a pure,
@@ -23,6 +23,7 @@ from stages.params import load_params
 from stages.rouge import ROUGE_TYPES, bootstrap_ci
 
 PREDICTIONS_DIR = Path("data/predictions")
+REFERENCES_FILE = Path("data/prepared/references.jsonl")
 SCORES_DIR = Path("data/scores")
 METRICS_DIR = Path("metrics/evaluate")
 TRAIN_DIR = Path("metrics/train")
@@ -55,6 +56,19 @@ def import_evaluate():
     return evaluate
 
 
+def with_references(predictions: list[dict], references: list[dict]) -> list[dict]:
+    """Each prediction row with its dialogue's references, matched by id (generation never sees
+    references, so a reference edit rescores without regenerating)."""
+    by_id = {row["id"]: row["references"] for row in references}
+    missing = [p["id"] for p in predictions if p["id"] not in by_id]
+    if missing or len(by_id) != len(predictions):
+        raise StageError(
+            f"predictions and {REFERENCES_FILE} do not match ({len(predictions)} predictions, {len(by_id)} "
+            f"dialogues with references, missing e.g. {missing[:3]}); run dvc repro to regenerate them together"
+        )
+    return [{**p, "references": by_id[p["id"]]} for p in predictions]
+
+
 def score(predictions: list[dict]) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Corpus ROUGE (x100) and per-dialogue ROUGE (0..1), through the evaluate module."""
     evaluate = import_evaluate()
@@ -79,17 +93,27 @@ def evaluation_metrics(
     return metrics
 
 
-def cost_row(train: dict, train_timing: dict, generate_timing: dict) -> dict[str, float]:
-    """One variant's cost, flat: deterministic counts beside the noisy wall-clock figures."""
-    memory = {k: v for k, v in train_timing.items() if k.startswith("peak_")}  # peak_gpu_memory_mb or peak_rss_mb
+def cost_row(train: dict, train_timing: dict, generate_timing: dict) -> dict[str, float | str]:
+    """One variant's cost, flat: deterministic counts beside the noisy wall-clock figures, and what
+    each run resolved to (precision, device, batch after out-of-memory retries)."""
+    # peak_gpu_memory_mb or peak_rss_mb, the attempts that ran out of memory, device and precision
+    training = {
+        k: v
+        for k, v in {**train, **train_timing}.items()
+        if k.startswith("peak_") or k in ("train_oom_retries", "train_device", "train_precision", "train_tf32")
+    }
     return {
         "trainable_params": train["trainable_params"],
         "trainable_percent": train["trainable_percent"],
         "total_params": train["total_params"],
         "saved_mb": train["saved_mb"],
         "train_runtime_s": train_timing["train_runtime_s"],
-        **memory,
+        **training,
+        "load_runtime_s": generate_timing["load_runtime_s"],
+        "generation_runtime_s": generate_timing["generation_runtime_s"],
         "generation_dialogues_per_second": generate_timing["generation_dialogues_per_second"],
+        "generation_device": generate_timing["device"],
+        "generation_batch_size": generate_timing["generation_batch_size"],
     }
 
 
@@ -104,7 +128,7 @@ def main(variant: str) -> None:
     params = load_params()
     if variant not in params.variants:
         raise StageError(f"unknown variant {variant!r}; params.yaml variants are {', '.join(params.variants)}")
-    predictions = read_jsonl(PREDICTIONS_DIR / f"{variant}.jsonl")
+    predictions = with_references(read_jsonl(PREDICTIONS_DIR / f"{variant}.jsonl"), read_jsonl(REFERENCES_FILE))
     means, per_dialogue = score(predictions)
     metrics = evaluation_metrics(means, per_dialogue, predictions, params.evaluate.bootstrap_resamples, params.seed)
     write_scores(SCORES_DIR / f"{variant}.jsonl", predictions, per_dialogue)

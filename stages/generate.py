@@ -1,30 +1,33 @@
 """Stage `generate@<variant>`: one summary per unique test dialogue, from the variant's folder in models/.
 
-Every variant is a folder: models/base (the original model, pinned by the baselines stage),
-models/lead (the lead-N rule), models/full (a full model) and one adapter folder per PEFT method,
-evaluated unmerged. Generation depends only on the model and the `generate` params; scoring is
-the evaluate stage's, so a statistics change never regenerates summaries.
+Every variant is a folder: models/base (the original model, pinned by the base stage),
+models/lead (the lead-N rule, written by the lead stage), models/full (a full model) and one
+adapter folder per PEFT method, evaluated unmerged; an adapter folder carries the pin of the base
+it was trained on (pin.json), so this stage reads nothing outside models/<variant>. Generation
+depends only on the model, the test prompts (not the references) and the `generate` params;
+scoring is the evaluate stage's, so a statistics or reference change never regenerates summaries.
 
 Outputs: data/predictions/<variant>.jsonl (one line per dialogue), metrics/generate/<variant>.json
-(the generation settings used and length diagnostics: deterministic) and
-metrics/timing/generate_<variant>.json (wall clock).
+(the generation settings and precision used, length diagnostics: deterministic) and
+metrics/timing/generate_<variant>.json (load and generation wall clock apart, the device and the
+batch size that ran after any out-of-memory halving).
 """
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from datasets import Dataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError, run_stage
-from stages.jsonio import read_json, write_json
+from stages.jsonio import read_json, write_json, write_jsonl
 from stages.modeling import (
     deterministic_kernels,
     load_base,
@@ -39,8 +42,7 @@ from stages.progress import Progress
 
 TEST_DIR = Path("data/prepared/test")  # only the test split: a training-only prepare change reruns no generation
 MODELS_DIR = Path("models")
-BASE_DIR = MODELS_DIR / "base"
-PIN_FILE = "pin.json"  # models/base/pin.json: the base model's name, revision and resolved commit
+PIN_FILE = "pin.json"  # in models/base and every adapter folder: the base model's name, revision and resolved commit
 LEAD_FILE = "lead.json"  # models/lead/lead.json: the lead rule's settings
 PREDICTIONS_DIR = Path("data/predictions")
 METRICS_DIR = Path("metrics/generate")
@@ -58,9 +60,10 @@ def load_variant(
     model_dir: Path, model_params: ModelParams, dtype: torch.dtype
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The model a variant folder describes: a full model (config.json), a PEFT adapter on the
-    base model (adapter_config.json) or the pinned base model itself (pin.json)."""
+    base model it was trained on (adapter_config.json, pin.json) or the pinned base model itself
+    (pin.json)."""
     if (model_dir / "adapter_config.json").is_file():
-        tokenizer, model = load_base(read_pin(BASE_DIR / PIN_FILE, model_params), dtype)
+        tokenizer, model = load_base(read_pin(model_dir / PIN_FILE, model_params), dtype)
         return tokenizer, load_adapter(model, model_dir)
     if (model_dir / "config.json").is_file():
         return load_tokenizer(str(model_dir)), load_model(str(model_dir), dtype=dtype)
@@ -149,13 +152,23 @@ def generate_batch(
     return [t.strip() for t in texts], lengths.tolist(), (~finished).tolist()
 
 
+class Generated(NamedTuple):
+    """What generation returns: per-dialogue summaries, generated token counts and whether each hit
+    max_new_tokens without </s>, and the batch size that ran after any out-of-memory halving."""
+
+    summaries: list[str]
+    lengths: list[int]
+    hit_max: list[bool]
+    batch_size: int
+
+
 def generate_summaries(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     input_ids: list[list[int]],
     params: GenerateParams,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[str], list[int], list[bool]]:
+) -> Generated:
     """Batched generation, longest inputs first, halving the batch on CUDA out-of-memory.
 
     Sorting by length keeps padding (wasted compute) small; longest-first makes an
@@ -183,44 +196,88 @@ def generate_summaries(
         if progress is not None:
             progress(start, len(order))
     summaries, lengths, hit_max = zip(*(results[i] for i in range(len(input_ids)))) if results else ((), (), ())
-    return list(summaries), list(lengths), list(hit_max)
+    return Generated(list(summaries), list(lengths), list(hit_max), batch_size)
 
 
-def summarize(
-    model_dir: Path, test: Dataset, model_params: ModelParams, params: GenerateParams
-) -> tuple[list[str], list[int], list[bool]]:
-    if (model_dir / LEAD_FILE).is_file():  # a rule, not a model
-        turns = read_json(model_dir / LEAD_FILE)["turns"]
-        summaries = [lead_summary(d, turns) for d in test["dialogue"]]
-        return summaries, [0] * len(summaries), [False] * len(summaries)
+def lead_summaries(rule_file: Path, test: Dataset) -> Generated:
+    turns = read_json(rule_file)["turns"]
+    summaries = [lead_summary(d, turns) for d in test["dialogue"]]
+    return Generated(summaries, [0] * len(summaries), [False] * len(summaries), 0)
+
+
+def load_for_generation(
+    model_dir: Path, model_params: ModelParams, precision: str
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, dict[str, float | str]]:
+    """The variant's model on the device in the precision `precision` resolves to, and how long
+    that took with what it resolved to (load time is kept apart from generation time: a Hub
+    download, CUDA start-up and the cast are not generation work)."""
+    started = time.perf_counter()
     device = pick_device()
-    dtype = torch.bfloat16 if use_bf16(params.precision, device) else torch.float32
-    tokenizer, model = load_variant(model_dir, model_params, dtype)
+    bf16 = use_bf16(precision, device)
+    tokenizer, model = load_variant(model_dir, model_params, torch.bfloat16 if bf16 else torch.float32)
     model.to(device).eval()
-    with Progress(len(test), f"generate@{model_dir.name}", unit="dialogues") as progress:
-        return generate_summaries(model, tokenizer, test["input_ids"], params, progress.as_callback())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (
+        tokenizer,
+        model,
+        {"load_runtime_s": round(time.perf_counter() - started, 2), "device": device_name(device)},
+    )
 
 
-def generation_metrics(params: GenerateParams, lengths: list[int], hit_max: list[bool]) -> dict[str, float]:
-    metrics = recorded_generation(generation_config(params))
-    metrics["gen_mean_tokens"] = round(sum(lengths) / max(len(lengths), 1), 4)
-    metrics["gen_hit_max_share"] = round(sum(hit_max) / max(len(hit_max), 1), 4)
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def timed_generation(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: Dataset, params: GenerateParams, name: str
+) -> tuple[Generated, float]:
+    """Generated summaries and the wall clock of generation alone (the GPU's queue drained)."""
+    with Progress(len(test), f"generate@{name}", unit="dialogues") as progress:
+        started = time.perf_counter()
+        generated = generate_summaries(model, tokenizer, test["input_ids"], params, progress.as_callback())
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        return generated, time.perf_counter() - started
+
+
+def generation_metrics(params: GenerateParams, generated: Generated, precision: str) -> dict[str, float | str]:
+    """Deterministic for the same model, prompts and params on the same kind of hardware: the
+    settings, the precision generation ran in (bf16 or fp32: it changes the summaries) and lengths."""
+    metrics: dict[str, float | str] = {
+        **recorded_generation(generation_config(params)),
+        "generation_precision": precision,
+    }
+    metrics["gen_mean_tokens"] = round(sum(generated.lengths) / max(len(generated.lengths), 1), 4)
+    metrics["gen_hit_max_share"] = round(sum(generated.hit_max) / max(len(generated.hit_max), 1), 4)
     return metrics
 
 
-def write_predictions(path: Path, test: Dataset, summaries: list[str], lengths: list[int], hit_max: list[bool]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row, summary, length, hit in zip(test, summaries, lengths, hit_max):
-            record = {
-                "id": row["id"],
-                "dialogue": row["dialogue"],
-                "prediction": summary,
-                "references": row["references"],
-                "generated_tokens": length,
-                "hit_max_new_tokens": hit,
-            }
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+def generation_timing(load: dict, generated: Generated, runtime_s: float, dialogues: int) -> dict[str, float | str]:
+    """Noisy figures: load and generation wall clock apart; throughput counts generation only."""
+    return {
+        **load,
+        "generation_runtime_s": round(runtime_s, 2),
+        "generation_dialogues_per_second": round(dialogues / runtime_s, 3) if runtime_s > 0 else 0.0,
+        "generation_batch_size": generated.batch_size,  # after any out-of-memory halving
+    }
+
+
+def write_predictions(path: Path, test: Dataset, generated: Generated) -> None:
+    # no references: they live in data/prepared/references.jsonl, read by the evaluate stage
+    rows = [
+        {
+            "id": row_id,
+            "dialogue": dialogue,
+            "prediction": summary,
+            "generated_tokens": length,
+            "hit_max_new_tokens": hit,
+        }
+        for row_id, dialogue, summary, length, hit in zip(
+            test["id"], test["dialogue"], generated.summaries, generated.lengths, generated.hit_max
+        )
+    ]
+    write_jsonl(rows, path)
 
 
 def main(variant: str) -> None:
@@ -230,19 +287,17 @@ def main(variant: str) -> None:
     if params.deterministic:
         deterministic_kernels()
     test = Dataset.load_from_disk(str(TEST_DIR))
-    started = time.perf_counter()
-    summaries, lengths, hit_max = summarize(MODELS_DIR / variant, test, params.model, params.generate)
-    runtime = time.perf_counter() - started
-    write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, summaries, lengths, hit_max)
-    write_json(generation_metrics(params.generate, lengths, hit_max), METRICS_DIR / f"{variant}.json")
-    # wall clock of summarize(): model loading included, as a user waits for it
-    write_json(
-        {
-            "generation_runtime_s": round(runtime, 2),
-            "generation_dialogues_per_second": round(len(summaries) / runtime, 3),
-        },
-        TIMING_DIR / f"generate_{variant}.json",
-    )
+    model_dir = MODELS_DIR / variant
+    if (model_dir / LEAD_FILE).is_file():  # a rule, not a model: nothing to load, no precision
+        started, load, precision = time.perf_counter(), {"load_runtime_s": 0.0, "device": "none"}, "none"
+        generated, runtime = lead_summaries(model_dir / LEAD_FILE, test), time.perf_counter() - started
+    else:
+        tokenizer, model, load = load_for_generation(model_dir, params.model, params.generate.precision)
+        precision = "bf16" if model.dtype == torch.bfloat16 else "fp32"
+        generated, runtime = timed_generation(model, tokenizer, test, params.generate, variant)
+    write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, generated)
+    write_json(generation_metrics(params.generate, generated, precision), METRICS_DIR / f"{variant}.json")
+    write_json(generation_timing(load, generated, runtime, len(test)), TIMING_DIR / f"generate_{variant}.json")
 
 
 if __name__ == "__main__":

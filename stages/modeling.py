@@ -148,11 +148,16 @@ def read_pin(pin_file: Path, params: ModelParams) -> ModelParams:
     if (pin["name"], pin["revision"]) != (params.name, params.revision):
         raise ModelLoadError(
             f"{pin_file} pins {pin['name']!r} at {pin['revision']!r} but params.yaml has "
-            f"{params.name!r} at {params.revision!r}; run dvc repro baselines"
+            f"{params.name!r} at {params.revision!r}; run dvc repro base"
         )
-    return ModelParams(
-        name=params.name, revision=params.revision if Path(params.name).is_dir() else pin["resolved_revision"]
-    )
+    return pinned_base(pin)
+
+
+def pinned_base(pin: dict) -> ModelParams:
+    """The model a pin (models/base/pin.json, or its copy beside an adapter) names, at its resolved
+    commit; a local directory has no commits (its content hash is only recorded)."""
+    local = Path(pin["name"]).is_dir()
+    return ModelParams(name=pin["name"], revision=pin["revision"] if local else pin["resolved_revision"])
 
 
 def head_is_tied(model: PreTrainedModel) -> bool:

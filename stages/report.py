@@ -33,6 +33,7 @@ EVALUATE_DIR = Path("metrics/evaluate")
 GENERATE_DIR = Path("metrics/generate")
 COST_DIR = Path("metrics/cost")
 PREDICTIONS_DIR = Path("data/predictions")
+REFERENCES_FILE = Path("data/prepared/references.jsonl")
 SCORES_DIR = Path("data/scores")
 BASE_MODEL_FILE = Path("metrics/base_model.json")
 REPORT_FILE = Path("metrics/report.md")
@@ -189,23 +190,28 @@ def diagnostics_table(variants: list[str], generation: dict[str, dict], evaluati
     )
 
 
-def examples_section(variants: list[str], predictions: dict[str, list[dict]], count: int) -> str:
+def examples_section(
+    variants: list[str], predictions: dict[str, list[dict]], references: dict[str, list[str]], count: int
+) -> str:
     first = predictions[variants[0]]
     blocks = []
     for index in range(min(count, len(first))):
         row = first[index]
-        lines = [f"### {row['id']}", "", "```", row["dialogue"], "```", "", f"- **human**: {row['references'][0]}"]
+        lines = [f"### {row['id']}", "", "```", row["dialogue"], "```", "", f"- **human**: {references[row['id']][0]}"]
         lines += [f"- **{label(v)}**: {predictions[v][index]['prediction']}" for v in variants]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
 def per_dialogue_rows(
-    variants: list[str], predictions: dict[str, list[dict]], scores: dict[str, list[dict]]
+    variants: list[str],
+    predictions: dict[str, list[dict]],
+    scores: dict[str, list[dict]],
+    references: dict[str, list[str]],
 ) -> list[dict]:
     rows = []
     for index, first in enumerate(predictions[variants[0]]):
-        row = {"id": first["id"], "references": first["references"]}
+        row = {"id": first["id"], "references": references[first["id"]]}
         for v in variants:
             row[f"{v}_summary"] = predictions[v][index]["prediction"]
             row.update({f"{v}_{t}": scores[v][index][t] for t in ROUGE_TYPES})
@@ -271,9 +277,10 @@ def main() -> None:
     cost = {v: read_json(COST_DIR / f"{v}.json") for v in variants}
     predictions = {v: read_jsonl(PREDICTIONS_DIR / f"{v}.jsonl") for v in variants}
     scores = {v: read_jsonl(SCORES_DIR / f"{v}.jsonl") for v in variants}
+    references = {row["id"]: row["references"] for row in read_jsonl(REFERENCES_FILE)}
     tests = comparisons(scores, comparison_pairs(variants), params.evaluate.bootstrap_resamples, params.seed)
     frontier = frontier_rows(variants, evaluation, cost)
-    examples = examples_section(variants, predictions, params.report.examples)
+    examples = examples_section(variants, predictions, references, params.report.examples)
     REPORT_FILE.write_text(
         render(variants, evaluation, generation, cost, tests, frontier, read_json(BASE_MODEL_FILE), examples)
     )
@@ -281,7 +288,10 @@ def main() -> None:
     write_json(frontier, FRONTIER_FILE)
     PER_DIALOGUE_FILE.parent.mkdir(parents=True, exist_ok=True)
     PER_DIALOGUE_FILE.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_dialogue_rows(variants, predictions, scores))
+        "".join(
+            json.dumps(r, ensure_ascii=False) + "\n"
+            for r in per_dialogue_rows(variants, predictions, scores, references)
+        )
     )
 
 

@@ -8,37 +8,16 @@ a few thousand trainable numbers per layer stack, evaluated unmerged like LoRA.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
-from pathlib import Path
+from functools import partial
 
 from peft import IA3Config, TaskType, get_peft_model
 
 from stages.errors import run_stage
-from stages.jsonio import read_json, write_json
-from stages.modeling import check_target_modules, linear_layer_names, load_base, pick_device, read_pin, set_determinism
+from stages.modeling import check_target_modules, linear_layer_names
 from stages.params import Ia3Params, load_params
-from stages.training import (
-    attach_curves,
-    build_trainer,
-    exit_with_launcher,
-    fingerprint,
-    load_training_splits,
-    model_card,
-    remove_checkpoints,
-    resumable_checkpoint,
-    saved_mb,
-    training_arguments,
-    training_costs,
-    training_metrics,
-)
-
-PREPARED_DIR = Path("data/prepared")
-BASE_PIN = Path("models/base/pin.json")
-MODEL_DIR = Path("models/ia3")
-CHECKPOINT_DIR = Path("checkpoints/train_ia3")
-CURVES_DIR = Path("dvclive/train_ia3")
-METRICS_FILE = Path("metrics/train/ia3.json")
-COSTS_FILE = Path("metrics/timing/train_ia3.json")
+from stages.training import finish_run, save_adapter, start_run, train
 
 
 def ia3_config(params: Ia3Params, linear_layers: list[str]) -> IA3Config:
@@ -52,44 +31,17 @@ def ia3_config(params: Ia3Params, linear_layers: list[str]) -> IA3Config:
     )
 
 
-def save_adapter(model, tokenizer, out_dir: Path) -> None:
-    # only the adapter weights (a few kB) and the tokenizer; the base model comes from model.name
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+def build_model(base, config: IA3Config):
+    # the base frozen, scaling vectors on the target modules; a copy: peft writes into the config it gets
+    return get_peft_model(base, copy.deepcopy(config))
 
 
 def main() -> None:
     params = load_params()
-    exit_with_launcher()
-    set_determinism(params.seed, params.deterministic)
-    device = pick_device()
-    base = read_pin(BASE_PIN, params.model)  # the commit baselines pinned
-    config = ia3_config(params.ia3, linear_layer_names(base))  # fail fast, before the weights
-    tokenizer, model = load_base(base)
-    model = get_peft_model(model, config)
-    train, validation = load_training_splits(PREPARED_DIR)
-    args = training_arguments(params.train_ia3, params.seed, CHECKPOINT_DIR, device, "train_ia3")
-    trainer = build_trainer(model, tokenizer, train, validation, args)
-    resume = resumable_checkpoint(
-        trainer,
-        CHECKPOINT_DIR,
-        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_ia3, params.ia3),
-    )
-    attach_curves(trainer, CURVES_DIR, resume)
-    trainer.train(resume_from_checkpoint=resume)
-    if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
-        save_adapter(trainer.model, tokenizer, MODEL_DIR)
-        metrics = {**training_metrics(trainer), "saved_mb": saved_mb(MODEL_DIR)}
-        write_json(metrics, METRICS_FILE)
-        write_json(training_costs(trainer), COSTS_FILE)
-        card_params = {
-            "seed": params.seed,
-            "model": asdict(params.model),
-            "train_ia3": asdict(params.train_ia3),
-            "ia3": asdict(params.ia3),
-        }
-        (MODEL_DIR / "README.md").write_text(model_card(BASE_PIN, "peft", card_params, metrics))
-        remove_checkpoints(CHECKPOINT_DIR)
+    run = start_run("ia3", params)
+    config = ia3_config(params.ia3, linear_layer_names(run.base))  # fail fast, before the weights
+    trained = train(run, partial(build_model, config=config), params.ia3)
+    finish_run(run, trained, save_adapter, {"train_ia3": asdict(params.train_ia3), "ia3": asdict(params.ia3)})
 
 
 if __name__ == "__main__":

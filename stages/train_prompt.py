@@ -8,98 +8,78 @@ as an adapter (peft prepends the prompt, and ones to the attention mask, in gene
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import asdict
-from pathlib import Path
+from functools import partial
 
+import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from transformers import PreTrainedTokenizerBase
 
 from stages.errors import run_stage
-from stages.jsonio import read_json, write_json
-from stages.modeling import load_base, pick_device, read_pin, set_determinism
-from stages.params import ModelParams, PromptParams, load_params
-from stages.training import (
-    attach_curves,
-    build_trainer,
-    exit_with_launcher,
-    fingerprint,
-    load_training_splits,
-    model_card,
-    remove_checkpoints,
-    resumable_checkpoint,
-    saved_mb,
-    training_arguments,
-    training_costs,
-    training_metrics,
-)
+from stages.modeling import load_tokenizer
+from stages.params import PromptParams, load_params
+from stages.training import finish_run, save_adapter, start_run, train
 
-PREPARED_DIR = Path("data/prepared")
-BASE_PIN = Path("models/base/pin.json")
-MODEL_DIR = Path("models/prompt")
-CHECKPOINT_DIR = Path("checkpoints/train_prompt")
-CURVES_DIR = Path("dvclive/train_prompt")
-METRICS_FILE = Path("metrics/train/prompt.json")
-COSTS_FILE = Path("metrics/timing/train_prompt.json")
-INIT = {"text": PromptTuningInit.TEXT, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}
+COMMON_TOKENS = 5000  # Lester et al. 2021 Sec. 2.1 sample the init from the 5,000 most common tokens
 
 
-def prompt_config(params: PromptParams, model: ModelParams) -> PromptTuningConfig:
+def prompt_config(params: PromptParams) -> PromptTuningConfig:
     """PromptTuningConfig from params: the prompt goes to the encoder only.
 
     num_transformer_submodules=1: peft's seq2seq default (2) allocates a second block of
     num_virtual_tokens rows for the decoder that prompt tuning never uses, so the trainable
-    count (and the saved adapter) would be twice what trains. The text init tokenizes
-    prompt.init_text with the model's own tokenizer (same name and revision).
+    count (and the saved adapter) would be twice what trains. peft's own text and sample_vocab
+    inits are not used (see `init_token_ids`): peft starts from random rows, `build_model`
+    overwrites them.
     """
-    text = params.init == "text"
     return PromptTuningConfig(
         task_type=TaskType.SEQ_2_SEQ_LM,
         num_virtual_tokens=params.num_virtual_tokens,
         num_transformer_submodules=1,
-        prompt_tuning_init=INIT[params.init],
-        prompt_tuning_init_text=params.init_text if text else None,
-        tokenizer_name_or_path=model.name if text else None,
-        tokenizer_kwargs={"revision": model.revision} if text else None,
+        prompt_tuning_init=PromptTuningInit.RANDOM,
     )
 
 
-def save_adapter(model, tokenizer, out_dir: Path) -> None:
-    # only the prompt embeddings (a few kB) and the tokenizer; the base model comes from model.name
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+def init_token_ids(params: PromptParams, tokenizer: PreTrainedTokenizerBase, seed: int) -> list[int] | None:
+    """The vocabulary rows the soft prompt starts from, or None for random rows.
+
+    text: the init text's tokens without special tokens, repeated to fill the virtual tokens
+    (peft tokenizes with them, so FLAN-T5's </s> lands in the prompt once per repetition).
+    sample_vocab: seeded draws from the most common real tokens, never special tokens and never
+    the embedding's padding rows past the vocabulary (FLAN-T5 has 32,128 rows for 32,100 tokens);
+    SentencePiece and BPE vocabularies list frequent tokens first.
+    """
+    count = params.num_virtual_tokens
+    if params.init == "text":
+        ids = tokenizer(params.init_text, add_special_tokens=False)["input_ids"]
+        return (ids * math.ceil(count / len(ids)))[:count]
+    if params.init == "sample_vocab":
+        special = set(tokenizer.all_special_ids)
+        common = [i for i in range(len(tokenizer)) if i not in special][:COMMON_TOKENS]
+        draws = torch.randint(len(common), (count,), generator=torch.Generator().manual_seed(seed))
+        return [common[j] for j in draws.tolist()]
+    return None
+
+
+def build_model(base, config: PromptTuningConfig, token_ids: list[int] | None):
+    model = get_peft_model(base, copy.deepcopy(config))  # a copy: peft writes into the config it gets
+    if token_ids is not None:
+        rows = base.get_input_embeddings().weight[token_ids].detach().float()
+        model.prompt_encoder["default"].embedding.weight.data.copy_(rows)
+    return model
 
 
 def main() -> None:
     params = load_params()
-    exit_with_launcher()
-    set_determinism(params.seed, params.deterministic)
-    device = pick_device()
-    base = read_pin(BASE_PIN, params.model)  # the commit baselines pinned
-    config = prompt_config(params.prompt, base)  # fail fast, before the weights
-    tokenizer, model = load_base(base)
-    model = get_peft_model(model, config)
-    train, validation = load_training_splits(PREPARED_DIR)
-    args = training_arguments(params.train_prompt, params.seed, CHECKPOINT_DIR, device, "train_prompt")
-    trainer = build_trainer(model, tokenizer, train, validation, args)
-    resume = resumable_checkpoint(
-        trainer,
-        CHECKPOINT_DIR,
-        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_prompt, params.prompt),
+    run = start_run("prompt", params)
+    config = prompt_config(params.prompt)
+    token_ids = init_token_ids(params.prompt, load_tokenizer(run.base.name, run.base.revision), params.seed)
+    trained = train(run, partial(build_model, config=config, token_ids=token_ids), params.prompt)
+    finish_run(
+        run, trained, save_adapter, {"train_prompt": asdict(params.train_prompt), "prompt": asdict(params.prompt)}
     )
-    attach_curves(trainer, CURVES_DIR, resume)
-    trainer.train(resume_from_checkpoint=resume)
-    if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
-        save_adapter(trainer.model, tokenizer, MODEL_DIR)
-        metrics = {**training_metrics(trainer), "saved_mb": saved_mb(MODEL_DIR)}
-        write_json(metrics, METRICS_FILE)
-        write_json(training_costs(trainer), COSTS_FILE)
-        card_params = {
-            "seed": params.seed,
-            "model": asdict(params.model),
-            "train_prompt": asdict(params.train_prompt),
-            "prompt": asdict(params.prompt),
-        }
-        (MODEL_DIR / "README.md").write_text(model_card(BASE_PIN, "peft", card_params, metrics))
-        remove_checkpoints(CHECKPOINT_DIR)
 
 
 if __name__ == "__main__":

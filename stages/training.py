@@ -13,6 +13,7 @@ discarded, never resumed.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -20,7 +21,10 @@ import resource
 import shutil
 import threading
 import time
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -40,10 +44,13 @@ from transformers.integrations import DVCLiveCallback
 from transformers.trainer_callback import ExportableState
 
 from stages.errors import StageError
-from stages.jsonio import read_json
-from stages.modeling import use_bf16
-from stages.params import TrainParams
+from stages.jsonio import read_json, write_json
+from stages.modeling import load_model, load_tokenizer, pick_device, read_pin, set_determinism, use_bf16
+from stages.params import ModelParams, Params, TrainParams
 from stages.progress import TrainerProgress
+
+PREPARED_DIR = Path("data/prepared")  # training reads its train/ and validation/ folders only
+BASE_PIN = Path("models/base/pin.json")
 
 
 def exit_with_launcher() -> None:
@@ -65,8 +72,9 @@ def exit_with_launcher() -> None:
 
 
 def load_training_splits(prepared_dir: Path) -> tuple[Dataset, Dataset]:
-    splits = load_from_disk(str(prepared_dir))
-    return splits["train"], splits["validation"]
+    # each split's own folder (not the DatasetDict): dvc.yaml declares only these two as deps, so
+    # a test-split or reference edit never retrains
+    return load_from_disk(str(prepared_dir / "train")), load_from_disk(str(prepared_dir / "validation"))
 
 
 def fingerprint(prepared_dir: Path, *params: object) -> str:
@@ -130,31 +138,50 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
         shutil.rmtree(path)
 
 
+def use_tf32(bf16: bool, device: torch.device) -> bool | None:
+    """TF32 matmuls only alongside bf16 on an Ampere-or-newer GPU: there they speed up what stays
+    in fp32 (the optimizer's master math, fp32 adapter weights), at a precision bf16 has lost
+    already. `precision: fp32` means fp32: TF32 off (False). None leaves torch's setting alone
+    (the Trainer's flag raises on a CPU or an older GPU)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return None
+    return bf16
+
+
 def training_arguments(
-    params: TrainParams, seed: int, output_dir: Path, device: torch.device, section: str
+    params: TrainParams,
+    seed: int,
+    output_dir: Path,
+    device: torch.device,
+    section: str,
+    batch: tuple[int, int] | None = None,
 ) -> Seq2SeqTrainingArguments:
+    """The Trainer's arguments for a recipe; `batch` = (per-device batch, accumulation) overrides the
+    recipe's after an out-of-memory retry (see `train`)."""
     cuda = device.type == "cuda"
+    per_device, accumulation = batch or (params.batch_size, params.gradient_accumulation_steps)
+    bf16 = use_bf16(params.precision, device)
     args = Seq2SeqTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=params.epochs,
         learning_rate=params.learning_rate,
-        per_device_train_batch_size=params.batch_size,
+        per_device_train_batch_size=per_device,
         per_device_eval_batch_size=params.eval_batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         weight_decay=params.weight_decay,
         warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a ratio of total steps in 5.x
         lr_scheduler_type=params.lr_scheduler,
         max_grad_norm=params.max_grad_norm,
-        bf16=use_bf16(params.precision, device),
-        # TF32 matmuls on Ampere and newer GPUs; the flag raises on CPU and older GPUs
-        tf32=True if cuda and torch.cuda.get_device_capability(device)[0] >= 8 else None,
+        bf16=bf16,
+        tf32=use_tf32(bf16, device),
         optim="adamw_torch_fused",  # one fused kernel per step (transformers' default with torch >= 2.8)
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         eval_strategy="epoch",
         save_strategy="steps",
         save_steps=params.save_steps,
         save_total_limit=1,  # resuming needs only the newest; full-FT checkpoints of base are ~3 GB
-        auto_find_batch_size=params.auto_find_batch_size,  # halves the batch on CUDA out-of-memory
+        # not the Trainer's auto_find_batch_size: it retries at 0.9x the batch on the same model and
+        # optimizer; `train` halves it and starts each attempt clean
         logging_strategy="steps",
         logging_steps=params.logging_steps,
         report_to="none",
@@ -242,6 +269,8 @@ class RunLedger(TrainerCallback, ExportableState):
         attributes = saved.get("attributes", {}) if isinstance(saved, dict) else {}
         self.prior_runtime_s = attributes.get("runtime_s", 0.0)
         self.prior_peak_mb = attributes.get("peak_memory_mb", 0.0)
+        if self.device.type == "cuda":  # this attempt's peak, not an earlier out-of-memory attempt's
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
@@ -258,31 +287,23 @@ class RunLedger(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {"runtime_s": self.runtime_s(), "peak_memory_mb": self.peak_memory_mb()}}
 
 
-class PipelineTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer whose out-of-memory retry keeps the batch per optimizer step.
+def token_mean_loss(
+    outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Cross-entropy summed over this micro-batch's label tokens, divided by the label tokens of
+    the whole optimizer step (`num_items_in_batch`, which the Trainer counts over every
+    accumulation step, and every process when average_tokens_across_devices).
 
-    auto_find_batch_size halves the per-device batch on CUDA out-of-memory; alone, that halves
-    the batch per step and doubles the step count, so the run would silently train with another
-    recipe. Here gradient accumulation grows by the same factor (32 x 1 -> 16 x 2 = 32 per step).
-    Under several processes each one finds its batch alone: this keeps each process's share.
+    So 16 x 2 after an out-of-memory retry trains on exactly the loss of 32 x 1: the token mean
+    over the 32 rows, where averaging two micro-batch means would weight a short batch's tokens
+    more. Evaluation passes no count: then it is this batch's own token mean (T5's loss).
     """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.samples_per_device_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-
-    def _update_auto_batch_size(self, batch_size):
-        # accelerate retries with ~0.9x the batch; take the largest batch that divides the samples
-        # per step (32 x 1: 32 -> 28 becomes 16 x 2), so the batch per step stays exactly the same
-        batch_size = max(b for b in range(1, batch_size + 1) if self.samples_per_device_step % b == 0)
-        accumulation = self.samples_per_device_step // batch_size
-        if accumulation != self.args.gradient_accumulation_steps:
-            print(
-                f"per-device batch {batch_size}: gradient accumulation {self.args.gradient_accumulation_steps} -> "
-                f"{accumulation}, keeping {self.samples_per_device_step} samples per device per optimizer step"
-            )
-            self.args.gradient_accumulation_steps = accumulation
-        super()._update_auto_batch_size(batch_size)
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    total = torch.nn.functional.cross_entropy(
+        logits.float().view(-1, logits.size(-1)), labels.to(logits.device).view(-1), ignore_index=-100, reduction="sum"
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum()
+    return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 
 
 def build_trainer(
@@ -291,24 +312,24 @@ def build_trainer(
     train: Dataset,
     validation: Dataset,
     args: Seq2SeqTrainingArguments,
-) -> PipelineTrainer:
+) -> Seq2SeqTrainer:
     # pad per batch (not to max length); -100 labels are ignored by the loss; multiples of 8
     # keep tensor-core shapes on GPU
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
-    trainer = PipelineTrainer(
+    trainer = Seq2SeqTrainer(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=validation,
         data_collator=collator,
         processing_class=tokenizer,
+        compute_loss_func=token_mean_loss,  # the step's token mean, however the batch is split
         # RunLedger first: it asks for the log lines TrainerProgress shows
         callbacks=[RunLedger(args.device), TrainerProgress()],
     )
     trainer.remove_callback(PrinterCallback)  # raw log dicts; TrainerProgress prints step/total, rate, ETA, loss
-    # T5's forward takes **kwargs, so the Trainer assumes it divides the loss by
-    # num_items_in_batch; it does not (plain mean), so with 4 accumulation steps the loss and
-    # gradients would be 4x too large (and clipping 4x too tight). Let the Trainer divide.
+    # T5's forward takes **kwargs, so the Trainer would pass num_items_in_batch into it, which T5
+    # ignores; the loss is token_mean_loss's alone
     trainer.model_accepts_loss_kwargs = False
     return trainer
 
@@ -346,7 +367,7 @@ def whole_run_loss(log_history: list[dict]) -> float:
     return total / max(previous, 1)
 
 
-def training_metrics(trainer: PipelineTrainer) -> dict[str, float]:
+def training_metrics(trainer: Seq2SeqTrainer) -> dict[str, float]:
     """Flat, deterministic metrics of the whole run (across resumes): losses, counts, the recipe
     actually used. Bit-identical for the same params and data on the same machine (CPU)."""
     history = trainer.state.log_history
@@ -356,10 +377,12 @@ def training_metrics(trainer: PipelineTrainer) -> dict[str, float]:
         "eval_loss": round([entry["eval_loss"] for entry in history if "eval_loss" in entry][-1], 6),
         "train_steps": trainer.state.global_step,
         "processes": trainer.args.world_size,
+        "train_precision": "bf16" if trainer.args.bf16 else "fp32",
+        "train_tf32": int(bool(trainer.args.tf32)),
         # what one optimizer step averaged over, after any out-of-memory retry:
         # per-device batch x accumulation x processes
         "batch_per_step": trainer.get_total_train_batch_size(trainer.args),
-        "per_device_batch_size": trainer._train_batch_size,
+        "per_device_batch_size": trainer.args.per_device_train_batch_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         **count_parameters(trainer.model),
     }
@@ -370,7 +393,7 @@ def saved_mb(model_dir: Path) -> float:
     return round(sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20, 3)
 
 
-def training_costs(trainer: PipelineTrainer) -> dict[str, float]:
+def training_costs(trainer: Seq2SeqTrainer) -> dict[str, float]:
     """Whole-run wall time, throughput and peak memory (noisy by nature: kept apart from the
     deterministic metrics and out of the model folder). Peak memory is the accelerator's
     max_memory_allocated on CUDA and the process's peak RSS on CPU, named accordingly."""
@@ -378,10 +401,14 @@ def training_costs(trainer: PipelineTrainer) -> dict[str, float]:
     runtime = ledger.runtime_s()
     samples = len(trainer.train_dataset) * trainer.args.num_train_epochs
     memory_key = "peak_gpu_memory_mb" if trainer.args.device.type == "cuda" else "peak_rss_mb"
+    device = trainer.args.device
     return {
         "train_runtime_s": round(runtime, 2),
         "train_samples_per_second": round(samples / runtime, 3),
         memory_key: round(ledger.peak_memory_mb(), 1),
+        "train_device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({os.cpu_count()} cores)",
     }
 
 
@@ -412,3 +439,182 @@ def model_card(pin_file: Path, library: str, params: dict, metrics: dict) -> str
         f"## Params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n\n"
         f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n"
     )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training stage's run: its method, the params, the device and the pinned base model.
+
+    The paths follow from the method alone (one name per concept): models/<method>,
+    checkpoints/train_<method>, dvclive/train_<method>, metrics/train/<method>.json and
+    metrics/timing/train_<method>.json.
+    """
+
+    method: str
+    params: Params
+    device: torch.device
+    base: ModelParams  # params.model at the commit the base stage pinned
+
+    @property
+    def section(self) -> str:
+        return f"train_{self.method}"
+
+    @property
+    def recipe(self) -> TrainParams:
+        return getattr(self.params, self.section)
+
+    @property
+    def model_dir(self) -> Path:
+        return Path("models") / self.method
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path("checkpoints") / self.section
+
+    @property
+    def curves_dir(self) -> Path:
+        return Path("dvclive") / self.section
+
+
+def start_run(method: str, params: Params) -> Run:
+    """Before anything heavy: watch the launcher, seed, pick the device, read the base's pin."""
+    exit_with_launcher()
+    set_determinism(params.seed, params.deterministic)
+    return Run(method, params, pick_device(), read_pin(BASE_PIN, params.model))
+
+
+class Trained(typing.NamedTuple):
+    trainer: Seq2SeqTrainer
+    tokenizer: PreTrainedTokenizerBase
+    oom_retries: int  # attempts that ran out of memory before the one that finished
+    oom_lost_s: float  # their wall clock: spent, but not part of the recipe's train time
+
+
+def halved(batch: tuple[int, int]) -> tuple[int, int]:
+    """(per-device batch, accumulation) after an out-of-memory error: half the batch, twice the
+    accumulation, the same samples per optimizer step (32 x 1 -> 16 x 2 -> 8 x 4). An odd batch
+    cannot be halved exactly: then accumulation takes the whole step one sample at a time."""
+    per_device, accumulation = batch
+    if per_device % 2:
+        return 1, per_device * accumulation
+    return per_device // 2, accumulation * 2
+
+
+def checkpoint_batch(checkpoint_dir: Path, run_fingerprint: str) -> int | None:
+    """The per-device batch a resumable checkpoint of this run trained with (smaller than the
+    recipe's after an out-of-memory retry), or None: a resume continues at that batch."""
+    marker = checkpoint_dir / "fingerprint.txt"
+    complete = complete_checkpoints(checkpoint_dir) if checkpoint_dir.is_dir() else []
+    if not complete or not marker.is_file() or marker.read_text() != run_fingerprint:
+        return None
+    return json.loads((complete[-1] / "trainer_state.json").read_text()).get("train_batch_size")
+
+
+def train(
+    run: Run,
+    build: Callable[[PreTrainedModel], PreTrainedModel],
+    *method_params: object,
+    prepared_dir: Path = PREPARED_DIR,
+) -> Trained:
+    """Train the model `build` makes from freshly loaded base weights, with the run's recipe.
+
+    On a CUDA out-of-memory error (with the recipe's auto_find_batch_size), the attempt is thrown
+    away whole (model, optimizer, checkpoints, curves) and the next starts clean with half the
+    per-device batch and twice the accumulation, so every optimizer step still averages the same
+    samples (token_mean_loss makes the loss equal too). The result is the run the smaller batch
+    would have given from the start. `method_params` (the method's params section) go into the
+    checkpoints' fingerprint beside the recipe, the seed and the pin.
+    """
+    recipe = run.recipe
+    tokenizer = load_tokenizer(run.base.name, run.base.revision)
+    train_split, validation = load_training_splits(prepared_dir)
+    run_fingerprint = fingerprint(prepared_dir, run.params.seed, read_json(BASE_PIN), recipe, *method_params)
+    batch = (recipe.batch_size, recipe.gradient_accumulation_steps)
+    resumed = checkpoint_batch(run.checkpoint_dir, run_fingerprint)
+    while resumed is not None and batch[0] > resumed:  # a resume continues at the batch that fit
+        batch = halved(batch)
+    retries, lost = 0, 0.0
+    while True:
+        started = time.perf_counter()
+        model = build(load_model(run.base.name, run.base.revision))
+        args = training_arguments(recipe, run.params.seed, run.checkpoint_dir, run.device, run.section, batch)
+        trainer = build_trainer(model, tokenizer, train_split, validation, args)
+        resume = resumable_checkpoint(trainer, run.checkpoint_dir, run_fingerprint)
+        attach_curves(trainer, run.curves_dir, resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+            return Trained(trainer, tokenizer, retries, round(lost, 2))
+        except torch.cuda.OutOfMemoryError:
+            if not recipe.auto_find_batch_size or batch[0] == 1:
+                raise
+            retries, lost = retries + 1, lost + time.perf_counter() - started
+            discard_attempt(trainer, run)
+            batch = halved(batch)
+            print(
+                f"CUDA out of memory: restarting {run.section} clean with per-device batch {batch[0]} x "
+                f"{batch[1]} accumulation (= {batch[0] * batch[1]} per device per optimizer step)"
+            )
+
+
+def discard_attempt(trainer: Seq2SeqTrainer, run: Run) -> None:
+    """Free a failed attempt's memory and remove what it wrote (checkpoints, curve rows), so the
+    next attempt starts as a fresh run would."""
+    live = next((cb.live for cb in trainer.callback_handler.callbacks if isinstance(cb, OptimizerStepCurves)), None)
+    if live is not None:
+        live.end()
+    trainer.accelerator.free_memory()
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+    shutil.rmtree(run.curves_dir / "plots", ignore_errors=True)
+
+
+def save_adapter(model, tokenizer, out_dir: Path, initial_adapter: Path | None = None) -> None:
+    """A PEFT method's output: only the adapter weights (kB to MB) and the tokenizer; the base
+    model comes from its pin (finish_run writes pin.json beside them).
+
+    `initial_adapter` (LoRA's PiSSA/OLoRA only): peft then saves the trained adapter minus the
+    initial one as a plain LoRA adapter of rank 2r ([B | -B0] [A ; A0]) that applies to the
+    untouched base model.
+    """
+    model.save_pretrained(
+        out_dir,
+        safe_serialization=True,
+        path_initial_model_for_weight_conversion=None if initial_adapter is None else str(initial_adapter),
+    )
+    tokenizer.save_pretrained(out_dir)
+
+
+def finish_run(
+    run: Run,
+    trained: Trained,
+    save: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Path], None],
+    card_params: dict,
+) -> None:
+    """On the first process: save the model (`save`), its metrics, costs and model card; remove
+    the checkpoints of the finished run. The same for every method."""
+    trainer = trained.trainer
+    if not trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
+        return
+    save(trainer.model, trained.tokenizer, run.model_dir)
+    library = "peft" if (run.model_dir / "adapter_config.json").is_file() else "transformers"
+    if library == "peft":  # an adapter names the exact base it applies to: generate@<method> reads it
+        shutil.copy2(BASE_PIN, run.model_dir / "pin.json")
+    metrics = {**training_metrics(trainer), "saved_mb": saved_mb(run.model_dir)}
+    write_json(metrics, Path("metrics/train") / f"{run.method}.json")
+    costs = {
+        **training_costs(trainer),
+        "train_oom_retries": trained.oom_retries,
+        "train_oom_lost_s": trained.oom_lost_s,
+    }
+    write_json(costs, Path("metrics/timing") / f"{run.section}.json")
+    card = model_card(
+        BASE_PIN,
+        library,
+        {"seed": run.params.seed, "model": dataclasses.asdict(run.params.model), **card_params},
+        metrics,
+    )
+    (run.model_dir / "README.md").write_text(card)
+    remove_checkpoints(run.checkpoint_dir)
