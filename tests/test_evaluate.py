@@ -17,6 +17,7 @@ import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from stages.generate import generate_summaries, lead_summary
+from stages.modeling import use_bf16
 from stages.params import GenerateParams, load_params
 from tests.conftest import FLAN_SMALL, REPO, dialogsum_rows, require_shared, write_jsonl
 
@@ -49,9 +50,9 @@ def test_batched_sorted_generation_matches_per_example(tiny_model_dir, num_beams
     one_by_one = [
         generate_summaries(model, tokenizer, [ids], dataclasses.replace(params, batch_size=1)) for ids in input_ids
     ]
-    assert batched[0] == [s[0][0] for s in one_by_one]  # same summaries, in input order
-    assert batched[1] == [s[1][0] for s in one_by_one]  # same generated lengths
-    assert all(0 < n <= 8 for n in batched[1])
+    assert batched.summaries == [s.summaries[0] for s in one_by_one]  # same summaries, in input order
+    assert batched.lengths == [s.lengths[0] for s in one_by_one]  # same generated lengths
+    assert all(0 < n <= 8 for n in batched.lengths)
 
 
 def run_stage_module(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -68,7 +69,7 @@ def run_stage_module(module: str, *args: str, cwd) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A directory where the data, prepare and baselines stages have run on small local data."""
+    """A directory where the data, base, lead and prepare stages have run on small local data."""
     root = tmp_path_factory.mktemp("evaluate")
     for split in ("train", "validation", "test"):
         write_jsonl(
@@ -80,9 +81,8 @@ def workdir(tmp_path_factory, tiny_model_dir) -> Path:
     params["generate"].update(num_beams=2, max_new_tokens=6)
     params["evaluate"].update(bootstrap_resamples=500)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    run_stage_module("stages.data", cwd=root)
-    run_stage_module("stages.prepare", cwd=root)
-    run_stage_module("stages.baselines", cwd=root)
+    for stage in ("data", "base", "lead", "prepare"):
+        run_stage_module(f"stages.{stage}", cwd=root)
     return root
 
 
@@ -117,7 +117,12 @@ def test_lead_baseline_scores_its_own_text(workdir):
     generate_and_evaluate(workdir, "lead")
     first = json.loads((workdir / "data" / "predictions" / "lead.jsonl").read_text().splitlines()[0])
     assert first["prediction"] == "Hello, I would like to book table 0 for dinner. Sure, for how many people?"
-    assert first["references"] == [f"Person1 books table 0 for dinner (version {r})." for r in range(3)]
+    assert "references" not in first  # generation never reads them: data/prepared/references.jsonl
+    references = json.loads((workdir / "data" / "prepared" / "references.jsonl").read_text().splitlines()[0])
+    assert references == {
+        "id": first["id"],
+        "references": [f"Person1 books table 0 for dinner (version {r})." for r in range(3)],
+    }
     scores = json.loads((workdir / "data" / "scores" / "lead.jsonl").read_text().splitlines()[0])
     assert scores["id"] == first["id"] and scores["rouge1"] >= scores["rouge1_mean_ref"] > 0
 
@@ -155,9 +160,10 @@ def test_generation_halves_the_batch_on_out_of_memory(tiny_model_dir, capsys):
     input_ids = tokenizer(["hello", "how are you", "see you", "thanks", "a table for two"])["input_ids"]
     params = generate_params(batch_size=8, precision="fp32", num_beams=1, max_new_tokens=5)
     flaky = OutOfMemoryAbove(model, limit=2)
-    summaries = generate_summaries(flaky, tokenizer, input_ids, params)
-    assert summaries == generate_summaries(model, tokenizer, input_ids, params)
+    generated = generate_summaries(flaky, tokenizer, input_ids, params)
+    assert generated.summaries == generate_summaries(model, tokenizer, input_ids, params).summaries
     assert flaky.batch_sizes == [5, 4, 2, 2, 1]  # 8 -> 4 -> 2, then the remaining dialogue
+    assert generated.batch_size == 2  # the batch that ran, recorded in metrics/timing/generate_<variant>.json
     assert "CUDA out of memory: retrying with generate.batch_size=2" in capsys.readouterr().err
 
 
@@ -188,7 +194,7 @@ def test_checkpoint_generation_config_cannot_change_what_is_scored(tiny_model_di
     )
     model = AutoModelForSeq2SeqLM.from_pretrained(shipped).eval()
     assert model.generation_config.forced_bos_token_id == forced  # the premise: the checkpoint ships these
-    assert generate_summaries(model, tokenizer, input_ids, params) == clean
+    assert generate_summaries(model, tokenizer, input_ids, params).summaries == clean.summaries
 
 
 def test_generation_settings_are_recorded_with_the_outputs(workdir):
@@ -203,7 +209,32 @@ def test_generation_settings_are_recorded_with_the_outputs(workdir):
         "generation_repetition_penalty": 1.0,
         "generation_early_stopping": 1,
         "generation_do_sample": 0,
+        # what precision auto resolved to on this machine (bf16 on a CPU with AVX512-BF16 or AMX)
+        "generation_precision": "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32",
     }
+
+
+def test_throughput_counts_generation_only_and_load_time_apart(workdir, monkeypatch):
+    """A slow model load (a Hub download, CUDA start-up) must not lower the dialogues per second."""
+    from stages import generate
+
+    real_load = generate.load_variant
+
+    def slow_load(*args, **kwargs):
+        import time
+
+        time.sleep(3.0)  # a download
+        return real_load(*args, **kwargs)
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(generate, "load_variant", slow_load)
+    generate.main("base")
+    timing = json.loads((workdir / "metrics" / "timing" / "generate_base.json").read_text())
+    assert timing["load_runtime_s"] >= 3.0
+    assert timing["generation_runtime_s"] < timing["load_runtime_s"]  # 6 tiny dialogues: well under 3 s
+    assert timing["generation_dialogues_per_second"] == round(6 / timing["generation_runtime_s"], 3)
+    assert timing["generation_batch_size"] == load_params(workdir / "params.yaml").generate.batch_size
+    assert timing["device"].startswith("cpu (")
 
 
 def test_default_generation_can_write_a_reference_with_repeated_speaker_tags():
@@ -255,11 +286,9 @@ def test_lora_is_evaluated_as_trained_not_merged_in_bf16(tiny_model_dir, tmp_pat
 
     adapter = tiny_lora(tiny_model_dir, tmp_path / "lora")
     model_params = ModelParams(name=str(tiny_model_dir), revision="main")
-    write_jsonl(tmp_path / "base" / "pin.json", [])  # the folder; the pin itself below
-    (tmp_path / "base" / "pin.json").write_text(
+    (adapter / "pin.json").write_text(  # the pin train_lora writes beside the adapter
         json.dumps({"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:test"})
     )
-    monkeypatch.setattr(generate, "BASE_DIR", tmp_path / "base")
     tokenizer, evaluated = generate.load_variant(adapter, model_params, torch.bfloat16)
     reference = PeftModel.from_pretrained(
         AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), str(adapter)
@@ -285,7 +314,11 @@ def test_stage_scores_equal_the_evaluate_module_and_the_plain_scorer(workdir):
     generate_and_evaluate(workdir, "base")
     stage = json.loads((workdir / "metrics" / "evaluate" / "base.json").read_text())
     rows = [json.loads(line) for line in (workdir / "data" / "predictions" / "base.jsonl").read_text().splitlines()]
-    predictions, references = [r["prediction"] for r in rows], [r["references"] for r in rows]
+    by_id = {
+        r["id"]: r["references"]
+        for r in map(json.loads, (workdir / "data" / "prepared" / "references.jsonl").read_text().splitlines())
+    }
+    predictions, references = [r["prediction"] for r in rows], [by_id[r["id"]] for r in rows]
     plain = mean_scores(score_corpus(predictions, references))
     module = evaluate.load(str(REPO / "stages" / "rouge_multiref"), keep_in_memory=True)
     notebook = module.compute(predictions=predictions, references=references)

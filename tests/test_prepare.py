@@ -1,13 +1,25 @@
-"""Prompt formatting, tokenization with truncation counts, and grouping of test references."""
+"""Prompt formatting, truncation that keeps the prompt's cue, and grouping of test references."""
 
 from __future__ import annotations
+
+import json
+import random
 
 import pytest
 from transformers import AutoTokenizer
 
+from stages.errors import StageError
 from stages.params import PrepareParams
-from stages.prepare import format_prompt, group_references, prepare_test_split, prepare_training_split, tokenize
-from tests.conftest import dialogsum_rows
+from stages.prepare import (
+    fit_prompt,
+    fit_prompts,
+    format_prompt,
+    group_references,
+    prepare_test_split,
+    prepare_training_split,
+    tokenize,
+)
+from tests.conftest import DIALOGSUM, FLAN_SMALL, dialogsum_rows, require_shared
 
 TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 
@@ -32,10 +44,15 @@ def test_truncation_keeps_eos_and_is_counted(tokenizer):
 
 
 def test_training_split_has_labels_and_stats(tokenizer):
-    params = PrepareParams(prompt_template=TEMPLATE, max_source_length=16, max_target_length=64)
+    tail = tokenizer("\n\nSummary: ")["input_ids"][-4:]  # the template's last tokens, then </s>
+    full = len(tokenizer(format_prompt(TEMPLATE, dialogsum_rows("train", 1)[0]["dialogue"]))["input_ids"])
+    params = PrepareParams(prompt_template=TEMPLATE, max_source_length=full - 5, max_target_length=64)
     dataset, stats = prepare_training_split(dialogsum_rows("train", 3), tokenizer, params)
     assert dataset.column_names == ["input_ids", "attention_mask", "labels"]
-    assert stats == {"source_truncated": 3, "target_truncated": 0}
+    assert stats == {"dialogue_cut": 3, "target_truncated": 0}
+    for ids in dataset["input_ids"]:  # the dialogue lost its end, the prompt kept its cue
+        assert len(ids) <= full - 5 and ids[-4:] == tail
+        assert tokenizer.decode(ids, skip_special_tokens=True).endswith("Summary:")
     assert (
         tokenizer.decode(dataset[0]["labels"], skip_special_tokens=True)
         == "Person1 books table 0 for dinner (version 0)."
@@ -50,8 +67,53 @@ def test_references_group_by_dialogue_text_not_id():
     assert groups[1]["references"] == [f"Person1 books table 1 for dinner (version {r})." for r in range(3)]
 
 
+def test_references_group_by_dialogue_not_by_adjacency():
+    rows = dialogsum_rows("test", 3, references=3)
+    shuffled = random.Random(0).sample(rows, len(rows))  # rows of a dialogue no longer all adjacent
+    groups = {g["dialogue"]: sorted(g["references"]) for g in group_references(shuffled)}
+    assert groups == {g["dialogue"]: sorted(g["references"]) for g in group_references(rows)}
+    assert len(groups) == 3 and all(len(refs) == 3 for refs in groups.values())
+
+
 def test_single_reference_test_split(tokenizer):
     params = PrepareParams(prompt_template=TEMPLATE, max_source_length=512, max_target_length=64)
-    dataset, stats = prepare_test_split(dialogsum_rows("test", 4), tokenizer, params)
-    assert stats == {"source_truncated": 0, "dialogues": 4, "references": 4}
-    assert dataset["references"] == [[f"Person1 books table {i} for dinner (version 0)."] for i in range(4)]
+    dataset, references, stats = prepare_test_split(dialogsum_rows("test", 4), tokenizer, params)
+    assert stats == {"dialogue_cut": 0, "dialogues": 4, "references": 4}
+    assert dataset.column_names == ["id", "dialogue", "input_ids"]  # generation never sees references
+    assert [r["references"] for r in references] == [
+        [f"Person1 books table {i} for dinner (version 0)."] for i in range(4)
+    ]
+    assert [r["id"] for r in references] == dataset["id"]
+
+
+def test_a_template_longer_than_the_limit_is_one_clear_error(tokenizer):
+    with pytest.raises(StageError) as info:
+        fit_prompt(TEMPLATE, "#Person1#: Hi.", tokenizer, max_length=4)
+    template_tokens = len(tokenizer(format_prompt(TEMPLATE, ""))["input_ids"])
+    assert str(info.value) == (
+        f"prepare.max_source_length: the prompt template alone takes {template_tokens} tokens, more than "
+        "max_source_length=4; raise it or shorten prepare.prompt_template"
+    )
+
+
+def test_prompts_that_fit_are_tokenized_whole(tokenizer):
+    dialogues = [r["dialogue"] for r in dialogsum_rows("train", 3)]
+    ids, cut = fit_prompts(TEMPLATE, dialogues, tokenizer, max_length=512)
+    assert cut == 0 and ids == tokenizer([format_prompt(TEMPLATE, d) for d in dialogues])["input_ids"]
+
+
+def test_real_test_split_groups_and_keeps_every_cue():
+    """The real DialogSum test split with the FLAN-T5 tokenizer: 500 dialogues x 3 references, and
+    the 13 prompts over 512 tokens lose the end of their dialogue, not "Summary:"."""
+    require_shared()
+    rows = [json.loads(line) for line in (DIALOGSUM / "test.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(FLAN_SMALL)
+    params = PrepareParams(prompt_template=TEMPLATE, max_source_length=512, max_target_length=128)
+    dataset, references, stats = prepare_test_split(rows, tokenizer, params)
+    assert stats == {"dialogue_cut": 13, "dialogues": 500, "references": 1500}
+    assert all(len(r["references"]) == 3 for r in references)
+    tail = tokenizer(format_prompt(TEMPLATE, ""))["input_ids"][-3:]  # "▁Summary", ":" and </s>
+    assert all(len(ids) <= 512 and ids[-3:] == tail for ids in dataset["input_ids"])
+    reordered = list(reversed(rows))
+    regrouped = {g["dialogue"]: sorted(g["references"]) for g in group_references(reordered)}
+    assert regrouped == {g["dialogue"]: sorted(g["references"]) for g in group_references(rows)}
