@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from pathlib import Path
 
@@ -13,10 +14,10 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from stages import launch
+from stages import launch, training
 from stages.errors import StageError
 from stages.modeling import load_model, load_tokenizer
-from stages.params import TrainParams, load_params
+from stages.params import ModelParams, TrainParams, load_params
 from stages.training import (
     attach_curves,
     build_trainer,
@@ -46,31 +47,139 @@ def make_trainer(model_dir: Path, output_dir: Path, params: TrainParams, rows: i
     return build_trainer(model, tokenizer, data, data.select(range(4)), args)
 
 
-def test_out_of_memory_retry_keeps_the_batch_per_optimizer_step(tiny_model_dir, tmp_path, capsys):
+class SmallGpu:
+    """Stands in for a GPU that fits `limit` dialogues per forward pass: from the `after`-th forward
+    pass on (so some steps have trained and been logged first), a bigger batch raises CUDA OOM.
+    Also turns dropout off, so runs with different batch splits can be compared exactly."""
+
+    def __init__(self, limit: int, after: int):
+        self.limit, self.after, self.calls, self.batches = limit, after, 0, []
+
+    def build(self, model):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "dropout", None), float):  # T5 attention's functional dropout
+                module.dropout = 0.0
+        forward = model.forward
+
+        @functools.wraps(forward)  # the Trainer reads forward's signature to pick dataset columns
+        def small_gpu_forward(*args, **kwargs):
+            self.calls += 1
+            rows = kwargs["input_ids"].shape[0]
+            if rows > self.limit and self.calls >= self.after and model.training:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            self.batches.append(rows) if model.training else None
+            return forward(*args, **kwargs)
+
+        model.forward = small_gpu_forward
+        return model
+
+
+def skeleton_run(tiny_model_dir: Path, workdir: Path, recipe: TrainParams, monkeypatch) -> training.Run:
+    """A workdir laid out as the training stages expect (models/base/pin.json, data/prepared/{train,
+    validation}) on 32 rows whose summaries differ in length, and a Run of train_full there."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(workdir)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    sources = tokenizer([f"#Person1#: I need table {i} for dinner. #Person2#: Sure." for i in range(32)])
+    labels = tokenizer([f"Person1 books table {i}." + " Then they eat." * (i % 4) for i in range(32)])["input_ids"]
+    rows = Dataset.from_dict({**sources, "labels": labels})
+    rows.save_to_disk("data/prepared/train")
+    rows.select(range(4)).save_to_disk("data/prepared/validation")
+    pin = {"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:test"}
+    Path("models/base").mkdir(parents=True)
+    Path("models/base/pin.json").write_text(json.dumps(pin))
     params = dataclasses.replace(
-        TRAIN,
-        batch_size=4,
-        gradient_accumulation_steps=2,
-        auto_find_batch_size=True,
-        eval_batch_size=2,
-        save_steps=1000,
+        load_params(REPO / "params.yaml"),
+        model=ModelParams(name=str(tiny_model_dir), revision="main"),
+        train_full=recipe,
     )
-    trainer = make_trainer(tiny_model_dir, tmp_path, params)
-    forward = trainer.model.forward
+    return training.start_run("full", params)
 
-    @functools.wraps(forward)  # the Trainer reads forward's signature to pick dataset columns
-    def small_gpu_forward(*args, **kwargs):  # a GPU that fits 2 dialogues per forward pass, not 4
-        if kwargs["input_ids"].shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return forward(*args, **kwargs)
 
-    trainer.model.forward = small_gpu_forward
-    trainer.train()
-    metrics = training_metrics(trainer)
+def read_curve(tsv: Path) -> dict[int, float]:
+    header, *rows = tsv.read_text().splitlines()
+    step, value = header.split("\t").index("step"), header.split("\t").index("loss")
+    return {int(r.split("\t")[step]): float(r.split("\t")[value]) for r in rows}
+
+
+def test_out_of_memory_restarts_clean_at_half_the_batch(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # 32 rows at 8 per optimizer step = 4 steps; the "GPU" fits 2 rows and fails from the 3rd
+    # forward pass: the 8 x 1 attempt trains 2 steps first, then 8 -> 4 -> 2 per device
+    recipe = dataclasses.replace(TRAIN, batch_size=8, auto_find_batch_size=True, save_steps=1)
+    gpu = SmallGpu(limit=2, after=3)
+    run = skeleton_run(tiny_model_dir, tmp_path / "retried", recipe, monkeypatch)
+    retried = training.train(run, gpu.build)
+    metrics = training_metrics(retried.trainer)
+    assert retried.oom_retries == 2  # 8 x 1 and 4 x 2 ran out of memory; halving, not 0.9x steps
     assert (metrics["per_device_batch_size"], metrics["gradient_accumulation_steps"]) == (2, 4)
-    assert metrics["batch_per_step"] == 8  # 4 x 2 asked for; 2 x 4 after the retry
-    assert metrics["train_steps"] == 2  # 16 rows / 8 per step, as without the out-of-memory error
-    assert "per-device batch 2: gradient accumulation 2 -> 4, keeping 8 samples" in capsys.readouterr().out
+    assert metrics["batch_per_step"] == 8 and metrics["train_steps"] == 4  # as without the error
+    assert "restarting train_full clean with per-device batch 4 x 2 accumulation" in capsys.readouterr().out
+    retried_curve = read_curve(run.curves_dir / "plots" / "metrics" / "loss.tsv")
+    assert list(retried_curve) == [1, 2, 3, 4]  # the failed attempts' rows are gone: no duplicate steps
+    retried_weights = {k: v.clone() for k, v in retried.trainer.model.state_dict().items()}
+
+    # the same recipe at 2 x 4 from the start, and at 8 x 1 on a GPU that fits it: the retried run
+    # is the clean 2 x 4 run, and its loss (a token mean over the step's 8 rows) equals 8 x 1's
+    clean = training.train(
+        skeleton_run(
+            tiny_model_dir,
+            tmp_path / "clean",
+            dataclasses.replace(recipe, batch_size=2, gradient_accumulation_steps=4),
+            monkeypatch,
+        ),
+        SmallGpu(limit=8, after=0).build,
+    )
+    for name, value in clean.trainer.model.state_dict().items():
+        torch.testing.assert_close(retried_weights[name], value)
+    unsplit_run = skeleton_run(tiny_model_dir, tmp_path / "unsplit", recipe, monkeypatch)
+    training.train(unsplit_run, SmallGpu(limit=8, after=0).build)
+    unsplit_curve = read_curve(unsplit_run.curves_dir / "plots" / "metrics" / "loss.tsv")
+    assert retried_curve == pytest.approx(unsplit_curve, rel=1e-4)
+
+
+def test_out_of_memory_with_auto_find_batch_size_off_is_raised(tiny_model_dir, tmp_path, monkeypatch):
+    recipe = dataclasses.replace(TRAIN, batch_size=8, auto_find_batch_size=False)
+    run = skeleton_run(tiny_model_dir, tmp_path, recipe, monkeypatch)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        training.train(run, SmallGpu(limit=2, after=0).build)
+
+
+def test_halving_keeps_the_samples_per_step():
+    assert training.halved((32, 1)) == (16, 2)
+    assert training.halved((16, 2)) == (8, 4)
+    assert training.halved((6, 1)) == (3, 2)
+    assert training.halved((3, 2)) == (1, 6)  # an odd batch: one sample at a time, 6 per step still
+
+
+def test_token_mean_loss_equals_the_unsplit_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 11)
+    labels = torch.randint(0, 11, (4, 5))
+    labels[0, 2:] = -100  # rows of different lengths: a mean of micro-batch means would differ
+    labels[3, 1:] = -100
+    whole = training.token_mean_loss({"logits": logits}, labels)
+    tokens = labels.ne(-100).sum()
+    halves = sum(
+        training.token_mean_loss({"logits": logits[i : i + 2]}, labels[i : i + 2], num_items_in_batch=tokens)
+        for i in (0, 2)
+    )
+    torch.testing.assert_close(halves, whole)
+    means = sum(training.token_mean_loss({"logits": logits[i : i + 2]}, labels[i : i + 2]) for i in (0, 2)) / 2
+    assert not torch.isclose(means, whole)  # the premise: averaging two means is not the token mean
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(whole, expected)
+
+
+def test_tf32_only_alongside_bf16_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100/H200
+    cuda = torch.device("cuda", 0)
+    assert training.use_tf32(bf16=True, device=cuda) is True
+    assert training.use_tf32(bf16=False, device=cuda) is False  # precision fp32 means fp32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no TF32
+    assert training.use_tf32(bf16=False, device=cuda) is None
+    assert training.use_tf32(bf16=True, device=torch.device("cpu")) is None
 
 
 class StopAfter(TrainerCallback):
