@@ -18,14 +18,13 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-from peft import get_peft_model
 
-from stages import train_ia3, train_lora, train_prompt
+from stages import train_ia3, train_lora, train_prompt, training
 from stages.errors import StageError
 from stages.generate import generate_summaries, load_adapter
 from stages.modeling import linear_layer_names, load_model, load_tokenizer
 from stages.params import ModelParams, load_params, parse_params
-from stages.training import build_trainer, count_parameters, training_arguments
+from stages.training import build_trainer, count_parameters, save_adapter, training_arguments
 from tests.conftest import REPO, dialogsum_rows, problems, tiny_train_params, write_jsonl
 
 COMMITTED = load_params(REPO / "params.yaml")
@@ -62,11 +61,21 @@ def dataset(tokenizer, rows: int) -> Dataset:
 
 def peft_config(method: str, model_dir: Path):
     module, params, _ = METHODS[method]
-    model = ModelParams(name=str(model_dir), revision="main")
     if module is train_prompt:
-        return train_prompt.prompt_config(params, model)
+        return train_prompt.prompt_config(params)
     make = train_lora.lora_config if module is train_lora else train_ia3.ia3_config
-    return make(params, linear_layer_names(model))
+    return make(params, linear_layer_names(ModelParams(name=str(model_dir), revision="main")))
+
+
+def build(method: str, model_dir: Path, tokenizer):
+    """The method's model as its stage builds it (build_model on fresh base weights)."""
+    module, params, _ = METHODS[method]
+    config = peft_config(method, model_dir)
+    if module is train_prompt:
+        return train_prompt.build_model(
+            load_model(str(model_dir)), config, train_prompt.init_token_ids(params, tokenizer, seed=0)
+        )
+    return module.build_model(load_model(str(model_dir)), config)
 
 
 @pytest.fixture(scope="module", params=list(METHODS))
@@ -76,8 +85,13 @@ def trained(request, tiny_model_dir, tmp_path_factory):
     module, params, learning_rate = METHODS[method]
     torch.manual_seed(0)
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    model = get_peft_model(load_model(str(tiny_model_dir)), peft_config(method, tiny_model_dir))
-    initial = train_lora.save_initial_adapter(model, params) if module is train_lora else None
+    model = build(method, tiny_model_dir, tokenizer)
+    base = ModelParams(name=str(tiny_model_dir), revision="main")
+    initial = (
+        train_lora.save_initial_adapter(base, peft_config(method, tiny_model_dir), params)
+        if module is train_lora
+        else None
+    )
     data = dataset(tokenizer, 8)
     out = tmp_path_factory.mktemp(method)
     args = training_arguments(
@@ -89,7 +103,7 @@ def trained(request, tiny_model_dir, tmp_path_factory):
     )
     trainer = build_trainer(model, tokenizer, data, data.select(range(4)), args)
     trainer.train()
-    module.save_adapter(trainer.model, tokenizer, out / "adapter", *([initial] if initial else []))
+    save_adapter(trainer.model, tokenizer, out / "adapter", initial)
     return method, trainer.model.eval(), trainer.state.log_history, out / "adapter", tokenizer
 
 
@@ -138,14 +152,14 @@ def test_the_saved_adapter_on_a_fresh_base_is_the_trained_model(trained, tiny_mo
     ]
     input_ids = tokenizer(texts)["input_ids"]
     params = dataclasses.replace(generate_params(), batch_size=2)  # batches of unequal lengths: padded
-    expected = generate_summaries(model, tokenizer, input_ids, params)
-    assert generate_summaries(reloaded, tokenizer, input_ids, params) == expected
+    expected = generate_summaries(model, tokenizer, input_ids, params).summaries
+    assert generate_summaries(reloaded, tokenizer, input_ids, params).summaries == expected
     if method == "prompt":  # peft prepends the prompt to the input and ones to its attention mask in generate()
         one_by_one = [
-            generate_summaries(reloaded, tokenizer, [ids], dataclasses.replace(params, batch_size=1))[0][0]
+            generate_summaries(reloaded, tokenizer, [ids], dataclasses.replace(params, batch_size=1)).summaries[0]
             for ids in input_ids
         ]
-        assert one_by_one == expected[0]  # padding in a batch does not change a summary
+        assert one_by_one == expected  # padding in a batch does not change a summary
 
 
 def test_trainable_counts_are_honest(trained, tiny_model_dir):
@@ -175,20 +189,19 @@ def test_pissa_and_olora_adapters_are_saved_converted(tiny_model_dir, tmp_path, 
     survive that conversion, which is why params refuse DoRA with these inits."""
     params = dataclasses.replace(LORA, init=init, use_rslora=use_rslora, use_dora=use_dora)
     torch.manual_seed(0)
-    model = get_peft_model(
-        load_model(str(tiny_model_dir)),
-        train_lora.lora_config(params, linear_layer_names(ModelParams(name=str(tiny_model_dir), revision="main"))),
-    )
+    base = ModelParams(name=str(tiny_model_dir), revision="main")
+    config = train_lora.lora_config(params, linear_layer_names(base))
+    model = train_lora.build_model(load_model(str(tiny_model_dir)), config)
     attention = model.base_model.model.encoder.block[0].layer[0].SelfAttention
     assert not torch.equal(
         attention.q.base_layer.weight, load_model(str(tiny_model_dir)).encoder.block[0].layer[0].SelfAttention.q.weight
     )
-    initial = train_lora.save_initial_adapter(model, params)
+    initial = train_lora.save_initial_adapter(base, config, params)  # from fresh base weights, as the stage does
     with torch.no_grad():  # stands in for training: move every trainable weight
         for weight in (p for p in model.parameters() if p.requires_grad):
             weight.add_(0.05 * torch.randn_like(weight))
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    train_lora.save_adapter(model, tokenizer, tmp_path / "adapter", initial)
+    save_adapter(model, tokenizer, tmp_path / "adapter", initial)
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (saved["r"], saved["init_lora_weights"]) == (2 * LORA.r, True)
     reloaded = load_adapter(load_model(str(tiny_model_dir)), tmp_path / "adapter")
@@ -292,9 +305,8 @@ def workdir(tmp_path_factory, tiny_model_dir) -> Path:
     for section in ("train_ia3", "train_prompt"):
         params[section].update(epochs=1, batch_size=2, gradient_accumulation_steps=1, eval_batch_size=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    run_stage("stages.data", root)
-    run_stage("stages.prepare", root)
-    run_stage("stages.baselines", root)  # pins the base model the training stages load
+    for stage in ("data", "base", "prepare"):  # base pins the model that prepare and training load
+        run_stage(f"stages.{stage}", root)
     return root
 
 
@@ -305,6 +317,8 @@ def test_stage_runs_end_to_end(workdir, method):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == {"ia3": "IA3", "prompt": "PROMPT_TUNING"}[method]
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    # the pin of the base it was trained on rides along: generate@<method> reads nothing outside models/<method>
+    assert (adapter / "pin.json").read_text() == (workdir / "models" / "base" / "pin.json").read_text()
     assert "library_name: peft" in (adapter / "README.md").read_text()
     metrics = json.loads((workdir / "metrics" / "train" / f"{method}.json").read_text())
     assert metrics["train_steps"] == 3 and metrics["trainable_params"] > 0
@@ -318,13 +332,37 @@ def test_ia3_stage_stops_on_an_unknown_target_before_loading_weights(tiny_model_
     params["model"]["name"] = str(tiny_model_dir)
     params["ia3"]["target_modules"] = ["k", "v", "wo", "wi"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    pin = {"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:0"}  # baselines' output
+    pin = {"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:0"}  # the base stage's output
     (tmp_path / "models" / "base").mkdir(parents=True)
     (tmp_path / "models" / "base" / "pin.json").write_text(json.dumps(pin))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_ia3, "load_base", lambda *args: pytest.fail("loaded the weights before checking"))
+    monkeypatch.setattr(training, "load_model", lambda *args: pytest.fail("loaded the weights before checking"))
     with pytest.raises(StageError) as info:
         train_ia3.main()
     assert str(info.value) == (
         "ia3.target_modules: wi not found in the model; linear layers available: k, lm_head, o, q, v, wi_0, wi_1, wo"
     )
+
+
+def test_prompt_text_init_repeats_the_text_without_special_tokens(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    params = dataclasses.replace(COMMITTED.prompt, num_virtual_tokens=20, init="text", init_text="Summarize this:")
+    ids = train_prompt.init_token_ids(params, tokenizer, seed=0)
+    text = tokenizer("Summarize this:", add_special_tokens=False)["input_ids"]
+    assert ids == (text * 20)[:20] and tokenizer.eos_token_id not in ids  # peft's own init repeats </s> too
+    base = load_model(str(tiny_model_dir))
+    model = train_prompt.build_model(base, train_prompt.prompt_config(params), ids)
+    rows = model.prompt_encoder["default"].embedding.weight
+    torch.testing.assert_close(rows, base.get_input_embeddings().weight[ids].float())
+
+
+def test_prompt_sample_vocab_init_draws_real_common_tokens(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    params = dataclasses.replace(COMMITTED.prompt, num_virtual_tokens=50, init="sample_vocab")
+    ids = train_prompt.init_token_ids(params, tokenizer, seed=0)
+    assert len(ids) == 50 and len(set(ids)) > 10
+    assert not set(ids) & set(tokenizer.all_special_ids)  # no pad, </s> or <unk> rows
+    # never the embedding's rows past the vocabulary (FLAN-T5: 32,128 rows for 32,100 tokens)
+    assert max(ids) < len(tokenizer) <= load_model(str(tiny_model_dir)).get_input_embeddings().num_embeddings
+    assert ids == train_prompt.init_token_ids(params, tokenizer, seed=0)  # seeded
+    assert ids != train_prompt.init_token_ids(params, tokenizer, seed=1)
