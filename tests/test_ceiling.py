@@ -89,8 +89,9 @@ def memorized(tmp_path_factory) -> Path:
         (work / "data" / "raw").mkdir(parents=True, exist_ok=True)
         (work / "data" / "raw" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for module, *args in (
+        ("stages.base",),
+        ("stages.lead",),
         ("stages.prepare",),
-        ("stages.baselines",),
         ("stages.train_full",),
         ("stages.train_lora",),
         *(("stages.generate", v) for v in VARIANTS),

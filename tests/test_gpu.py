@@ -88,9 +88,11 @@ def fp32_matmul_precision(mode: str | None = None):
 
 
 def summarize_with_stage_code(gen, model_dir: Path, test, params):
-    """The stage's own summarize(): device, dtype from params.precision, load, generate."""
+    """The stage's own load and generation: device, dtype from params.precision, load, generate."""
     model_params = ModelParams(name=str(model_dir), revision="main")
-    return gen.summarize(Path(model_dir), test, model_params, params)  # a full model's folder
+    tokenizer, model, _ = gen.load_for_generation(Path(model_dir), model_params, params.precision)  # a full model
+    generated, _ = gen.timed_generation(model, tokenizer, test, params, "test")
+    return generated
 
 
 def test_auto_precision_picks_native_bf16_and_generation_runs_bf16_on_the_card(tiny_model_dir, monkeypatch):
@@ -113,7 +115,7 @@ def test_auto_precision_picks_native_bf16_and_generation_runs_bf16_on_the_card(t
     texts = ["hello there", "see you at the station tomorrow morning", "a table for two, please"]
     test = Dataset.from_dict({"id": ["a", "b", "c"], "dialogue": texts, "input_ids": tokenizer(texts)["input_ids"]})
     params = generation_params(precision="auto", batch_size=2, num_beams=2, max_new_tokens=6)
-    summaries, lengths, _ = summarize_with_stage_code(gen, tiny_model_dir, test, params)
+    summaries, lengths, _, _ = summarize_with_stage_code(gen, tiny_model_dir, test, params)
     assert seen == [(torch.bfloat16 if native else torch.float32, "cuda")]
     assert len(summaries) == 3 and all(0 < n <= 6 for n in lengths)
 
@@ -124,10 +126,8 @@ def test_auto_precision_picks_native_bf16_and_generation_runs_bf16_on_the_card(t
 def load_lora_with_stage_code(gen, adapter: Path, base_dir: Path, tmp_path: Path, monkeypatch):
     """The stage's load_variant() for a LoRA adapter on `base_dir`, loaded in bf16."""
     model_params = ModelParams(name=str(base_dir), revision="main")
-    pin = tmp_path / "base" / "pin.json"  # the base model as the baselines stage pins it
-    pin.parent.mkdir(parents=True, exist_ok=True)
+    pin = adapter / "pin.json"  # the base model's pin, as train_lora writes it beside the adapter
     pin.write_text(json.dumps({"name": str(base_dir), "revision": "main", "resolved_revision": "sha256:test"}))
-    monkeypatch.setattr(gen, "BASE_DIR", pin.parent)
     return gen.load_variant(adapter, model_params, torch.bfloat16)
 
 
@@ -251,7 +251,8 @@ def test_real_out_of_memory_in_generation_is_retried_with_halved_batches(capsys)
             model, tokenizer, input_ids, dataclasses.replace(params, batch_size=retries[-1])
         )
     assert pressed == unpressed  # the retry lost, repeated and reordered nothing
-    assert pressed == one_by_one, "summaries differ from batch 1 (fp32 batch variance on this card, not the retry)"
+    assert pressed.batch_size == retries[-1]  # recorded as generation_batch_size
+    assert pressed.summaries == one_by_one.summaries, "summaries differ from batch 1 (fp32 batch variance on this card, not the retry)"
 
 
 # --------------------------------------------------------------------------- (d) training on the card

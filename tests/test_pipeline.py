@@ -108,7 +108,8 @@ def test_repro_runs_every_stage(reproduced):
     assert stages_run(reproduced) == {
         "data",
         "prepare",
-        "baselines",
+        "base",
+        "lead",
         *(f"train_{m}" for m in TRAINED),
         "report",
         *(f"generate@{v}" for v in VARIANTS),
@@ -147,7 +148,7 @@ def test_metric_files_have_the_expected_keys(pipeline_repo, reproduced):
     assert json.loads((metrics / "data.json").read_text())["test_rows"] == 24
     prepared = json.loads((metrics / "prepare.json").read_text())
     assert prepared["test_dialogues"] == 8 and prepared["test_references"] == 24
-    assert {"train_source_truncated", "train_target_truncated"} <= set(prepared)
+    assert {"train_dialogue_cut", "train_target_truncated", "test_dialogue_cut"} <= set(prepared)
     for method in ("full", "lora"):
         train = json.loads((metrics / "train" / f"{method}.json").read_text())
         assert {"trainable_params", "total_params", "train_loss", "eval_loss", "batch_per_step"} <= set(train)
@@ -202,16 +203,20 @@ def test_editing_local_data_reruns_the_data_stage_and_only_what_the_snapshot_cha
         lines = test_file.read_text().splitlines(keepends=True)
         test_file.write_text("".join(lines[:-1]) + lines[-1].replace('"summary": "', '"summary": "Edited: ', 1))
         assert stages_run(run(["dvc", "repro"], repo)) == {"data"}
-        # an edit inside the snapshot: the data stage, then everything that reads the snapshot
+        # an edit inside the snapshot, to a test reference: prepare rewrites the references only, so
+        # everything is rescored and nothing retrained or regenerated (generation never reads references)
         test_file.write_text(lines[0].replace('"summary": "', '"summary": "Edited: ', 1) + "".join(lines[1:]))
-        assert stages_run(run(["dvc", "repro", "data"], repo)) == {"data"}
-        planned = stages_run(run(["dvc", "repro", "--dry"], repo))  # a dry run lists the direct readers only
-        assert "prepare" in planned and "data" not in planned
+        assert stages_run(run(["dvc", "repro"], repo)) == {
+            "data",
+            "prepare",
+            *(f"evaluate@{v}" for v in VARIANTS),
+            "report",
+        }
     finally:
         params_file.write_text(original)
         for split in ("train", "validation", "test"):
             (source / f"{split}.jsonl").unlink()
-    run(["dvc", "repro", "data"], repo)  # back to the committed snapshot
+    run(["dvc", "repro"], repo)  # back to the committed snapshot (the rescoring comes from DVC's run cache)
     assert stages_run(run(["dvc", "repro", "--dry"], repo)) == set()
 
 
@@ -246,7 +251,8 @@ def test_a_subset_of_variants_runs_only_what_it_needs(pipeline_repo, reproduced)
     assert planned == {
         "data",
         "prepare",
-        "baselines",
+        "base",
+        "lead",
         "train_lora",
         "report",
         *(f"{stage}@{v}" for stage in ("generate", "evaluate") for v in ("base", "lora", "lead")),
@@ -378,6 +384,14 @@ def test_each_method_experiment_reruns_exactly_its_stages(pipeline_repo, reprodu
     git_commit(pipeline_repo, f"before {change}")
     output = run(["dvc", "exp", "run", "-S", change], pipeline_repo)
     assert stages_run(output) == {f"train_{method}", f"generate@{method}", f"evaluate@{method}", "report"}
+
+
+def test_lead_turns_change_reruns_the_lead_variant_only(pipeline_repo, reproduced):
+    # the lead rule has its own stage: the base model's pin is not re-resolved (a moved Hub branch
+    # would otherwise re-pin and retrain everything)
+    git_commit(pipeline_repo, "before a lead change")
+    output = run(["dvc", "exp", "run", "-S", "lead.turns=3"], pipeline_repo)
+    assert stages_run(output) == {"lead", "generate@lead", "evaluate@lead", "report"}
 
 
 def test_training_only_prepare_change_regenerates_no_untrained_variant(pipeline_repo, reproduced):
