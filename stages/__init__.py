@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 if not sys.stderr.isatty():
     # Hub downloads, weight loading and shard writing draw tqdm bars; in a log file (dvc repro's
@@ -19,3 +20,26 @@ if not sys.stderr.isatty():
 # kernel from the Hub and warns when it cannot (offline, or without the `kernels` package); it then
 # uses its own kernel, with the same results. Errors still show.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records of one logger whose message starts with `prefix`; keeps every other."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# FLAN-T5 keeps its output head apart from the embedding while its config says
+# tie_word_embeddings: true; transformers notices both tensors in the checkpoint, keeps them apart
+# (what this project wants: stages/modeling.py) and says so on every load. Tying is checked by tests.
+logging.getLogger("transformers.modeling_utils").addFilter(
+    _DropMessage("The tied weights mapping and config for this model specifies to tie")
+)
+
+# peft 0.21 asks transformers 5.24 for `is_gradient_checkpointing`, which transformers renamed;
+# the answer is the same, and the warning is peft's to fix (a newer peft), not the user's.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

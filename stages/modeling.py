@@ -144,6 +144,8 @@ def resolve_revision(name: str, revision: str) -> str:
 def read_pin(pin_file: Path, params: ModelParams) -> ModelParams:
     """`params` at the commit the baselines stage pinned (models/base/pin.json), so every stage
     loads the same base weights even if the Hub branch moved since."""
+    if not pin_file.is_file():
+        raise ModelLoadError(f"{pin_file} not found: the base stage pins the model first; run dvc repro base")
     pin = json.loads(pin_file.read_text())
     if (pin["name"], pin["revision"]) != (params.name, params.revision):
         raise ModelLoadError(

@@ -339,3 +339,11 @@ def test_evaluate_stage_imports_the_evaluate_package_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["evaluate", "False", "True"]
+
+
+def test_a_stage_log_holds_its_own_lines_only(workdir):
+    """What a user reads in `dvc repro`'s log (stderr is not a terminal there): the stage's progress,
+    no tied-weights notice, no FutureWarning, no weight-loading bars (stages/__init__.py)."""
+    result = run_stage_module("stages.generate", "base", cwd=workdir)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("generate@base: ") for line in lines), result.stderr

@@ -252,7 +252,9 @@ def test_real_out_of_memory_in_generation_is_retried_with_halved_batches(capsys)
         )
     assert pressed == unpressed  # the retry lost, repeated and reordered nothing
     assert pressed.batch_size == retries[-1]  # recorded as generation_batch_size
-    assert pressed.summaries == one_by_one.summaries, "summaries differ from batch 1 (fp32 batch variance on this card, not the retry)"
+    assert pressed.summaries == one_by_one.summaries, (
+        "summaries differ from batch 1 (fp32 batch variance on this card, not the retry)"
+    )
 
 
 # --------------------------------------------------------------------------- (d) training on the card

@@ -108,9 +108,8 @@ def test_lora_targets_come_from_the_config_alone(tiny_model_dir):
 def test_unreachable_model_is_one_clear_line(tmp_path):
     params = (REPO / "params.yaml").read_text().replace("name: google/flan-t5-base", "name: no-such-org/no-such-model")
     (tmp_path / "params.yaml").write_text(params)
-    (tmp_path / "data" / "raw").mkdir(parents=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.prepare"],
+    result = subprocess.run(  # the base stage is the first to load the model (its pin)
+        [sys.executable, "-m", "stages.base"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -121,6 +120,21 @@ def test_unreachable_model_is_one_clear_line(tmp_path):
     assert first.startswith("error: could not load 'no-such-org/no-such-model' (revision 'main'): ")
     assert hint.startswith("If the Hugging Face Hub is unreachable or the id is wrong, point model.name at a local")
     assert "Traceback" not in result.stderr
+
+
+def test_a_stage_run_before_the_pin_says_so(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.prepare"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: models/base/pin.json not found: the base stage pins the model first; run dvc repro base\n"
+    )
 
 
 def test_no_code_path_enables_remote_code():

@@ -18,7 +18,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from stages.errors import StageError
 from stages.generate import generate_summaries
 from stages.params import load_params
-from stages.prepare import format_prompt, tokenize
+from stages.prepare import fit_prompts
 from summarize import read_input
 from tests.conftest import REPO, write_jsonl
 
@@ -62,9 +62,8 @@ def run_summarize(*args: str, cwd: Path, stdin: str = "") -> subprocess.Complete
 def expected_summaries(model, tokenizer, dialogues: list[str], params_file: Path) -> list[str]:
     """What the generate stage gives for these dialogues, in this process."""
     params = load_params(params_file)
-    prompts = [format_prompt(params.prepare.prompt_template, d) for d in dialogues]
-    input_ids, _ = tokenize(prompts, tokenizer, params.prepare.max_source_length)
-    return generate_summaries(model.eval(), tokenizer, input_ids, params.generate)[0]
+    input_ids, _ = fit_prompts(params.prepare.prompt_template, dialogues, tokenizer, params.prepare.max_source_length)
+    return generate_summaries(model.eval(), tokenizer, input_ids, params.generate).summaries
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +134,16 @@ def test_lora_adapter_is_applied_to_the_base_named_in_its_config(workdir, tiny_m
     adapted = expected_summaries(peft_model.eval(), tokenizer, DIALOGUES, workdir / "params.yaml")
     assert result.stdout.splitlines() == adapted
     assert adapted != expected_summaries(base_model[1], tokenizer, DIALOGUES, workdir / "params.yaml")
+
+    # with the pin train_lora writes beside an adapter, the pinned base is used, not the config's
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "nowhere/moved-base"})
+    )
+    pin = {"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:test"}
+    (adapter_dir / "pin.json").write_text(json.dumps(pin))
+    pinned = run_summarize("--model", str(adapter_dir), *DIALOGUES, cwd=workdir)
+    assert pinned.returncode == 0, pinned.stderr
+    assert pinned.stdout.splitlines() == adapted
 
 
 def test_missing_model_directory_is_one_error_line_and_exit_2(workdir):

@@ -139,6 +139,31 @@ def test_out_of_memory_restarts_clean_at_half_the_batch(tiny_model_dir, tmp_path
     assert retried_curve == pytest.approx(unsplit_curve, rel=1e-4)
 
 
+def test_model_loading_is_not_train_time(tiny_model_dir, tmp_path, monkeypatch):
+    # a slow load (a Hub download) before training must not count as training
+    real_load = training.load_model
+
+    def slow_load(*args, **kwargs):
+        time.sleep(3.0)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(training, "load_model", slow_load)
+    run = skeleton_run(tiny_model_dir, tmp_path, dataclasses.replace(TRAIN, epochs=0.25), monkeypatch)
+    trained = training.train(run, SmallGpu(limit=8, after=0).build)
+    assert training_costs(trained.trainer)["train_runtime_s"] < 3.0
+
+
+def test_peak_memory_is_the_successful_attempts(monkeypatch):
+    # on CUDA each attempt starts with the peak counter reset (a mocked card: no GPU here)
+    peaks = {"now": 30 * 2**30}  # the failed attempt reached 30 GiB
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(now=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["now"])
+    ledger = training.RunLedger(torch.device("cuda", 0))
+    ledger.on_train_begin(None, type("State", (), {"stateful_callbacks": {}})(), None)
+    peaks["now"] = 12 * 2**30  # this attempt's own peak
+    assert ledger.peak_memory_mb() == 12 * 1024
+
+
 def test_out_of_memory_with_auto_find_batch_size_off_is_raised(tiny_model_dir, tmp_path, monkeypatch):
     recipe = dataclasses.replace(TRAIN, batch_size=8, auto_find_batch_size=False)
     run = skeleton_run(tiny_model_dir, tmp_path, recipe, monkeypatch)
