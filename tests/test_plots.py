@@ -253,8 +253,10 @@ def test_learning_rate_on_a_log_axis_with_a_title(shown):
     seen = texts(spec)
     assert seen["title-text"] == ["Learning-rate schedule per optimizer step"]
     assert seen["legend-label"] == list(METHODS)
-    # full (1e-4) and prompt (0.3) on one readable axis: powers of ten from 1e-5 up
-    assert {"1e-4", "1e-3", "1e-2", "1e-1"} <= set(seen["axis-label-y"])
+    # full (1e-4) and prompt (0.3) on one readable axis of powers of ten, reaching down to the 0 the
+    # linear decay ends at (symlog: linear below 1e-6)
+    assert {"0", "1e-4", "1e-3", "1e-2", "1e-1"} <= set(seen["axis-label-y"])
+    assert "learning rate (log scale, linear below 1e-6 to reach 0)" in seen["axis-title"]
     assert all(label.isdigit() for label in seen["axis-label-x"])
 
 
