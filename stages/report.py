@@ -132,7 +132,9 @@ def pareto_optimal(points: dict[str, tuple[float, float]]) -> set[str]:
     }
 
 
-def cheaper_overlapping(variant: str, variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]):
+def cheaper_overlapping(
+    variant: str, variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]
+) -> str | None:
     """The cheapest variant that costs fewer trainable params than `variant` and whose 95% interval
     reaches `variant`'s: its gain over that one is within the noise (interval overlap, not a test)."""
     params, low = cost[variant]["trainable_params"], evaluation[variant]["rougeL_ci_low"]

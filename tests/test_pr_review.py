@@ -218,16 +218,6 @@ def test_plots_of_both_sides_are_shown_from_github(tmp_path):
     assert f"`metrics/plots/frontier.png` at `{main_sha[:12]}`" in local
 
 
-def test_a_plot_missing_on_one_side_says_so(tmp_path):
-    repo = _make_repo(tmp_path / "repo", with_exp=False)
-    out = _between(_comment(repo), "## Plots (main and this PR)\n", "## Params")
-    assert [
-        "Quality against cost",
-        "(no `metrics/plots/frontier.png` on main)",
-        "(no `metrics/plots/frontier.png` on this PR)",
-    ] in _rows(out)
-
-
 def test_noisy_metrics_only_in_their_folded_section(exp_comment):
     before_noisy, noisy = exp_comment.split(NOISY, 1)
     noisy = noisy.split(REPORT_FOLD, 1)[0]
@@ -274,6 +264,12 @@ def test_comment_against_itself_says_no_changes(tmp_path):
     assert "No report (metrics/report.md not found" in out
     assert "Stale" not in out
     assert len(_rows(out)) == 8  # the compact table and the plots table: no empty header-only tables
+    plots = _between(out, "## Plots (main and this PR)\n", "## Params")
+    assert [
+        "Quality against cost",
+        "(no `metrics/plots/frontier.png` on main)",
+        "(no `metrics/plots/frontier.png` on this PR)",
+    ] in _rows(plots)
 
 
 def test_stale_warning_when_params_or_code_changed_after_dvc_lock(tmp_path):
