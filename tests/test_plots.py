@@ -248,6 +248,37 @@ def test_one_colour_per_method_and_one_dash_per_curve(shown):
     assert sorted(lines) == sorted((colour, dash) for colour in colours for dash in ("solid", "dashed"))
 
 
+def test_another_per_step_curve_is_one_more_plot_entry(plots_repo):
+    """A validation ROUGE-L curve (DVCLive's eval/rougeL.tsv per method) needs only a dvc.yaml entry."""
+    repo = plots_repo
+    for method in METHODS:
+        (repo / "dvclive" / f"train_{method}" / "plots" / "metrics" / "eval" / "rougeL.tsv").write_text(
+            "step\trougeL\n4\t0.21\n8\t0.25\n12\t0.27\n"
+        )
+    dvc_yaml = (repo / "dvc.yaml").read_text()
+    entry = {
+        "validation_rougeL": {
+            "title": "Validation ROUGE-L per optimizer step",
+            "template": "training_curves",
+            "x": "step",
+            "y": {f"dvclive/train_{m}/plots/metrics/eval/rougeL.tsv": "rougeL" for m in METHODS},
+        }
+    }
+    try:
+        pipeline = yaml.safe_load(dvc_yaml)
+        pipeline["plots"].append(entry)
+        (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+        spec = specs(run_json(["dvc", "plots", "show", "--json", "validation_rougeL"], repo))["validation_rougeL"]
+    finally:
+        (repo / "dvc.yaml").write_text(dvc_yaml)
+        for method in METHODS:
+            (repo / "dvclive" / f"train_{method}" / "plots" / "metrics" / "eval" / "rougeL.tsv").unlink()
+    seen = texts(spec)
+    assert seen["title-text"] == ["Validation ROUGE-L per optimizer step"]
+    assert seen["legend-label"] == [f"{m} · validation" for m in METHODS]
+    assert all(label.isdigit() for label in seen["axis-label-x"])
+
+
 def test_learning_rate_on_a_log_axis_with_a_title(shown):
     spec = specs(shown)["learning_rate"]
     seen = texts(spec)
