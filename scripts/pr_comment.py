@@ -1,10 +1,14 @@
 """Print the markdown pull-request comment: the working tree's results against BASE_REF.
 
-In reading order: ROUGE-L per variant (old -> new, and whether the change leaves the new run's 95%
-interval), a warning when the committed metrics are stale (dvc.lock does not match params.yaml and
-the code), the params diff; then, folded: every deterministic metric change, the noisy timing and
-cost changes, and metrics/report.md. Metrics are committed to git (cache: false), so this needs
-only git and dvc (no remote, no pipeline run) and Python's standard library.
+In reading order: ROUGE-L per variant (old -> new, and whether the change is more than noise: a
+paired test where both sides' per-dialogue scores are at hand, else whether the old value leaves the
+new run's 95% interval, labelled as interval overlap, not a test), a warning when the committed
+metrics are stale (dvc.lock does not match params.yaml and the code), the report's plots on both
+sides, the params diff; then, folded: every deterministic metric change, the noisy timing and cost
+changes, and metrics/report.md. Metrics and the report's images are committed to git (cache: false),
+so this needs only git and dvc (no remote, no pipeline run) and Python's standard library; the
+paired test also needs the project's own dependencies (stages/rouge.py) and the DVC-cached scores,
+which CI does not have.
 Used by .github/workflows/pr-review.yml.
 
 Usage: python scripts/pr_comment.py BASE_REF   (e.g. origin/main; locally: main)
@@ -20,6 +24,15 @@ import sys
 from pathlib import Path
 
 EVALUATE = "metrics/evaluate"  # <variant>.json: rougeL, rougeL_ci_low, rougeL_ci_high (x100)
+SCORES = "data/scores"  # <variant>.jsonl: per-dialogue ROUGE (0-1) by id, DVC-cached (not in git)
+# The report's images (committed), with the titles the comment gives them
+PLOTS = {
+    "metrics/plots/rouge_by_variant.png": "ROUGE-L by variant",
+    "metrics/plots/frontier.png": "Quality against cost",
+}
+RESAMPLES = 10_000  # sign flips per paired test: p-values down to 1e-4
+SEED = 0  # the paired tests' resampling seed, so a comment is the same each time it is built
+SIGNIFICANCE = 0.05  # family-wise error rate over the variants tested together (Holm)
 NOISY = ("metrics/timing/", "metrics/cost/")  # wall clock, throughput, memory: differ on every run
 # Without a DVC cache (CI) every cached output, and each dep that is one, reads as missing: not stale.
 MISSING = ("deleted", "not in cache")
@@ -41,6 +54,56 @@ def number(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def read_scores(variant: str, rev: str | None) -> dict[str, float] | None:
+    """Per-dialogue ROUGE-L by dialogue id at `rev` (None: the working tree), or None where they are
+    not at hand: they are DVC-cached, so another revision's come from the DVC cache (or remote)."""
+    path = f"{SCORES}/{variant}.jsonl"
+    if rev is None:
+        text = Path(path).read_text() if Path(path).is_file() else None
+    else:
+        import dvc.api  # only here: the rest of the script needs dvc's command line only
+        from dvc.exceptions import DvcException
+
+        try:
+            text = dvc.api.read(path, repo=".", rev=rev)
+        except (DvcException, FileNotFoundError):
+            text = None
+    if text is None:
+        return None
+    return {row["id"]: row["rougeL"] for row in map(json.loads, text.splitlines()) if row}
+
+
+def paired_tests(base: str, variants: list[str]) -> dict[str, dict]:
+    """variant -> paired test of new vs old per-dialogue ROUGE-L (x100), for each variant whose scores
+    are at hand on both sides for the same dialogues; p-values Holm-adjusted over those variants."""
+    pairs = {}
+    for variant in variants:
+        old, new = read_scores(variant, base), read_scores(variant, None)
+        if old is not None and new is not None and old.keys() == new.keys():
+            pairs[variant] = ([new[i] for i in sorted(new)], [old[i] for i in sorted(new)])
+    if not pairs:
+        return {}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stages/ beside scripts/
+    from stages.rouge import holm_adjust, paired_test
+
+    tests = {v: paired_test(new, old, RESAMPLES, SEED) for v, (new, old) in pairs.items()}
+    for variant, p_holm in zip(tests, holm_adjust([t["p_value"] for t in tests.values()])):
+        tests[variant]["p_holm"] = p_holm
+    return tests
+
+
+def noise_verdict(was: float, low: float | None, high: float | None, test: dict | None) -> str:
+    """Whether old -> new is more than noise: by the paired test where there is one, else by whether
+    the old value leaves the new 95% interval, which is not a test and says so."""
+    if test is not None:
+        return (
+            f"{'yes' if test['p_holm'] < SIGNIFICANCE else 'no'} (paired test, Holm-adjusted p = {test['p_holm']:.4f})"
+        )
+    if low is None or high is None:
+        return "-"
+    return f"{'no' if low <= was <= high else 'yes'} (interval overlap, not a test)"
+
+
 def rouge_table(base: str) -> str:
     """One row per variant with a metrics/evaluate/<variant>.json on either side."""
     old_paths = run("git", "ls-tree", "--name-only", base, f"{EVALUATE}/").split()
@@ -48,22 +111,77 @@ def rouge_table(base: str) -> str:
     new = {p.stem: json.loads(p.read_text()) for p in Path(EVALUATE).glob("*.json")}
     if not old and not new:
         return f"No ROUGE metrics ({EVALUATE}/*.json) on either side."
-    lines = ["| variant | ROUGE-L old | ROUGE-L new | change | outside 95% CI? |", "|---|---:|---:|---:|---|"]
+    tests = paired_tests(base, sorted(old.keys() & new.keys()))
+    lines = ["| variant | ROUGE-L old | ROUGE-L new | change | beyond noise? |", "|---|---:|---:|---:|---|"]
     for variant in sorted(old.keys() | new.keys()):
         was, now = old.get(variant, {}).get("rougeL"), new.get(variant, {}).get("rougeL")
         low, high = new.get(variant, {}).get("rougeL_ci_low"), new.get(variant, {}).get("rougeL_ci_high")
-        change = outside = "-"
+        change = verdict = "-"
         if was is not None and now is not None:
             change = f"{now - was:+.2f}"
-            if low is not None and high is not None:
-                outside = "no" if low <= was <= high else "yes"
-        lines.append(f"| {variant} | {number(was)} | {number(now)} | {change} | {outside} |")
+            verdict = noise_verdict(was, low, high, tests.get(variant))
+        lines.append(f"| {variant} | {number(was)} | {number(now)} | {change} | {verdict} |")
     lines += [
         "",
-        "*Outside 95% CI*: the old ROUGE-L lies outside the new run's 95% bootstrap interval "
-        "(`rougeL_ci_low`..`rougeL_ci_high` in `metrics/evaluate/<variant>.json`).",
+        f"*Beyond noise*: **paired test** where both sides' per-dialogue scores (`{SCORES}/<variant>.jsonl`, "
+        "DVC-cached) are at hand: a sign-flip test on the per-dialogue ROUGE-L differences, Holm-adjusted over "
+        f"the variants tested, significant below {SIGNIFICANCE}. Otherwise **interval overlap (not a test)**: "
+        "whether the old ROUGE-L lies outside the new run's 95% bootstrap interval (`rougeL_ci_low`..`rougeL_ci_high` "
+        "in `metrics/evaluate/<variant>.json`); a gain on every dialogue can sit inside that interval.",
     ]
     return "\n".join(lines)
+
+
+def image_url(path: str, sha: str) -> str | None:
+    """Where GitHub serves a committed file as an image (None outside GitHub Actions)."""
+    server, repository = os.environ.get("GITHUB_SERVER_URL"), os.environ.get("GITHUB_REPOSITORY")
+    return f"{server}/{repository}/blob/{sha}/{path}?raw=true" if server and repository else None
+
+
+def blob(rev: str, path: str) -> str | None:
+    """The git object id of `path` at `rev`, or None where it is not there."""
+    result = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}:{path}"], capture_output=True, text=True
+    )
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def image_cell(path: str, title: str, rev: str, sha: str | None) -> str:
+    if sha is None:
+        return f"(no `{path}` on {rev})"
+    url = image_url(path, sha)
+    return f"![{title} ({rev})]({url})" if url else f"`{path}` at `{sha[:12]}`"
+
+
+def plots_section(base: str) -> str:
+    """The report's images on both sides: base branch and PR (the committed files, shown from GitHub)."""
+    base_sha, head_sha = run("git", "rev-parse", f"{base}^{{commit}}").strip(), run("git", "rev-parse", "HEAD").strip()
+    rows = ["| plot | " + base + " | this PR |", "|---|---|---|"]
+    for path, title in PLOTS.items():
+        old, new = blob(base, path), blob("HEAD", path)
+        if old is not None and old == new:
+            rows.append(f"| {title} | unchanged | {image_cell(path, title, 'this PR', head_sha)} |")
+            continue
+        old_cell = image_cell(path, title, base, base_sha if old else None)
+        rows.append(f"| {title} | {old_cell} | {image_cell(path, title, 'this PR', head_sha if new else None)} |")
+    return "\n".join(
+        rows
+        + [
+            "",
+            f"Rendered by the report stage from the templates `dvc plots show` uses. Overlay both sides, training "
+            f"curves included: `dvc plots diff {base} --open`.",
+        ]
+    )
+
+
+def absolute_images(markdown: str, folder: str, sha: str) -> str:
+    """The report's relative image links (plots/x.png) as GitHub URLs, so they show in a comment."""
+
+    def link(match: re.Match) -> str:
+        url = image_url(os.path.normpath(f"{folder}/{match.group(2)}"), sha)
+        return f"![{match.group(1)}]({url})" if url else match.group(0)
+
+    return re.sub(r"!\[([^\]]*)\]\((?!https?://)([^)\s]+)\)", link, markdown)
 
 
 def stale_stages() -> list[str]:
@@ -129,6 +247,8 @@ def main(base: str) -> None:
             f"out of date): {', '.join(stale)}. Run `dvc repro` and commit the metrics."
         )
     sections += [
+        f"## Plots ({base} and this PR)",
+        plots_section(base),
         f"## Params (vs {base})",
         params if has_rows(params) else "No param changes.",
         folded(
@@ -140,7 +260,7 @@ def main(base: str) -> None:
         ),
         folded(
             "Report (metrics/report.md)",
-            report.read_text().strip()
+            absolute_images(report.read_text().strip(), str(report.parent), run("git", "rev-parse", "HEAD").strip())
             if report.is_file()
             else "No report (metrics/report.md not found in the working tree).",
         ),

@@ -2,9 +2,11 @@
 
 Reads each variant's metrics/evaluate, metrics/generate and metrics/cost files and its
 predictions and per-dialogue scores, and writes metrics/report.md (quality and cost side by side,
-significance in words, examples), metrics/rouge_plot.json (ROUGE per variant, a bar chart),
-metrics/frontier.json (ROUGE-L with its interval against trainable parameters, Pareto-optimal
-variants marked) and data/per_dialogue.jsonl (every variant's summary and ROUGE per dialogue).
+significance in words, examples, the two images below), metrics/rouge_plot.json (ROUGE-L with its
+interval per variant, a bar chart), metrics/frontier.json (every variant's ROUGE-L with its interval
+against trainable parameters, Pareto-optimal variants marked, the zero-cost ones included),
+metrics/plots/{rouge_by_variant,frontier}.png (those two plots rendered offline from the templates
+`dvc plots show` uses) and data/per_dialogue.jsonl (every variant's summary and ROUGE per dialogue).
 Only the listed variants are read, so a subset run (`-S 'variants=[base,lora,lead]'`) reports
 what it ran.
 """
@@ -19,6 +21,7 @@ from tabulate import tabulate
 from stages.errors import run_stage
 from stages.jsonio import read_json, read_jsonl, write_json
 from stages.params import UNTRAINED, load_params
+from stages.plots import fill, load_template, render_png
 from stages.rouge import ROUGE_TYPES, holm_adjust, paired_test
 
 LABELS = {
@@ -39,8 +42,15 @@ BASE_MODEL_FILE = Path("metrics/base_model.json")
 REPORT_FILE = Path("metrics/report.md")
 PLOT_FILE = Path("metrics/rouge_plot.json")
 FRONTIER_FILE = Path("metrics/frontier.json")
+PLOTS_DIR = Path("metrics/plots")  # <plot name>.png, rendered from .dvc/plots/<plot name>.json
+ROUGE_PLOT, FRONTIER_PLOT = "rouge_by_variant", "frontier"  # plot names in dvc.yaml's `plots:`
+REVISION = "workspace"  # what DVC calls the working tree's rows
 PER_DIALOGUE_FILE = Path("data/per_dialogue.jsonl")
 SIGNIFICANCE = 0.05  # family-wise error rate over all comparisons together (Holm)
+BASELINES_GROUP, TRAINED_GROUP = "baselines (no training)", "trained"  # the ROUGE plot's two panels
+OPTIMAL, DOMINATED = "Pareto-optimal", "dominated"
+WITHIN_NOISE = "Pareto-optimal, but its 95% CI overlaps a cheaper variant's"  # frontier.json `status`
+ZERO_COST = "zero-cost"
 
 
 def label(variant: str) -> str:
@@ -123,26 +133,58 @@ def pareto_optimal(points: dict[str, tuple[float, float]]) -> set[str]:
     }
 
 
-def frontier_rows(variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]) -> list[dict]:
-    """Trained variants only (the original and lead train nothing: no point on a log axis)."""
-    trained = [v for v in variants if cost[v]["trainable_params"] > 0]
-    optimal = pareto_optimal({v: (cost[v]["trainable_params"], evaluation[v]["rougeL"]) for v in trained})
-    return [
-        {
-            "variant": v,
-            "trainable_params": cost[v]["trainable_params"],
-            "rougeL": evaluation[v]["rougeL"],
-            "rougeL_ci_low": evaluation[v]["rougeL_ci_low"],
-            "rougeL_ci_high": evaluation[v]["rougeL_ci_high"],
-            "pareto": "Pareto-optimal" if v in optimal else "dominated",
-        }
-        for v in trained
+def cheaper_overlapping(
+    variant: str, variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]
+) -> str | None:
+    """The cheapest variant that costs fewer trainable params than `variant` and whose 95% interval
+    reaches `variant`'s: its gain over that one is within the noise (interval overlap, not a test)."""
+    params, low = cost[variant]["trainable_params"], evaluation[variant]["rougeL_ci_low"]
+    overlapping = [
+        v for v in variants if cost[v]["trainable_params"] < params and evaluation[v]["rougeL_ci_high"] >= low
     ]
+    return min(overlapping, key=lambda v: cost[v]["trainable_params"], default=None)
+
+
+def frontier_rows(variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]) -> list[dict]:
+    """Every variant as a point (trainable params, ROUGE-L). The ones that train nothing (the
+    original model, lead) take part at 0 params, so a trained variant at or below the best of
+    them is dominated. `status` says how the plot draws it: zero-cost (a reference line),
+    Pareto-optimal, Pareto-optimal within the noise of a cheaper variant, or dominated."""
+    optimal = pareto_optimal({v: (cost[v]["trainable_params"], evaluation[v]["rougeL"]) for v in variants})
+    rows = []
+    for v in variants:
+        params = cost[v]["trainable_params"]
+        overlaps = cheaper_overlapping(v, variants, evaluation, cost) if v in optimal and params > 0 else None
+        if params == 0:
+            status = ZERO_COST
+        else:
+            status = DOMINATED if v not in optimal else WITHIN_NOISE if overlaps else OPTIMAL
+        rows.append(
+            {
+                "variant": v,
+                "label": label(v),
+                "trainable_params": params,
+                "zero_cost": params == 0,
+                "rougeL": evaluation[v]["rougeL"],
+                "rougeL_ci_low": evaluation[v]["rougeL_ci_low"],
+                "rougeL_ci_high": evaluation[v]["rougeL_ci_high"],
+                "pareto": OPTIMAL if v in optimal else DOMINATED,
+                "overlaps": overlaps,
+                "status": status,
+            }
+        )
+    return rows
+
+
+def pareto_cell(row: dict) -> str:
+    if row["pareto"] != OPTIMAL:
+        return "no"
+    return f"yes, but its 95% CI overlaps {label(row['overlaps'])}'s" if row["overlaps"] else "yes"
 
 
 def cost_table(variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict], frontier: list[dict]) -> str:
     """Quality and cost side by side, one row per variant."""
-    pareto = {row["variant"]: row["pareto"] == "Pareto-optimal" for row in frontier}
+    pareto = {row["variant"]: pareto_cell(row) for row in frontier}
     rows = []
     for v in variants:
         c, memory = cost[v], next((k for k in cost[v] if k.startswith("peak_")), None)
@@ -155,7 +197,7 @@ def cost_table(variants: list[str], evaluation: dict[str, dict], cost: dict[str,
                 f"{c['train_runtime_s'] / 60:.1f} min",
                 f"{c[memory]:,.0f} ({'GPU' if memory == 'peak_gpu_memory_mb' else 'RSS'})" if memory else "-",
                 f"{c['generation_dialogues_per_second']:.2f}",
-                ("yes" if pareto[v] else "no") if v in pareto else "-",
+                pareto.get(v, "-"),
             ]
         )
     headers = [
@@ -219,8 +261,26 @@ def per_dialogue_rows(
     return rows
 
 
-def plot_rows(variants: list[str], evaluation: dict[str, dict]) -> list[dict]:
-    return [{"variant": v, **{t: evaluation[v][t] for t in ROUGE_TYPES}} for v in variants]
+def plot_rows(variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]) -> list[dict]:
+    """ROUGE per variant for the bar chart: display name, report order, and the panel it goes in
+    (the variants that train nothing apart from the trained ones)."""
+    return [
+        {
+            "variant": v,
+            "label": label(v),
+            "order": order,
+            "group": BASELINES_GROUP if cost[v]["trainable_params"] == 0 else TRAINED_GROUP,
+            **{t: evaluation[v][t] for t in ROUGE_TYPES},
+            "rougeL_ci_low": evaluation[v]["rougeL_ci_low"],
+            "rougeL_ci_high": evaluation[v]["rougeL_ci_high"],
+        }
+        for order, v in enumerate(variants)
+    ]
+
+
+def image(name: str, alt: str) -> str:
+    """A markdown image of metrics/plots/<name>.png, relative to the report."""
+    return f"![{alt}]({(PLOTS_DIR / f'{name}.png').relative_to(REPORT_FILE.parent).as_posix()})"
 
 
 def render(
@@ -244,10 +304,17 @@ def render(
                 "Trainable params, adapter or model size on disk, whole-run train wall time (across resumes), peak "
                 "memory while training (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS) and generation "
                 "throughput. Train time and memory are measured, so they vary from run to run. Pareto-optimal: no other "
-                "trained variant has as few trainable params and as high a ROUGE-L.",
+                "variant has as few trainable params and as high a ROUGE-L (point estimates). The variants that train "
+                "nothing (the original model, lead) count at 0 params, so a trained variant at or below the best of them "
+                'is dominated. "But its 95% CI overlaps" names the cheapest variant whose interval reaches this one\'s: '
+                "its gain over that one is within the noise (interval overlap, not a test; the paired tests below are).",
                 cost_table(variants, evaluation, cost, frontier),
+                "The frontier below draws the trained variants on a log axis of trainable params; the zero-cost "
+                "variants have no place on it, so they are dashed horizontal reference lines, their 95% CI shaded.",
+                image(FRONTIER_PLOT, "ROUGE-L against trainable parameters, zero-cost variants as reference lines"),
                 "## Multi-reference ROUGE (best reference per ROUGE type)",
                 rouge_table(variants, evaluation, ""),
+                image(ROUGE_PLOT, "ROUGE-L by variant with 95% bootstrap intervals"),
                 "## Mean over references (comparable to per-row numbers reported elsewhere)",
                 rouge_table(variants, evaluation, "_mean_ref"),
                 "## 95% bootstrap confidence intervals (multi-reference, resampling dialogues)",
@@ -284,8 +351,11 @@ def main() -> None:
     REPORT_FILE.write_text(
         render(variants, evaluation, generation, cost, tests, frontier, read_json(BASE_MODEL_FILE), examples)
     )
-    write_json(plot_rows(variants, evaluation), PLOT_FILE)
+    rouge_rows = plot_rows(variants, evaluation, cost)
+    write_json(rouge_rows, PLOT_FILE)
     write_json(frontier, FRONTIER_FILE)
+    for name, rows in ((ROUGE_PLOT, rouge_rows), (FRONTIER_PLOT, frontier)):
+        render_png(fill(load_template(name), rows, REVISION), PLOTS_DIR / f"{name}.png")
     PER_DIALOGUE_FILE.parent.mkdir(parents=True, exist_ok=True)
     PER_DIALOGUE_FILE.write_text(
         "".join(

@@ -224,7 +224,9 @@ def test_frontier_plot_renders_every_trained_variant(pipeline_repo, reproduced):
     shown = run_json(["dvc", "plots", "show", "--json"], pipeline_repo)
     assert not shown.get("errors"), shown["errors"]  # every declared plot loads after a full run
     values = shown["data"]["frontier"][0]["content"]["data"]["values"]
-    assert {v["variant"] for v in values} == set(TRAINED)
+    # the zero-cost variants take part too (reference lines in the plot, points in the dominance check)
+    assert {v["variant"] for v in values if not v["zero_cost"]} == set(TRAINED)
+    assert {v["variant"] for v in values if v["zero_cost"]} == set(VARIANTS) - set(TRAINED)
     assert all(v["rougeL_ci_low"] <= v["rougeL"] <= v["rougeL_ci_high"] for v in values)
     assert {v["pareto"] for v in values} <= {"Pareto-optimal", "dominated"} and "Pareto-optimal" in {
         v["pareto"] for v in values

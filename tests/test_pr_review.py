@@ -17,7 +17,9 @@ SCRIPT = REPO / "scripts" / "pr_comment.py"
 WORKFLOW = REPO / ".github" / "workflows" / "pr-review.yml"
 
 # A miniature of the real layout: one evaluate stage per variant writes deterministic ROUGE (with its
-# interval, score +- 1) from params.yaml, plus noisy timing and cost files and a DVC-cached output.
+# interval, score +- 1) from params.yaml, per-dialogue scores (DVC-cached, as data/scores/ is: the
+# same spread around the score on every revision, so a changed score is the same gain on every
+# dialogue), plus noisy timing and cost files and a DVC-cached output.
 DVC_YAML = """\
 stages:
   evaluate:
@@ -31,6 +33,7 @@ stages:
         - scores
       outs:
         - predictions/${item}.txt
+        - data/scores/${item}.jsonl
       metrics:
         - metrics/evaluate/${item}.json:
             cache: false
@@ -40,14 +43,19 @@ stages:
             cache: false
 """
 EVALUATE_PY = """\
-import json, os, sys, time
+import json, os, random, sys, time
 import yaml
 
 variant = sys.argv[1]
 score = yaml.safe_load(open("params.yaml"))["scores"][variant]
-for folder in ("predictions", "metrics/evaluate", "metrics/timing", "metrics/cost"):
+for folder in ("predictions", "metrics/evaluate", "metrics/timing", "metrics/cost", "data/scores"):
     os.makedirs(folder, exist_ok=True)
 open(f"predictions/{variant}.txt", "w").write("a summary\\n")
+spread = [random.Random(i).uniform(-0.25, 0.25) for i in range(200)]
+spread = [x - sum(spread) / len(spread) for x in spread]  # mean 0: the dialogues average to `score`
+with open(f"data/scores/{variant}.jsonl", "w") as f:
+    for i, x in enumerate(spread):
+        f.write(json.dumps({"id": f"d{i}", "rougeL": score / 100 + x}) + "\\n")
 evaluate = {"rouge1": 40.0, "rougeL": score, "rougeL_ci_low": score - 1, "rougeL_ci_high": score + 1}
 json.dump(evaluate, open(f"metrics/evaluate/{variant}.json", "w"))
 json.dump({"runtime_s": time.time()}, open(f"metrics/timing/evaluate_{variant}.json", "w"))
@@ -70,8 +78,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cwd: Path, *cmd: str) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=120)
+def _run(cwd: Path, *cmd: str, **env: str) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=_env() | env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -106,8 +114,8 @@ def _make_repo(repo: Path, with_exp: bool) -> Path:
     return repo
 
 
-def _comment(repo: Path, base: str = "main") -> str:
-    return _run(repo, sys.executable, str(SCRIPT), base)
+def _comment(repo: Path, base: str = "main", **env: str) -> str:
+    return _run(repo, sys.executable, str(SCRIPT), base, **env)
 
 
 def _rows(markdown: str) -> list[list[str]]:
@@ -134,17 +142,80 @@ def exp_comment(tmp_path_factory) -> str:
     return _comment(_make_repo(tmp_path_factory.mktemp("pr") / "repo", with_exp=True))
 
 
-def test_comment_leads_with_rouge_by_variant_and_ci_verdict(exp_comment):
+def test_comment_leads_with_rouge_by_variant_and_a_paired_test(exp_comment):
+    """Both sides' per-dialogue scores are in the local DVC cache: the verdict is a paired test."""
     assert exp_comment.startswith("## ROUGE-L by variant (vs main)\n")
-    compact = _between(exp_comment, "## ROUGE-L by variant (vs main)\n", "## Params")
-    assert _rows(compact)[0] == ["variant", "ROUGE-L old", "ROUGE-L new", "change", "outside 95% CI?"]
+    compact = _between(exp_comment, "## ROUGE-L by variant (vs main)\n", "## Plots")
+    assert _rows(compact)[0] == ["variant", "ROUGE-L old", "ROUGE-L new", "change", "beyond noise?"]
+    # p floors at 1 / (10000 + 1) for a gain on every dialogue; Holm over the 2 variants tested doubles it
     assert _rows(compact)[2:] == [
-        ["full", "33.00", "33.30", "+0.30", "no"],  # 33.0 lies in the new [32.3, 34.3]
+        # a gain on each of 200 dialogues, though 33.0 lies inside the new interval [32.3, 34.3]
+        ["full", "33.00", "33.30", "+0.30", "yes (paired test, Holm-adjusted p = 0.0002)"],
         ["ia3", "-", "28.00", "-", "-"],  # new variant: nothing to compare
-        ["lora", "30.00", "31.50", "+1.50", "yes"],  # 30.0 lies below the new [30.5, 32.5]
+        ["lora", "30.00", "31.50", "+1.50", "yes (paired test, Holm-adjusted p = 0.0002)"],
     ]
-    assert "the old ROUGE-L lies outside the new run's 95% bootstrap interval" in compact
+    assert "**paired test** where both sides' per-dialogue scores" in compact
+    assert "Otherwise **interval overlap (not a test)**" in compact
     assert "Stale" not in exp_comment  # every commit ran dvc repro
+
+
+def test_without_per_dialogue_scores_the_verdict_is_labelled_interval_overlap(tmp_path):
+    """CI checks out git only: no DVC cache, no data/scores, so no paired test, and the column says so."""
+    repo = _make_repo(tmp_path / "repo", with_exp=True)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data" / "scores")
+    compact = _between(_comment(repo), "## ROUGE-L by variant (vs main)\n", "## Plots")
+    assert _rows(compact)[2:] == [
+        ["full", "33.00", "33.30", "+0.30", "no (interval overlap, not a test)"],  # 33.0 in [32.3, 34.3]
+        ["ia3", "-", "28.00", "-", "-"],
+        ["lora", "30.00", "31.50", "+1.50", "yes (interval overlap, not a test)"],  # 30.0 below [30.5, 32.5]
+    ]
+
+
+def _png(colour: bytes) -> bytes:
+    """Stand-in image bytes: the comment links committed files, it never reads them."""
+    return b"\x89PNG\r\n\x1a\n" + colour
+
+
+def test_plots_of_both_sides_are_shown_from_github(tmp_path):
+    repo = _make_repo(tmp_path / "repo", with_exp=False)
+    plots = repo / "metrics" / "plots"
+    plots.mkdir(parents=True)
+    (plots / "rouge_by_variant.png").write_bytes(_png(b"rouge"))
+    (plots / "frontier.png").write_bytes(_png(b"frontier, main"))
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-q", "-m", "report images")
+    main_sha = _run(repo, "git", "rev-parse", "HEAD").strip()
+    _run(repo, "git", "checkout", "-q", "-b", "exp")
+    (plots / "frontier.png").write_bytes(_png(b"frontier, exp"))
+    (repo / "metrics" / "report.md").write_text("# Report\n\n![the frontier](plots/frontier.png)\n")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-q", "-m", "a new frontier")
+    head_sha = _run(repo, "git", "rev-parse", "HEAD").strip()
+
+    out = _comment(repo, GITHUB_SERVER_URL="https://github.com", GITHUB_REPOSITORY="o/r")
+    plots_section = _between(out, "## Plots (main and this PR)\n", "## Params")
+    url = "https://github.com/o/r/blob/{}/metrics/plots/{}.png?raw=true"
+    assert _rows(plots_section)[0] == ["plot", "main", "this PR"]
+    assert _rows(plots_section)[2:] == [
+        [
+            "ROUGE-L by variant",
+            "unchanged",
+            f"![ROUGE-L by variant (this PR)]({url.format(head_sha, 'rouge_by_variant')})",
+        ],
+        [
+            "Quality against cost",
+            f"![Quality against cost (main)]({url.format(main_sha, 'frontier')})",
+            f"![Quality against cost (this PR)]({url.format(head_sha, 'frontier')})",
+        ],
+    ]
+    assert "`dvc plots diff main --open`" in plots_section
+    # the folded report's own image links point at the PR's committed files too
+    assert f"![the frontier]({url.format(head_sha, 'frontier')})" in _between(out, REPORT_FOLD)
+
+    # outside GitHub Actions there is no URL to show: the file and its commit
+    local = _between(_comment(repo), "## Plots (main and this PR)\n", "## Params")
+    assert f"`metrics/plots/frontier.png` at `{main_sha[:12]}`" in local
 
 
 def test_noisy_metrics_only_in_their_folded_section(exp_comment):
@@ -183,16 +254,22 @@ def test_deterministic_diff_params_and_report_are_folded_in_order(exp_comment):
 def test_comment_against_itself_says_no_changes(tmp_path):
     repo = _make_repo(tmp_path / "repo", with_exp=False)
     out = _comment(repo)
-    assert _rows(_between(out, "## ROUGE-L by variant (vs main)\n", "## Params"))[2:] == [
-        ["full", "33.00", "33.00", "+0.00", "no"],
-        ["lora", "30.00", "30.00", "+0.00", "no"],
+    assert _rows(_between(out, "## ROUGE-L by variant (vs main)\n", "## Plots"))[2:] == [
+        ["full", "33.00", "33.00", "+0.00", "no (paired test, Holm-adjusted p = 1.0000)"],
+        ["lora", "30.00", "30.00", "+0.00", "no (paired test, Holm-adjusted p = 1.0000)"],
     ]
     assert "## Params (vs main)\n\nNo param changes.\n" in out
     assert f"{DETERMINISTIC}\n\nNo metric changes.\n\n</details>" in out
     assert f"{NOISY}\n\nNo timing or cost changes.\n\n</details>" in out
     assert "No report (metrics/report.md not found" in out
     assert "Stale" not in out
-    assert len(_rows(out)) == 4  # only the compact table: no empty header-only tables
+    assert len(_rows(out)) == 8  # the compact table and the plots table: no empty header-only tables
+    plots = _between(out, "## Plots (main and this PR)\n", "## Params")
+    assert [
+        "Quality against cost",
+        "(no `metrics/plots/frontier.png` on main)",
+        "(no `metrics/plots/frontier.png` on this PR)",
+    ] in _rows(plots)
 
 
 def test_stale_warning_when_params_or_code_changed_after_dvc_lock(tmp_path):

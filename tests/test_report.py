@@ -11,6 +11,7 @@ from stages.report import (
     comparison_sentence,
     comparisons,
     frontier_rows,
+    pareto_cell,
     pareto_optimal,
     render,
 )
@@ -140,8 +141,10 @@ def test_report_says_p_values_are_holm_adjusted() -> None:
         "1.0 min",
         "900 (RSS)",
         "2.00",
-        "yes",
+        "no",  # the original model and lead score as much at 0 trainable params: full is dominated
     ]
+    lead = next(line for line in report.splitlines() if line.startswith("| lead baseline ") and "RSS" in line)
+    assert lead.strip("|").split("|")[-1].strip() == "yes"  # zero-cost variants take part in the dominance check
     assert "## Paired tests on ROUGE-L (Holm-adjusted over 4 comparisons, family-wise error rate 0.05)" in report
     assert "Holm-adjusted p = " in report
 
@@ -217,17 +220,53 @@ def test_pareto_optimal_variants_are_not_beaten_on_both_cost_and_quality() -> No
     assert pareto_optimal(points) == {"full", "lora", "ia3", "tie"}  # worse_lora costs more and scores less
 
 
-def test_frontier_has_the_trained_variants_with_their_intervals() -> None:
-    evaluation = {
-        v: {"rougeL": r, "rougeL_ci_low": r - 1, "rougeL_ci_high": r + 1}
-        for v, r in (("base", 20.0), ("full", 40.0), ("lora", 41.0), ("lead", 25.0))
+def frontier_inputs(points: dict[str, tuple[int, float, float]]) -> tuple[list[str], dict, dict]:
+    """variants, evaluation and cost from {variant: (trainable params, ROUGE-L, interval half-width)}."""
+    evaluation = {v: {"rougeL": r, "rougeL_ci_low": r - w, "rougeL_ci_high": r + w} for v, (_, r, w) in points.items()}
+    cost = {v: {"trainable_params": p} for v, (p, _, _) in points.items()}
+    return list(points), evaluation, cost
+
+
+def test_zero_cost_variants_take_part_in_the_dominance_check() -> None:
+    # the offline smoke run: lead at 16.5, the trained variants below 1
+    variants, evaluation, cost = frontier_inputs(
+        {"base": (0, 3.2, 1.0), "full": (10**8, 0.60, 0.3), "ia3": (10**5, 0.46, 0.3), "lead": (0, 16.5, 1.0)}
+    )
+    rows = {r["variant"]: r for r in frontier_rows(variants, evaluation, cost)}
+    assert [r["variant"] for r in rows.values()] == variants  # every variant, zero-cost ones included
+    assert {v: r["pareto"] for v, r in rows.items()} == {
+        "base": "dominated",  # lead scores more at the same (zero) cost
+        "full": "dominated",
+        "ia3": "dominated",
+        "lead": "Pareto-optimal",
     }
-    cost = {
-        "base": {"trainable_params": 0},
-        "lead": {"trainable_params": 0},
-        "full": {"trainable_params": 10**8},
-        "lora": {"trainable_params": 10**6},
+    assert rows["lead"]["zero_cost"] and rows["lead"]["trainable_params"] == 0 and not rows["ia3"]["zero_cost"]
+    assert {v: r["status"] for v, r in rows.items()} == {
+        "base": "zero-cost",
+        "full": "dominated",
+        "ia3": "dominated",
+        "lead": "zero-cost",
     }
-    rows = frontier_rows(["base", "full", "lora", "lead"], evaluation, cost)
-    assert [(r["variant"], r["pareto"]) for r in rows] == [("full", "dominated"), ("lora", "Pareto-optimal")]
-    assert rows[1]["rougeL_ci_low"] == 40.0 and rows[1]["trainable_params"] == 10**6
+
+
+def test_a_trained_variant_at_the_best_zero_cost_score_is_dominated() -> None:
+    variants, evaluation, cost = frontier_inputs(
+        {"base": (0, 24.0, 1.0), "lora": (10**6, 24.0, 1.0), "full": (10**8, 24.01, 1.0), "lead": (0, 16.5, 1.0)}
+    )
+    rows = {r["variant"]: r for r in frontier_rows(variants, evaluation, cost)}
+    assert rows["lora"]["pareto"] == "dominated"  # at, not above, the original model
+    assert rows["full"]["pareto"] == "Pareto-optimal"  # above it on the point estimate...
+    # ...but within the noise of the cheapest variant whose interval reaches it: not presented as better
+    assert rows["full"]["overlaps"] == "base"
+    assert rows["full"]["status"] == "Pareto-optimal, but its 95% CI overlaps a cheaper variant's"
+    assert pareto_cell(rows["full"]) == "yes, but its 95% CI overlaps original (zero-shot)'s"
+
+
+def test_a_clear_gain_over_every_cheaper_variant_is_plainly_pareto_optimal() -> None:
+    variants, evaluation, cost = frontier_inputs(
+        {"base": (0, 24.0, 1.0), "full": (10**8, 40.0, 1.0), "lora": (10**6, 35.0, 1.0), "lead": (0, 16.5, 1.0)}
+    )
+    rows = {r["variant"]: r for r in frontier_rows(variants, evaluation, cost)}
+    assert (rows["lora"]["status"], rows["full"]["status"]) == ("Pareto-optimal", "Pareto-optimal")
+    assert rows["lora"]["overlaps"] is None and pareto_cell(rows["lora"]) == "yes"
+    assert rows["lora"]["rougeL_ci_low"] == 34.0 and rows["lora"]["label"] == "LoRA"
