@@ -39,7 +39,9 @@ Generation
     install_generation_config(model, config) -> GenerationConfig: `config` plus those tokens,
         made the model's own so a checkpoint's generation_config.json injects nothing
     generate_continuations(model, tokenizer, batch_prompt_ids, generation_config) -> list of the
-        generated ids of each continuation only, up to and including its first EOS
+        generated ids of each continuation only, up to and including its first EOS (plain models
+        and peft adapters alike; a prompt-tuned causal model gets its virtual tokens after the
+        left padding, so its batched results too equal one-at-a-time ones)
 
 PEFT targets (peft 0.21's own per-architecture defaults, never a table of ours)
     default_target_modules(config, method) -> list[str] (method "lora" or "ia3")
@@ -388,6 +390,34 @@ def install_generation_config(model: PreTrainedModel, config: GenerationConfig) 
     return installed
 
 
+def is_prompt_tuned(model: PreTrainedModel) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and getattr(config.peft_type, "value", config.peft_type) == "PROMPT_TUNING"
+
+
+def virtual_tokens_after_padding(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input embeddings [padding][virtual tokens][prompt] for a prompt-tuned causal model, and
+    their attention mask.
+
+    peft's own generate puts the virtual tokens in front of the whole left-padded row, [virtual]
+    [padding][prompt], and drops position ids, so the prompt's positions (and its distance to
+    the virtual tokens) shift with the padding: batched results differ from one-at-a-time ones
+    (GPT-2's absolute positions show it at once). Here each row's virtual tokens sit right
+    before its first prompt token, and transformers derives position ids from the attention
+    mask, so every row sees virtual tokens at 0..n-1 and its prompt from n on, as in training.
+    """
+    embeds = model.word_embeddings(input_ids)
+    virtual = model.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)
+    ones = torch.ones(virtual.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+    rows, masks = [], []
+    for i, pads in enumerate((attention_mask == 0).sum(dim=1).tolist()):
+        rows.append(torch.cat([embeds[i, :pads], virtual[i], embeds[i, pads:]]))
+        masks.append(torch.cat([attention_mask[i, :pads], ones[i], attention_mask[i, pads:]]))
+    return torch.stack(rows), torch.stack(masks)
+
+
 def eos_ids(config: GenerationConfig) -> set[int]:
     eos = config.eos_token_id
     return set(eos) if isinstance(eos, list) else {eos}
@@ -406,10 +436,10 @@ def generate_continuations(
     seq2seq: right-padded encoder inputs; the decoder start token is dropped. causal: left
     padding, so every prompt ends at the same position and the continuation starts right after
     it for every row (transformers derives position ids from the attention mask); the prompt
-    is sliced off, so no prompt token can appear in a summary. A peft prompt-tuned causal model
-    returns the prompt ids (not its virtual tokens) before the continuation, so the same slice
-    holds. `tokenizer` is unused by the computation but kept so callers need not know which
-    family needs what.
+    is sliced off, so no prompt token can appear in a summary. A prompt-tuned causal model gets
+    its virtual tokens between the padding and the prompt (see virtual_tokens_after_padding).
+    `tokenizer` is unused by the computation but kept so callers need not know which family
+    needs what.
     """
     del tokenizer  # the special tokens come from the model (generation_special_tokens)
     inner = unwrap(model)
@@ -418,11 +448,14 @@ def generate_continuations(
     side = "left" if model_family == CAUSAL else "right"
     input_ids = pad_batch(batch_prompt_ids, config.pad_token_id, side)
     attention_mask = pad_batch([[1] * len(r) for r in batch_prompt_ids], 0, side)
-    device = inner.device
-    output = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-    )
-    output = output[:, input_ids.shape[1] :] if model_family == CAUSAL else output[:, 1:]
+    input_ids, attention_mask = input_ids.to(inner.device), attention_mask.to(inner.device)
+    if model_family == CAUSAL and is_prompt_tuned(model):
+        embeds, attention_mask = virtual_tokens_after_padding(model, input_ids, attention_mask)
+        # given embeddings only, generate() returns the new tokens only: nothing to slice off
+        output = inner.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config)
+    else:
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        output = output[:, input_ids.shape[1] :] if model_family == CAUSAL else output[:, 1:]
     stops = eos_ids(config)
     continuations = []
     for row in output.tolist():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from peft.utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
@@ -48,12 +48,18 @@ BEAMS = GenerationConfig(num_beams=4, max_new_tokens=16, early_stopping=True, do
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """One directory per family: conftest's session FLAN-T5-style model and the others built
-    in-process through make_tiny_model.main (one interpreter start instead of four)."""
+def script():
+    """scripts/make_tiny_model.py as a module: main(argv) runs in-process (one interpreter start)."""
     spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "scripts" / "make_tiny_model.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tiny_model_dir, script, tmp_path_factory) -> dict[str, Path]:
+    """One directory per family: conftest's session FLAN-T5-style model and the others built
+    in-process through make_tiny_model.main."""
     root = tmp_path_factory.mktemp("families")
     for name, args in BUILD_ARGS.items():
         assert script.main([str(root / name), *args]) == 0
@@ -78,6 +84,19 @@ def prompts(tokenizer, model_family) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------- identity and loading
+
+
+def test_tiny_models_are_a_pure_function_of_the_arguments(tiny_dirs, script, tmp_path):
+    for name in ("bart", "gpt2"):
+        assert script.main([str(tmp_path / name), *BUILD_ARGS[name]]) == 0
+        for file in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):
+            assert (tmp_path / name / file).read_bytes() == (tiny_dirs[name] / file).read_bytes(), (name, file)
+
+
+def test_tied_is_for_t5_only(script, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["unused", "--family", "llama", "--tied"])
+    assert "--tied builds a T5 v1.0-style model; --family llama has its own head layout" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -234,6 +253,27 @@ def test_lora_auto_targets_train_a_step(tiny_dirs, name):
     assert sorted(changed) == sorted(lora_b)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ia3_auto_targets_train_a_step(tiny_dirs, name):
+    tokenizer, model = load(tiny_dirs, name)
+    F.ensure_pad_token(tokenizer)
+    model_family = F.family(model.config)
+    config = IA3Config(
+        task_type=F.task_type(model_family),
+        target_modules=F.default_target_modules(model.config, "ia3"),
+        feedforward_modules=F.default_feedforward_modules(model.config),
+    )
+    peft_model = get_peft_model(model, config)
+    row = F.training_example(model_family, text_ids(tokenizer, PROMPT), text_ids(tokenizer, SUMMARY), tokenizer)
+    batch = F.data_collator(model_family, tokenizer, peft_model)([row])
+    vectors = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert vectors and all("ia3_l" in n for n in vectors)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model(**batch).loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(p, vectors[n]) for n, p in peft_model.named_parameters() if n in vectors)
+
+
 def test_default_targets_are_peft_mappings(tiny_dirs):
     for name in FAMILIES:
         config = F.load_config(str(tiny_dirs[name]))
@@ -278,6 +318,32 @@ def test_batched_beam_generation_equals_one_at_a_time(tiny_dirs, name):
         assert continuation == (after[: after.index(eos) + 1] if eos in after else after)
         assert 0 < len(continuation) <= BEAMS.max_new_tokens
         assert eos not in continuation[:-1]
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_prompt_tuned_causal_generation_batches_and_matches_a_recomputation(tiny_dirs, name):
+    """Virtual tokens go between the left padding and the prompt, so batches equal single prompts;
+    and the continuation is what the model says when recomputed from scratch each step (peft
+    0.21's own generate drifts from that after a few tokens on transformers 5.24)."""
+    tokenizer, model = load(tiny_dirs, name)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=F.task_type("causal"), num_virtual_tokens=5)).eval()
+    batch = prompts(tokenizer, "causal")
+    batched = F.generate_continuations(peft_model, tokenizer, batch, BEAMS)
+    assert batched == [F.generate_continuations(peft_model, tokenizer, [p], BEAMS)[0] for p in batch]
+
+    greedy = GenerationConfig(num_beams=1, max_new_tokens=8, do_sample=False)
+    continuation = F.generate_continuations(peft_model, tokenizer, [batch[1]], greedy)[0]
+    sequence, recomputed = list(batch[1]), []
+    with torch.no_grad():
+        for _ in range(len(continuation)):  # no cache: virtual tokens, prompt and what came so far
+            embeds = torch.cat(
+                [peft_model.get_prompt(batch_size=1), peft_model.word_embeddings(torch.tensor([sequence]))], 1
+            )
+            token = int(peft_model.get_base_model()(inputs_embeds=embeds).logits[0, -1].argmax())
+            recomputed.append(token)
+            sequence.append(token)
+    assert continuation == recomputed
 
 
 def test_seq2seq_continuation_drops_the_decoder_start(tiny_dirs):
