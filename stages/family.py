@@ -46,7 +46,7 @@ Generation
 PEFT targets (peft 0.21's own per-architecture defaults, never a table of ours)
     default_target_modules(config, method) -> list[str] (method "lora" or "ia3")
     default_feedforward_modules(config) -> list[str] (IA3's feed-forward subset)
-    lora_fan_in_fan_out(model, target_modules) -> bool (True for GPT-2's Conv1D layers)
+    fan_in_fan_out(model, target_modules) -> bool (True for GPT-2's Conv1D layers; LoRA and IA3)
     missing_target_modules(model, target_modules) -> names matching no module, matched as peft does
 
 Decoder-only layout: the input is the prompt (with BOS if the tokenizer adds one), then the
@@ -521,9 +521,10 @@ def missing_target_modules(model: torch.nn.Module, target_modules: list[str]) ->
     return [t for t in target_modules if not any(matches(n, t) for n in names)]
 
 
-def lora_fan_in_fan_out(model: torch.nn.Module, target_modules: list[str] | str) -> bool:
-    """True when the targeted layers store their weight as (in, out): GPT-2's Conv1D. peft would
-    switch it on itself with a warning; setting it explicitly records it in the adapter config."""
+def fan_in_fan_out(model: torch.nn.Module, target_modules: list[str] | str) -> bool:
+    """True when the targeted layers store their weight as (in, out): GPT-2's Conv1D. For
+    LoraConfig and IA3Config alike: peft would switch it on itself with a warning; set
+    explicitly, the adapter config records it."""
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(target_modules, str):  # all-linear: peft targets the Conv1D layers too

@@ -47,6 +47,16 @@ BUILD_ARGS = {
 BEAMS = GenerationConfig(num_beams=4, max_new_tokens=16, early_stopping=True, do_sample=False, length_penalty=1.0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: thread start-up costs more than it saves (a training step took 0.04 s on one
+    thread, 0.19-0.34 s on two, on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def script():
     """scripts/make_tiny_model.py as a module: main(argv) runs in-process (one interpreter start)."""
@@ -233,7 +243,7 @@ def test_lora_auto_targets_train_a_step(tiny_dirs, name):
     assert targets == {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}.get(
         model.config.model_type, ["c_attn"]
     )
-    fan_in_fan_out = F.lora_fan_in_fan_out(model, targets)
+    fan_in_fan_out = F.fan_in_fan_out(model, targets)
     assert fan_in_fan_out is (name == "gpt2")  # GPT-2's c_attn is a Conv1D
     config = LoraConfig(task_type=F.task_type(model_family), r=4, target_modules=targets, fan_in_fan_out=fan_in_fan_out)
     peft_model = get_peft_model(model, config)
@@ -258,10 +268,12 @@ def test_ia3_auto_targets_train_a_step(tiny_dirs, name):
     tokenizer, model = load(tiny_dirs, name)
     F.ensure_pad_token(tokenizer)
     model_family = F.family(model.config)
+    targets = F.default_target_modules(model.config, "ia3")
     config = IA3Config(
         task_type=F.task_type(model_family),
-        target_modules=F.default_target_modules(model.config, "ia3"),
+        target_modules=targets,
         feedforward_modules=F.default_feedforward_modules(model.config),
+        fan_in_fan_out=F.fan_in_fan_out(model, targets),
     )
     peft_model = get_peft_model(model, config)
     row = F.training_example(model_family, text_ids(tokenizer, PROMPT), text_ids(tokenizer, SUMMARY), tokenizer)
@@ -460,18 +472,8 @@ CEILING = {
 CEILING_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny matrices: thread start-up costs more than it saves (a step took 0.04 s on one thread,
-    0.19-0.34 s on two, on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("method", CEILING)
-def test_memorized_llama_reaches_the_rouge_ceiling_under_default_generation(tiny_dirs, method, one_thread):
+def test_memorized_llama_reaches_the_rouge_ceiling_under_default_generation(tiny_dirs, method):
     """A decoder-only model that memorized its data must score ROUGE-L >= 90 under params.yaml's
     generate defaults (4 beams, 128 new tokens, ...): a prompt echoed into the prediction, a
     missing EOS or a padding bug would cost it."""
