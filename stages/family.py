@@ -2,9 +2,10 @@
 
 The family comes from the model's config (`config.is_encoder_decoder`): "seq2seq" (T5, FLAN-T5,
 mT5, BART: AutoModelForSeq2SeqLM) or "causal" (Llama, Qwen, Mistral, Gemma, Phi, GPT-2:
-AutoModelForCausalLM). Stages ask this module how to load, how to build inputs and labels and
-how to generate; none of them branches on the family itself, so adding a family touches this
-file only, and a training method never needs to know which family it trains.
+AutoModelForCausalLM). Stages are to ask this module how to load, how to build inputs and
+labels and how to generate, and never branch on the family themselves, so that adding a family
+touches this file only and a training method never needs to know which family it trains.
+(Not wired in yet: prepare, generate and the train_* stages still load AutoModelForSeq2SeqLM.)
 
 API (token ids are plain lists of ints; "text ids" means without special tokens, as
 `tokenizer(text, add_special_tokens=False)` gives them):
@@ -20,6 +21,7 @@ Identity and loading
         unquantized parameters in fp32 (as peft's k-bit training preparation leaves them)
     prepare_for_kbit_training(model, gradient_checkpointing=True) -> model (peft's recipe; a
         no-op for an unquantized model)
+    is_quantized(model) -> bool
     ensure_pad_token(tokenizer) -> bool (True when pad was set to EOS; see its docstring)
 
 Inputs and labels
@@ -275,11 +277,11 @@ def training_example(
     stop. seq2seq: input = prompt, labels = summary + EOS. causal: input = prompt, summary, EOS;
     labels -100 over the prompt, so only the summary and its EOS carry loss.
     """
-    tokens = special_tokens(model_family, tokenizer)
+    tokens = special_tokens(model_family, tokenizer)  # once per row: it encodes a probe text
     summary = list(summary_text_ids)
     if max_target_length is not None:
-        summary = summary[: target_text_budget(model_family, tokenizer, max_target_length)]
-    prompt = encode_prompt(model_family, tokenizer, prompt_text_ids)
+        summary = summary[: max_target_length - len(tokens.target_prefix) - len(tokens.target_suffix)]
+    prompt = tokens.prompt_prefix + list(prompt_text_ids) + tokens.prompt_suffix
     target = tokens.target_prefix + summary + tokens.target_suffix
     if model_family == SEQ2SEQ:
         return {"input_ids": prompt, "attention_mask": [1] * len(prompt), "labels": target}
