@@ -445,6 +445,26 @@ def test_qlora_4bit_trains_saves_and_reloads(tiny_dirs, tmp_path):
     assert F.generate_continuations(reloaded, tokenizer, batch_prompts, BEAMS) == trained
 
 
+def test_8bit_base_trains_lora_and_generates(tiny_dirs):
+    from bitsandbytes.nn import Linear8bitLt
+
+    tokenizer, model = load(tiny_dirs, "llama128", quantization="8bit")
+    F.ensure_pad_token(tokenizer)
+    assert F.is_quantized(model) and isinstance(model.model.layers[0].mlp.down_proj, Linear8bitLt)
+    model = F.prepare_for_kbit_training(model)
+    targets = F.default_target_modules(model.config, "lora")
+    peft_model = get_peft_model(model, LoraConfig(task_type=F.task_type("causal"), r=8, target_modules=targets))
+    row = F.training_example("causal", text_ids(tokenizer, PROMPT), text_ids(tokenizer, SUMMARY), tokenizer)
+    loss = peft_model(**F.data_collator("causal", tokenizer, peft_model)([row])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_B" in n)
+    peft_model.eval()
+    batch = prompts(tokenizer, "causal")
+    continuations = F.generate_continuations(peft_model, tokenizer, batch, BEAMS)
+    assert len(continuations) == 3 and all(0 < len(c) <= BEAMS.max_new_tokens for c in continuations)
+
+
 # --------------------------------------------------------------------------- ceiling
 
 
