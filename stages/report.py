@@ -232,6 +232,36 @@ def diagnostics_table(variants: list[str], generation: dict[str, dict], evaluati
     )
 
 
+def runs_table(variants: list[str], generation: dict[str, dict], cost: dict[str, dict]) -> str:
+    """What `precision: auto` and the out-of-memory retries resolved to, per variant: a bf16 run and
+    an fp32 run give different numbers, so a reader must see which ran."""
+    rows = []
+    for v in variants:
+        c, g = cost[v], generation[v]
+        trained = "train_precision" in c
+        rows.append(
+            [
+                label(v),
+                f"{c['train_precision']}{' + TF32' if c.get('train_tf32') else ''}" if trained else "-",
+                c.get("train_device", "-") if trained else "-",
+                c.get("train_oom_retries", "-") if trained else "-",
+                g.get("generation_precision", "-"),
+                c.get("generation_device", "-"),
+                c.get("generation_batch_size", "-") or "-",
+            ]
+        )
+    headers = [
+        "model",
+        "train precision",
+        "train device",
+        "out-of-memory restarts",
+        "generation precision",
+        "generation device",
+        "generation batch",
+    ]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
 def examples_section(
     variants: list[str], predictions: dict[str, list[dict]], references: dict[str, list[str]], count: int
 ) -> str:
@@ -328,6 +358,11 @@ def render(
                 "\n".join(comparison_sentence(t) for t in tests) or "(fewer than two comparable variants)",
                 "## Generation diagnostics",
                 diagnostics_table(variants, generation, evaluation),
+                "## How each variant ran",
+                "The precision `auto` resolved to (bf16 where the hardware runs it natively, else fp32), the "
+                "devices, how often training restarted at half the batch after running out of memory (the same "
+                "samples per step), and the generation batch after any out-of-memory halving.",
+                runs_table(variants, generation, cost),
                 "## Examples",
                 examples,
             ]

@@ -14,6 +14,7 @@ from stages.report import (
     pareto_cell,
     pareto_optimal,
     render,
+    runs_table,
 )
 from stages.rouge import ROUGE_TYPES, paired_test
 
@@ -270,3 +271,47 @@ def test_a_clear_gain_over_every_cheaper_variant_is_plainly_pareto_optimal() -> 
     assert (rows["lora"]["status"], rows["full"]["status"]) == ("Pareto-optimal", "Pareto-optimal")
     assert rows["lora"]["overlaps"] is None and pareto_cell(rows["lora"]) == "yes"
     assert rows["lora"]["rougeL_ci_low"] == 34.0 and rows["lora"]["label"] == "LoRA"
+
+
+def test_the_report_shows_what_each_variant_ran_with():
+    cost = {
+        "base": {"generation_device": "NVIDIA H100 80GB HBM3", "generation_batch_size": 16},
+        "lora": {
+            "train_precision": "bf16",
+            "train_tf32": 1,
+            "train_device": "NVIDIA H100 80GB HBM3",
+            "train_oom_retries": 1,
+            "generation_device": "NVIDIA H100 80GB HBM3",
+            "generation_batch_size": 32,
+        },
+        "lead": {"generation_device": "none", "generation_batch_size": 0},
+    }
+    generation = {"base": {"generation_precision": "bf16"}, "lora": {"generation_precision": "bf16"}, "lead": {}}
+    table = runs_table(["base", "lora", "lead"], generation, cost).splitlines()
+    assert [cell.strip() for cell in table[2].strip("|").split("|")] == [
+        "original (zero-shot)",
+        "-",
+        "-",
+        "-",
+        "bf16",
+        "NVIDIA H100 80GB HBM3",
+        "16",
+    ]
+    assert [cell.strip() for cell in table[3].strip("|").split("|")] == [
+        "LoRA",
+        "bf16 + TF32",
+        "NVIDIA H100 80GB HBM3",
+        "1",
+        "bf16",
+        "NVIDIA H100 80GB HBM3",
+        "32",
+    ]
+    assert [cell.strip() for cell in table[4].strip("|").split("|")] == [
+        "lead baseline",
+        "-",
+        "-",
+        "-",
+        "-",
+        "none",
+        "-",
+    ]
