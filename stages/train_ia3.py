@@ -31,6 +31,7 @@ from stages.training import (
     training_costs,
     training_metrics,
 )
+from stages.validation import attach_validation, selection_metrics, validation_record, validation_runtime_s
 
 PREPARED_DIR = Path("data/prepared")
 BASE_PIN = Path("models/base/pin.json")
@@ -39,6 +40,7 @@ CHECKPOINT_DIR = Path("checkpoints/train_ia3")
 CURVES_DIR = Path("dvclive/train_ia3")
 METRICS_FILE = Path("metrics/train/ia3.json")
 COSTS_FILE = Path("metrics/timing/train_ia3.json")
+VALIDATION_FILE = Path("metrics/validation/ia3.json")
 
 
 def ia3_config(params: Ia3Params, linear_layers: list[str]) -> IA3Config:
@@ -70,22 +72,30 @@ def main() -> None:
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_ia3, params.seed, CHECKPOINT_DIR, device, "train_ia3")
     trainer = build_trainer(model, tokenizer, train, validation, args)
+    subset = attach_validation(trainer, tokenizer, validation, params.train_ia3, params.validate, params.seed)
     resume = resumable_checkpoint(
         trainer,
         CHECKPOINT_DIR,
-        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_ia3, params.ia3),
+        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_ia3, params.validate, params.ia3),
     )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
         save_adapter(trainer.model, tokenizer, MODEL_DIR)
-        metrics = {**training_metrics(trainer), "saved_mb": saved_mb(MODEL_DIR)}
+        metrics = {
+            **training_metrics(trainer),
+            **selection_metrics(trainer, params.train_ia3, subset),
+            "saved_mb": saved_mb(MODEL_DIR),
+        }
         write_json(metrics, METRICS_FILE)
-        write_json(training_costs(trainer), COSTS_FILE)
+        write_json(validation_record(trainer, subset, params.train_ia3, params.seed), VALIDATION_FILE)
+        costs = {**training_costs(trainer), "validation_runtime_s": validation_runtime_s(trainer.state.log_history)}
+        write_json(costs, COSTS_FILE)
         card_params = {
             "seed": params.seed,
             "model": asdict(params.model),
             "train_ia3": asdict(params.train_ia3),
+            "validate": asdict(params.validate),
             "ia3": asdict(params.ia3),
         }
         (MODEL_DIR / "README.md").write_text(model_card(BASE_PIN, "peft", card_params, metrics))

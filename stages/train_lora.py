@@ -35,6 +35,7 @@ from stages.training import (
     training_costs,
     training_metrics,
 )
+from stages.validation import attach_validation, selection_metrics, validation_record, validation_runtime_s
 
 PREPARED_DIR = Path("data/prepared")
 BASE_PIN = Path("models/base/pin.json")
@@ -43,6 +44,7 @@ CHECKPOINT_DIR = Path("checkpoints/train_lora")
 CURVES_DIR = Path("dvclive/train_lora")
 METRICS_FILE = Path("metrics/train/lora.json")
 COSTS_FILE = Path("metrics/timing/train_lora.json")
+VALIDATION_FILE = Path("metrics/validation/lora.json")
 # lora.init -> peft's init_lora_weights; True = A Kaiming-uniform, B zero (the LoRA paper's init)
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 MUTATES_BASE = ("pissa", "olora")  # inits that subtract the initial adapter from the base weights
@@ -109,22 +111,30 @@ def main() -> None:
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_lora, params.seed, CHECKPOINT_DIR, device, "train_lora")
     trainer = build_trainer(model, tokenizer, train, validation, args)
+    subset = attach_validation(trainer, tokenizer, validation, params.train_lora, params.validate, params.seed)
     resume = resumable_checkpoint(
         trainer,
         CHECKPOINT_DIR,
-        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_lora, params.lora),
+        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_lora, params.validate, params.lora),
     )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
         save_adapter(trainer.model, tokenizer, MODEL_DIR, initial)
-        metrics = {**training_metrics(trainer), "saved_mb": saved_mb(MODEL_DIR)}
+        metrics = {
+            **training_metrics(trainer),
+            **selection_metrics(trainer, params.train_lora, subset),
+            "saved_mb": saved_mb(MODEL_DIR),
+        }
         write_json(metrics, METRICS_FILE)
-        write_json(training_costs(trainer), COSTS_FILE)
+        write_json(validation_record(trainer, subset, params.train_lora, params.seed), VALIDATION_FILE)
+        costs = {**training_costs(trainer), "validation_runtime_s": validation_runtime_s(trainer.state.log_history)}
+        write_json(costs, COSTS_FILE)
         card_params = {
             "seed": params.seed,
             "model": asdict(params.model),
             "train_lora": asdict(params.train_lora),
+            "validate": asdict(params.validate),
             "lora": asdict(params.lora),
         }
         (MODEL_DIR / "README.md").write_text(model_card(BASE_PIN, "peft", card_params, metrics))

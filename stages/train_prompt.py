@@ -31,6 +31,7 @@ from stages.training import (
     training_costs,
     training_metrics,
 )
+from stages.validation import attach_validation, selection_metrics, validation_record, validation_runtime_s
 
 PREPARED_DIR = Path("data/prepared")
 BASE_PIN = Path("models/base/pin.json")
@@ -39,6 +40,7 @@ CHECKPOINT_DIR = Path("checkpoints/train_prompt")
 CURVES_DIR = Path("dvclive/train_prompt")
 METRICS_FILE = Path("metrics/train/prompt.json")
 COSTS_FILE = Path("metrics/timing/train_prompt.json")
+VALIDATION_FILE = Path("metrics/validation/prompt.json")
 INIT = {"text": PromptTuningInit.TEXT, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}
 
 
@@ -80,22 +82,32 @@ def main() -> None:
     train, validation = load_training_splits(PREPARED_DIR)
     args = training_arguments(params.train_prompt, params.seed, CHECKPOINT_DIR, device, "train_prompt")
     trainer = build_trainer(model, tokenizer, train, validation, args)
+    subset = attach_validation(trainer, tokenizer, validation, params.train_prompt, params.validate, params.seed)
     resume = resumable_checkpoint(
         trainer,
         CHECKPOINT_DIR,
-        fingerprint(PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_prompt, params.prompt),
+        fingerprint(
+            PREPARED_DIR, params.seed, read_json(BASE_PIN), params.train_prompt, params.validate, params.prompt
+        ),
     )
     attach_curves(trainer, CURVES_DIR, resume)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
         save_adapter(trainer.model, tokenizer, MODEL_DIR)
-        metrics = {**training_metrics(trainer), "saved_mb": saved_mb(MODEL_DIR)}
+        metrics = {
+            **training_metrics(trainer),
+            **selection_metrics(trainer, params.train_prompt, subset),
+            "saved_mb": saved_mb(MODEL_DIR),
+        }
         write_json(metrics, METRICS_FILE)
-        write_json(training_costs(trainer), COSTS_FILE)
+        write_json(validation_record(trainer, subset, params.train_prompt, params.seed), VALIDATION_FILE)
+        costs = {**training_costs(trainer), "validation_runtime_s": validation_runtime_s(trainer.state.log_history)}
+        write_json(costs, COSTS_FILE)
         card_params = {
             "seed": params.seed,
             "model": asdict(params.model),
             "train_prompt": asdict(params.train_prompt),
+            "validate": asdict(params.validate),
             "prompt": asdict(params.prompt),
         }
         (MODEL_DIR / "README.md").write_text(model_card(BASE_PIN, "peft", card_params, metrics))

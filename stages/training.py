@@ -44,6 +44,7 @@ from stages.jsonio import read_json
 from stages.modeling import use_bf16
 from stages.params import TrainParams
 from stages.progress import TrainerProgress
+from stages.validation import validation_arguments
 
 
 def exit_with_launcher() -> None:
@@ -150,10 +151,9 @@ def training_arguments(
         tf32=True if cuda and torch.cuda.get_device_capability(device)[0] >= 8 else None,
         optim="adamw_torch_fused",  # one fused kernel per step (transformers' default with torch >= 2.8)
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
-        eval_strategy="epoch",
         save_strategy="steps",
         save_steps=params.save_steps,
-        save_total_limit=1,  # resuming needs only the newest; full-FT checkpoints of base are ~3 GB
+        save_total_limit=1,  # resuming needs only the newest (plus the best, kept by select_by); full-FT checkpoints of base are ~3 GB
         auto_find_batch_size=params.auto_find_batch_size,  # halves the batch on CUDA out-of-memory
         logging_strategy="steps",
         logging_steps=params.logging_steps,
@@ -163,6 +163,7 @@ def training_arguments(
         dataloader_num_workers=params.dataloader_workers,
         use_cpu=not cuda,
         disable_tqdm=True,  # TrainerProgress draws the bar (terminal) or periodic lines (logs) instead
+        **validation_arguments(params),  # validate at every checkpoint; keep the best (stages/validation.py)
     )
     check_one_device_per_process(args.n_gpu, section)
     return args
