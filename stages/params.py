@@ -9,6 +9,7 @@ download and an hour of training.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -437,6 +438,20 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads exponent floats without a dot (1e-05) as numbers.
+
+    PyYAML follows YAML 1.1, where 1e-05 is a string; DVC writes params.yaml through ruamel (YAML 1.2),
+    and `dvc exp run -S train_full.learning_rate=1.0e-5` writes exactly `1e-05`, so a learning-rate
+    grid (scripts/tune.py) would otherwise fail on every rate below 1e-4.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def load_params(path: Path = PARAMS_FILE) -> Params:
     with open(path, encoding="utf-8") as f:
-        return parse_params(yaml.safe_load(f))
+        return parse_params(yaml.load(f, Loader=ParamsLoader))  # noqa: S506 (a SafeLoader subclass)
