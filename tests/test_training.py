@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import REPO, dialogsum_rows, write_jsonl
 
-NOISY = {"train_runtime_s", "train_samples_per_second", "peak_rss_mb"}
+NOISY = {"train_runtime_s", "train_samples_per_second", "peak_rss_mb", "validation_runtime_s"}
 
 
 def env() -> dict:
@@ -73,6 +73,7 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
             "data": {"source": str(root / "source")},
             "train_full": slow,
             "train_lora": slow,
+            "validate": {"dialogues": 2, "max_new_tokens": 8},  # 30 validations a run: keep each one short
         },
     )
     run(["git", "init", "-q"], repo)

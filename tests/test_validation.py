@@ -122,20 +122,26 @@ class KillAfterSave(TrainerCallback):
             raise KeyboardInterrupt(f"killed after checkpoint-{self.step}")
 
 
-def test_killed_run_resumes_with_its_validation_history_and_best_checkpoint(overfit_run, tiny_model_dir, tmp_path):
+def test_killed_run_resumes_with_its_validation_history_best_checkpoint_and_patience(
+    overfit_run, tiny_model_dir, tmp_path
+):
     full_history = validation_history(overfit_run[0].state.log_history)
     peak = max(full_history, key=lambda e: e["rougeL"])["step"]
-    kill_at = peak + 8  # two checkpoints past the best one
-    trainer, _ = trainer_for(tiny_model_dir, tmp_path, OVERFIT, [KillAfterSave(kill_at)])
+    patient = dataclasses.replace(OVERFIT, patience=3)
+    stop, kill_at = stopping_step(full_history, patience=3), peak + 8  # killed two validations past the best
+    assert kill_at < stop  # the premise: the kill comes while early stopping is counting
+    trainer, _ = trainer_for(tiny_model_dir, tmp_path, patient, [KillAfterSave(kill_at)])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     # on disk: the newest checkpoint to resume from, and the best so far, kept despite save_total_limit=1
     assert [p.name for p in complete_checkpoints(tmp_path)] == [f"checkpoint-{peak}", f"checkpoint-{kill_at}"]
 
-    resumed, subset = trainer_for(tiny_model_dir, tmp_path, OVERFIT)
+    resumed, subset = trainer_for(tiny_model_dir, tmp_path, patient)
     resumed.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{kill_at}"))
-    assert validation_history(resumed.state.log_history) == full_history
-    assert selection_metrics(resumed, OVERFIT, subset)["selected_step"] == peak
+    # the history before the kill came back, and early stopping went on counting from 2, not from 0
+    assert validation_history(resumed.state.log_history) == [e for e in full_history if e["step"] <= stop]
+    assert resumed.state.global_step == stop
+    assert selection_metrics(resumed, patient, subset)["selected_step"] == peak
 
 
 def test_validation_subset_is_a_seeded_fixed_choice(overfit_run):
