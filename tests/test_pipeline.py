@@ -189,7 +189,8 @@ def test_dvc_plots_render_rouge_by_variant(pipeline_repo, reproduced):
     values = shown["rouge_by_variant"][0]["content"]["data"]["values"]
     assert [v["variant"] for v in values] == list(VARIANTS) and all("rougeL" in v for v in values)
     validation = shown["validation_rougeL"][0]["content"]["data"]["values"]  # validation ROUGE-L per step
-    assert {v["rev"] for v in validation} and all("rougeL" in v and "step" in v for v in validation)
+    assert {v["filename"] for v in validation} == {f"train_{m}/plots/metrics/eval/rougeL.tsv" for m in TRAINED}
+    assert all("rougeL" in v and "step" in v for v in validation)
 
 
 def test_editing_local_data_reruns_the_data_stage_and_only_what_the_snapshot_changes(pipeline_repo, reproduced):
