@@ -21,7 +21,7 @@ from stages.validation import (
     validation_history,
     validation_subset,
 )
-from tests.conftest import dialogsum_rows, tiny_train_params
+from tests.conftest import dialogsum_rows, problems, tiny_train_params
 
 PREPARE = PrepareParams(
     prompt_template="Summarize:\n{dialogue}\nSummary: ", max_source_length=128, max_target_length=32
@@ -150,3 +150,16 @@ def test_validation_subset_is_a_seeded_fixed_choice(overfit_run):
     assert ids == validation_subset(validation, 2, seed=7)["id"] and len(set(ids)) == 2
     assert ids == sorted(ids, key=list(validation["id"]).index)  # in split order
     assert validation_subset(validation, 10, seed=7)["id"] == list(validation["id"])  # fewer rows: all of them
+
+
+def test_params_refuse_early_stopping_without_a_metric_and_an_empty_subset(raw):
+    raw["train_lora"].update(select_by="last", patience=2)
+    raw["validate"]["dialogues"] = 0
+    message = problems(raw)
+    assert (
+        "train_lora.patience: early stopping needs a validation metric to improve; "
+        "set select_by to rougeL or loss, or patience to 0"
+    ) in message
+    assert "validate.dialogues: must be >= 1, got 0" in message
+    raw["train_lora"]["select_by"] = "bleu"
+    assert "train_lora.select_by: expected one of 'rougeL', 'loss', 'last', got 'bleu'" in problems(raw)
