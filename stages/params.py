@@ -9,6 +9,7 @@ download and an hour of training.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ class TrainParams:
     auto_find_batch_size: bool
     dataloader_workers: int
     processes: int
+    select_by: Literal["rougeL", "loss", "last"]  # which evaluated checkpoint is saved (stages/validation.py)
+    patience: int  # evaluations without improvement before stopping; 0 = never stop early
 
     def problems(self, section: str) -> list[str]:
         return (
@@ -129,6 +132,12 @@ class TrainParams:
             + _check(
                 self.dataloader_workers >= 0,
                 f"{section}.dataloader_workers: must be >= 0, got {self.dataloader_workers}",
+            )
+            + _check(self.patience >= 0, f"{section}.patience: must be >= 0 (0 = off), got {self.patience}")
+            + _check(
+                self.patience == 0 or self.select_by != "last",
+                f"{section}.patience: early stopping needs a validation metric to improve; "
+                "set select_by to rougeL or loss, or patience to 0",
             )
         )
 
@@ -236,6 +245,24 @@ class GenerateParams:
 
 
 @dataclass(frozen=True)
+class ValidateParams:
+    """Validation by generation during training (stages/validation.py)."""
+
+    dialogues: int
+    num_beams: int
+    max_new_tokens: int
+    batch_size: int
+
+    def problems(self, section: str) -> list[str]:
+        return (
+            _check(self.dialogues >= 1, f"{section}.dialogues: must be >= 1, got {self.dialogues}")
+            + _check(self.num_beams >= 1, f"{section}.num_beams: must be >= 1 (1 = greedy), got {self.num_beams}")
+            + _check(self.max_new_tokens >= 1, f"{section}.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+            + _check(self.batch_size >= 1, f"{section}.batch_size: must be >= 1, got {self.batch_size}")
+        )
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     bootstrap_resamples: int
 
@@ -277,6 +304,7 @@ class Params:
     ia3: Ia3Params
     train_prompt: TrainParams
     prompt: PromptParams
+    validate: ValidateParams
     generate: GenerateParams
     evaluate: EvaluateParams
     lead: LeadParams
@@ -410,6 +438,20 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads exponent floats without a dot (1e-05) as numbers.
+
+    PyYAML follows YAML 1.1, where 1e-05 is a string; DVC writes params.yaml through ruamel (YAML 1.2),
+    and `dvc exp run -S train_full.learning_rate=1.0e-5` writes exactly `1e-05`, so a learning-rate
+    grid (scripts/tune.py) would otherwise fail on every rate below 1e-4.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def load_params(path: Path = PARAMS_FILE) -> Params:
     with open(path, encoding="utf-8") as f:
-        return parse_params(yaml.safe_load(f))
+        return parse_params(yaml.load(f, Loader=ParamsLoader))  # noqa: S506 (a SafeLoader subclass)

@@ -152,6 +152,10 @@ def main() -> None:
     raw = {split: read_jsonl(RAW_DIR / f"{split}.jsonl") for split in ("train", "validation", "test")}
     train, train_stats = prepare_training_split(raw["train"], tokenizer, params.prepare)
     validation, validation_stats = prepare_training_split(raw["validation"], tokenizer, params.prepare)
+    # validation by generation (stages/validation.py) scores against the reference text itself, not labels
+    # decoded back (cut at max_target_length, characters the tokenizer lacks lost), row-aligned by construction
+    validation = validation.add_column("id", [r["id"] for r in raw["validation"]])
+    validation = validation.add_column("summary", [r["summary"] for r in raw["validation"]])
     test, references, test_stats = prepare_test_split(raw["test"], tokenizer, params.prepare)
     # each split in its own folder, so training depends on train/ and validation/ only and
     # generation on test/ only (dvc.yaml): an edit to one split reruns only its readers

@@ -48,6 +48,13 @@ from stages.jsonio import read_json, write_json
 from stages.modeling import load_model, load_tokenizer, pick_device, read_pin, set_determinism, use_bf16
 from stages.params import ModelParams, Params, TrainParams
 from stages.progress import TrainerProgress
+from stages.validation import (
+    attach_validation,
+    selection_metrics,
+    validation_arguments,
+    validation_record,
+    validation_runtime_s,
+)
 
 PREPARED_DIR = Path("data/prepared")  # training reads its train/ and validation/ folders only
 BASE_PIN = Path("models/base/pin.json")
@@ -176,10 +183,9 @@ def training_arguments(
         tf32=use_tf32(bf16, device),
         optim="adamw_torch_fused",  # one fused kernel per step (transformers' default with torch >= 2.8)
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
-        eval_strategy="epoch",
         save_strategy="steps",
         save_steps=params.save_steps,
-        save_total_limit=1,  # resuming needs only the newest; full-FT checkpoints of base are ~3 GB
+        save_total_limit=1,  # resuming needs only the newest (plus the best, kept by select_by); full-FT checkpoints of base are ~3 GB
         # not the Trainer's auto_find_batch_size: it retries at 0.9x the batch on the same model and
         # optimizer; `train` halves it and starts each attempt clean
         logging_strategy="steps",
@@ -190,6 +196,7 @@ def training_arguments(
         dataloader_num_workers=params.dataloader_workers,
         use_cpu=not cuda,
         disable_tqdm=True,  # TrainerProgress draws the bar (terminal) or periodic lines (logs) instead
+        **validation_arguments(params),  # validate at every checkpoint; keep the best (stages/validation.py)
     )
     check_one_device_per_process(args.n_gpu, section)
     return args
@@ -486,6 +493,7 @@ def start_run(method: str, params: Params) -> Run:
 class Trained(typing.NamedTuple):
     trainer: Seq2SeqTrainer
     tokenizer: PreTrainedTokenizerBase
+    validation_subset: Dataset  # the seeded validation dialogues scored by generation (stages/validation.py)
     oom_retries: int  # attempts that ran out of memory before the one that finished
     oom_lost_s: float  # their wall clock: spent, but not part of the recipe's train time
 
@@ -522,13 +530,14 @@ def train(
     away whole (model, optimizer, checkpoints, curves) and the next starts clean with half the
     per-device batch and twice the accumulation, so every optimizer step still averages the same
     samples (token_mean_loss makes the loss equal too). The result is the run the smaller batch
-    would have given from the start. `method_params` (the method's params section) go into the
-    checkpoints' fingerprint beside the recipe, the seed and the pin.
+    would have given from the start. Every attempt validates by generation at each checkpoint and
+    keeps the best (stages/validation.py). `method_params` (the method's params section) go into the
+    checkpoints' fingerprint beside the recipe, the validation settings, the seed and the pin.
     """
-    recipe = run.recipe
+    recipe, validate = run.recipe, run.params.validate
     tokenizer = load_tokenizer(run.base.name, run.base.revision)
     train_split, validation = load_training_splits(prepared_dir)
-    run_fingerprint = fingerprint(prepared_dir, run.params.seed, read_json(BASE_PIN), recipe, *method_params)
+    run_fingerprint = fingerprint(prepared_dir, run.params.seed, read_json(BASE_PIN), recipe, validate, *method_params)
     batch = (recipe.batch_size, recipe.gradient_accumulation_steps)
     resumed = checkpoint_batch(run.checkpoint_dir, run_fingerprint)
     while resumed is not None and batch[0] > resumed:  # a resume continues at the batch that fit
@@ -539,11 +548,12 @@ def train(
         model = build(load_model(run.base.name, run.base.revision))
         args = training_arguments(recipe, run.params.seed, run.checkpoint_dir, run.device, run.section, batch)
         trainer = build_trainer(model, tokenizer, train_split, validation, args)
+        subset = attach_validation(trainer, tokenizer, validation, recipe, validate, run.params.seed)
         resume = resumable_checkpoint(trainer, run.checkpoint_dir, run_fingerprint)
         attach_curves(trainer, run.curves_dir, resume)
         try:
             trainer.train(resume_from_checkpoint=resume)
-            return Trained(trainer, tokenizer, retries, round(lost, 2))
+            return Trained(trainer, tokenizer, subset, retries, round(lost, 2))
         except torch.cuda.OutOfMemoryError:
             if not recipe.auto_find_batch_size or batch[0] == 1:
                 raise
@@ -602,10 +612,18 @@ def finish_run(
     library = "peft" if (run.model_dir / "adapter_config.json").is_file() else "transformers"
     if library == "peft":  # an adapter names the exact base it applies to: generate@<method> reads it
         shutil.copy2(BASE_PIN, run.model_dir / "pin.json")
-    metrics = {**training_metrics(trainer), "saved_mb": saved_mb(run.model_dir)}
+    subset = trained.validation_subset
+    metrics = {
+        **training_metrics(trainer),
+        **selection_metrics(trainer, run.recipe, subset),  # which checkpoint select_by kept, its scores
+        "saved_mb": saved_mb(run.model_dir),
+    }
     write_json(metrics, Path("metrics/train") / f"{run.method}.json")
+    validation = validation_record(trainer, subset, run.recipe, run.params.seed)
+    write_json(validation, Path("metrics/validation") / f"{run.method}.json")
     costs = {
         **training_costs(trainer),
+        "validation_runtime_s": validation_runtime_s(trainer.state.log_history),  # inside train_runtime_s
         "train_oom_retries": trained.oom_retries,
         "train_oom_lost_s": trained.oom_lost_s,
     }
@@ -613,7 +631,12 @@ def finish_run(
     card = model_card(
         BASE_PIN,
         library,
-        {"seed": run.params.seed, "model": dataclasses.asdict(run.params.model), **card_params},
+        {
+            "seed": run.params.seed,
+            "model": dataclasses.asdict(run.params.model),
+            "validate": dataclasses.asdict(run.params.validate),
+            **card_params,
+        },
         metrics,
     )
     (run.model_dir / "README.md").write_text(card)

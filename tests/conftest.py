@@ -73,7 +73,7 @@ def dialogsum_rows(split: str, count: int, references: int = 1) -> list[dict]:
 
 def tiny_train_params(**changes):
     """A training recipe for the tiny model in tests: fp32, no warm-up, decay, grouping or retry,
-    a log line every step, one process; `changes` sets what a test varies."""
+    a log line every step, one process, the last weights kept; `changes` sets what a test varies."""
     from stages.params import TrainParams
 
     fixed = dict(
@@ -93,6 +93,8 @@ def tiny_train_params(**changes):
         auto_find_batch_size=False,
         dataloader_workers=0,
         processes=1,
+        select_by="last",  # no validation metric needed unless a test attaches validation by generation
+        patience=0,
     )
     return TrainParams(**{**fixed, **changes})
 

@@ -73,6 +73,7 @@ def smoke_params(raw: dict, model_dir: Path) -> dict:
             dataloader_workers=0,
         )  # logging_steps stays 50: a run shorter than that must still write its curves
     raw["generate"].update(batch_size=8, num_beams=2, max_new_tokens=12)
+    raw["validate"].update(dialogues=4, max_new_tokens=12)  # validation by generation on a few dialogues
     raw["evaluate"].update(bootstrap_resamples=200)
     return raw
 
@@ -152,6 +153,9 @@ def test_metric_files_have_the_expected_keys(pipeline_repo, reproduced):
     for method in ("full", "lora"):
         train = json.loads((metrics / "train" / f"{method}.json").read_text())
         assert {"trainable_params", "total_params", "train_loss", "eval_loss", "batch_per_step"} <= set(train)
+        # validated by generation on 4 dialogues at the run's one evaluation (its last step), which is the one kept
+        assert train["validation_dialogues"] == 4 and train["evaluations"] == 1
+        assert train["selected_step"] == train["train_steps"] and 0 <= train["selected_val_rougeL"] <= 100
         costs = json.loads((metrics / "timing" / f"train_{method}.json").read_text())
         assert {"train_runtime_s", "train_samples_per_second", "peak_rss_mb"} <= set(costs)
         # the logged train loss is per token like eval_loss, not multiplied by accumulation steps
@@ -182,9 +186,12 @@ def test_report_states_significance_in_words(pipeline_repo, reproduced):
 
 
 def test_dvc_plots_render_rouge_by_variant(pipeline_repo, reproduced):
-    plots = run_json(["dvc", "plots", "show", "--json"], pipeline_repo)["data"]["rouge_by_variant"]
-    values = plots[0]["content"]["data"]["values"]
+    shown = run_json(["dvc", "plots", "show", "--json"], pipeline_repo)["data"]
+    values = shown["rouge_by_variant"][0]["content"]["data"]["values"]
     assert [v["variant"] for v in values] == list(VARIANTS) and all("rougeL" in v for v in values)
+    validation = shown["validation_rougeL"][0]["content"]["data"]["values"]  # validation ROUGE-L per step
+    assert {v["filename"] for v in validation} == {f"train_{m}/plots/metrics/eval/rougeL.tsv" for m in TRAINED}
+    assert all("rougeL" in v and "step" in v for v in validation)
 
 
 def test_editing_local_data_reruns_the_data_stage_and_only_what_the_snapshot_changes(pipeline_repo, reproduced):

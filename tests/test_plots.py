@@ -24,7 +24,7 @@ from stages.plots import VEGA_LITE_VERSION
 from tests.conftest import REPO
 from tests.test_pipeline import git_commit, run, run_json
 
-CURATED = {"training_loss", "learning_rate", "rouge_by_variant", "frontier"}
+CURATED = {"training_loss", "learning_rate", "validation_rougeL", "rouge_by_variant", "frontier"}
 METHODS = ("full", "lora", "ia3", "prompt")
 # Multi-reference ROUGE-L (x100) and trainable params per variant, close to a real flan-t5-base run:
 # LoRA's interval reaches full fine-tuning's, prompt tuning scores exactly 0.0 (a collapsed run).
@@ -109,6 +109,8 @@ def write_curves(repo: Path, method: str, start_loss: float, learning_rate: floa
     (metrics / "learning_rate.tsv").write_text(
         tsv("learning_rate", range(2, STEPS + 1, 2), lambda s: learning_rate * (1 - s / STEPS))
     )
+    # validation by generation at each validation (stages/validation.py), x100 like the report
+    (metrics / "eval" / "rougeL.tsv").write_text(tsv("rougeL", range(4, STEPS + 1, 4), lambda s: 20 + s / 2))
 
 
 def write_outputs(repo: Path, rouge_l: dict[str, float]) -> None:
@@ -248,33 +250,12 @@ def test_one_colour_per_method_and_one_dash_per_curve(shown):
     assert sorted(lines) == sorted((colour, dash) for colour in colours for dash in ("solid", "dashed"))
 
 
-def test_another_per_step_curve_is_one_more_plot_entry(plots_repo):
-    """A validation ROUGE-L curve (DVCLive's eval/rougeL.tsv per method) needs only a dvc.yaml entry."""
-    repo = plots_repo
-    for method in METHODS:
-        (repo / "dvclive" / f"train_{method}" / "plots" / "metrics" / "eval" / "rougeL.tsv").write_text(
-            "step\trougeL\n4\t0.21\n8\t0.25\n12\t0.27\n"
-        )
-    dvc_yaml = (repo / "dvc.yaml").read_text()
-    entry = {
-        "validation_rougeL": {
-            "title": "Validation ROUGE-L per optimizer step",
-            "template": "training_curves",
-            "x": "step",
-            "y": {f"dvclive/train_{m}/plots/metrics/eval/rougeL.tsv": "rougeL" for m in METHODS},
-        }
-    }
-    try:
-        pipeline = yaml.safe_load(dvc_yaml)
-        pipeline["plots"].append(entry)
-        (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-        spec = specs(run_json(["dvc", "plots", "show", "--json", "validation_rougeL"], repo))["validation_rougeL"]
-    finally:
-        (repo / "dvc.yaml").write_text(dvc_yaml)
-        for method in METHODS:
-            (repo / "dvclive" / f"train_{method}" / "plots" / "metrics" / "eval" / "rougeL.tsv").unlink()
+def test_validation_rouge_curve_is_drawn_like_the_loss_curves(shown):
+    """The validation ROUGE-L curve (DVCLive's eval/rougeL.tsv per method) uses the same template:
+    one colour per method, named in the legend, on integer optimizer steps."""
+    spec = specs(shown)["validation_rougeL"]
     seen = texts(spec)
-    assert seen["title-text"] == ["Validation ROUGE-L per optimizer step"]
+    assert seen["title-text"] == ["Validation ROUGE-L per optimizer step (the checkpoint select_by keeps)"]
     assert seen["legend-label"] == [f"{m} · validation" for m in METHODS]
     assert all(label.isdigit() for label in seen["axis-label-x"])
 

@@ -23,6 +23,7 @@ NOISY = {
     "train_device",
     "train_oom_retries",
     "train_oom_lost_s",
+    "validation_runtime_s",
 }
 
 
@@ -80,6 +81,7 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
             "data": {"source": str(root / "source")},
             "train_full": slow,
             "train_lora": slow,
+            "validate": {"dialogues": 2, "max_new_tokens": 8},  # 30 validations a run: keep each one short
         },
     )
     run(["git", "init", "-q"], repo)

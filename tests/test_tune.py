@@ -1,0 +1,131 @@
+"""scripts/tune.py on real queued DVC experiments in a temp repo: it picks by validation ROUGE-L and
+never by test, even when the test scores point the other way."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO, dialogsum_rows, write_jsonl
+from tests.test_training import env, git_commit, run, set_params
+
+# full fine-tuning of the tiny model, 30 rows x 10 epochs / 8 per step = 40 steps, validated twice
+RECIPE = {
+    "epochs": 10,
+    "batch_size": 8,
+    "eval_batch_size": 8,
+    "save_steps": 20,
+    "logging_steps": 20,
+    "warmup_ratio": 0.0,
+}
+LEARNS, STALLS = (
+    1.0e-2,
+    1.0e-8,
+)  # learning rates: one learns the summaries' template, one leaves the random model as it is
+
+
+def plant_test_score(repo: Path, rouge_l: float) -> None:
+    (repo / "metrics" / "evaluate").mkdir(parents=True, exist_ok=True)
+    (repo / "metrics" / "evaluate" / "full.json").write_text(json.dumps({"rougeL": rouge_l}))
+
+
+def queue(repo: Path, learning_rate: float, planted_test_rougeL: float) -> None:
+    """Queue a train_full experiment whose test score is planted: the queue takes the workspace's
+    edit of the committed metrics/evaluate/full.json along, and evaluate@full does not run."""
+    plant_test_score(repo, planted_test_rougeL)
+    run(["dvc", "exp", "run", "--queue", "-S", f"train_full.learning_rate={learning_rate}", "train_full"], repo)
+
+
+def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
+    for split in ("train", "validation", "test"):
+        write_jsonl(tmp_path / "source" / f"{split}.jsonl", dialogsum_rows(split, 30 if split == "train" else 4))
+    repo = tmp_path / "repo"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, repo / name)
+    set_params(
+        repo,
+        {
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"source": str(tmp_path / "source")},
+            "train_full": RECIPE,
+            "validate": {"dialogues": 4, "max_new_tokens": 16, "batch_size": 4},
+        },
+    )
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "repro", "prepare", "baselines"], repo)
+    plant_test_score(repo, 50.0)  # committed, so each queued experiment takes its edited copy along
+    git_commit(repo, "prepared")
+
+    # test scores planted to disagree with what validation will say
+    queue(repo, LEARNS, planted_test_rougeL=1.0)
+    queue(repo, STALLS, planted_test_rougeL=99.0)
+    run(["git", "checkout", "--", "."], repo)
+    run(["dvc", "queue", "start", "--jobs", "1"], repo)
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", run(["dvc", "queue", "status"], repo).stdout):
+        assert time.monotonic() < deadline, "queued experiments did not finish in 600 s"
+        time.sleep(2)
+    assert run(["dvc", "queue", "status"], repo).stdout.count("Success") == 2
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    runs = {}
+    for experiment in next(r for r in shown if r["rev"] != "workspace")["experiments"]:
+        data = experiment["revs"][0]["data"]
+        lr = data["params"]["params.yaml"]["data"]["train_full"]["learning_rate"]
+        runs[lr] = (
+            data["metrics"]["metrics/train/full.json"]["data"]["selected_val_rougeL"],
+            data["metrics"]["metrics/evaluate/full.json"]["data"]["rougeL"],
+        )
+    # the premises: validation prefers the rate that learns, the planted test scores the other one
+    assert runs[LEARNS][0] > runs[STALLS][0] and runs[LEARNS][1] < runs[STALLS][1]
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "tune.py"), "--methods", "full"],
+        cwd=repo,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    tuning = json.loads((repo / "metrics" / "tuning.json").read_text())
+    assert tuning["test_used"] is False
+    full = tuning["methods"]["full"]
+    assert full["settings"] == {"train_full.learning_rate": LEARNS}
+    assert full["grid"] == {"train_full.learning_rate": [STALLS, LEARNS]}
+    assert full["validation_rougeL"] == runs[LEARNS][0] and full["runs_compared"] == 2
+    # the pipeline run it proposes sets the picked value so that YAML reads it back as a float
+    command = result.stdout.strip().splitlines()[-1]
+    assert command == "dvc exp run -S train_full.learning_rate=0.01"
+
+
+def test_a_small_learning_rate_set_by_dvc_loads_as_a_number(tmp_path):
+    # `dvc exp run -S` writes params.yaml through ruamel (YAML 1.2): 1.0e-5 becomes `1e-05`, which
+    # PyYAML alone reads as a string; a learning-rate grid must not fail on it
+    from dvc.utils.hydra import apply_overrides
+
+    from stages.params import load_params
+
+    params_file = tmp_path / "params.yaml"
+    shutil.copy2(REPO / "params.yaml", params_file)
+    apply_overrides(str(params_file), ["train_full.learning_rate=1.0e-5"])
+    assert "learning_rate: 1e-05" in params_file.read_text()
+    assert load_params(params_file).train_full.learning_rate == 1.0e-5
+
+
+def test_picked_values_are_written_as_yaml_reads_them_back():
+    spec = importlib.util.spec_from_file_location("tune", REPO / "scripts" / "tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    for value in (1.0e-8, 3.0e-4, 0.3, 16, ["q", "v"], "all-linear"):
+        assert yaml.safe_load(f"x: {tune.yaml_value(value)}")["x"] == value
