@@ -65,11 +65,13 @@ class SmallGpu:
 
         @functools.wraps(forward)  # the Trainer reads forward's signature to pick dataset columns
         def small_gpu_forward(*args, **kwargs):
+            if not model.training:  # validation: loss and generation, batches of up to 4 here
+                return forward(*args, **kwargs)
             self.calls += 1
             rows = kwargs["input_ids"].shape[0]
-            if rows > self.limit and self.calls >= self.after and model.training:
+            if rows > self.limit and self.calls >= self.after:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-            self.batches.append(rows) if model.training else None
+            self.batches.append(rows)
             return forward(*args, **kwargs)
 
         model.forward = small_gpu_forward
@@ -86,7 +88,10 @@ def skeleton_run(tiny_model_dir: Path, workdir: Path, recipe: TrainParams, monke
     labels = tokenizer([f"Person1 books table {i}." + " Then they eat." * (i % 4) for i in range(32)])["input_ids"]
     rows = Dataset.from_dict({**sources, "labels": labels})
     rows.save_to_disk("data/prepared/train")
-    rows.select(range(4)).save_to_disk("data/prepared/validation")
+    validation = rows.select(range(4)).add_column("id", [f"v{i}" for i in range(4)])
+    validation.add_column("summary", [f"Person1 books table {i}." for i in range(4)]).save_to_disk(
+        "data/prepared/validation"
+    )
     pin = {"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:test"}
     Path("models/base").mkdir(parents=True)
     Path("models/base/pin.json").write_text(json.dumps(pin))
@@ -149,8 +154,11 @@ def test_model_loading_is_not_train_time(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "load_model", slow_load)
     run = skeleton_run(tiny_model_dir, tmp_path, dataclasses.replace(TRAIN, epochs=0.25), monkeypatch)
+    started = time.perf_counter()
     trained = training.train(run, SmallGpu(limit=8, after=0).build)
-    assert training_costs(trained.trainer)["train_runtime_s"] < 3.0
+    wall_s = time.perf_counter() - started
+    # the whole call took the 3 s load plus the training; the train time is the training alone
+    assert training_costs(trained.trainer)["train_runtime_s"] <= wall_s - 3.0 + 0.01
 
 
 def test_peak_memory_is_the_successful_attempts(monkeypatch):
