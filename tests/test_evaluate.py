@@ -232,7 +232,8 @@ def test_throughput_counts_generation_only_and_load_time_apart(workdir, monkeypa
     timing = json.loads((workdir / "metrics" / "timing" / "generate_base.json").read_text())
     assert timing["load_runtime_s"] >= 3.0
     assert timing["generation_runtime_s"] < timing["load_runtime_s"]  # 6 tiny dialogues: well under 3 s
-    assert timing["generation_dialogues_per_second"] == round(6 / timing["generation_runtime_s"], 3)
+    # throughput from the unrounded generation time; the file rounds that time to 0.01 s
+    assert timing["generation_dialogues_per_second"] == pytest.approx(6 / timing["generation_runtime_s"], rel=0.02)
     assert timing["generation_batch_size"] == load_params(workdir / "params.yaml").generate.batch_size
     assert timing["device"].startswith("cpu (")
 

@@ -62,7 +62,7 @@ def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
         },
     )
     run(["git", "init", "-q"], repo)
-    run(["dvc", "repro", "prepare", "baselines"], repo)
+    run(["dvc", "repro", "prepare"], repo)  # and base, which pins the model
     plant_test_score(repo, 50.0)  # committed, so each queued experiment takes its edited copy along
     git_commit(repo, "prepared")
 
