@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stages import family
 from stages.errors import StageError, run_stage
 from stages.generate import generate_summaries
 from stages.generate import load_adapter as attach_adapter
@@ -53,7 +54,9 @@ class Dialogue:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m summarize", description="Summarize dialogues with the base, full or LoRA model."
+        prog="python -m summarize",
+        description="Summarize dialogues with the base model, a full model or a PEFT adapter (LoRA, IA3, prompt "
+        "tuning) of params.yaml's model.name, encoder-decoder or decoder-only.",
     )
     parser.add_argument(
         "inputs",
@@ -266,10 +269,12 @@ def read_adapter_config(path: Path) -> dict:
     return config
 
 
-def encode(dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase, params: PrepareParams) -> list[list[int]]:
+def encode(
+    dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase, params: PrepareParams, model_family: str
+) -> list[list[int]]:
     """Prompt ids exactly as the prepare stage builds them for training and evaluation."""
     input_ids, cut = fit_prompts(
-        params.prompt_template, [d.text for d in dialogues], tokenizer, params.max_source_length
+        params.prompt_template, [d.text for d in dialogues], tokenizer, params.max_source_length, model_family
     )
     if cut:
         print(
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, model = load_summarizer(
         args.model, args.base_model, params.model, params.generate.precision, pick_device()
     )
-    input_ids = encode(dialogues, tokenizer, params.prepare)
+    input_ids = encode(dialogues, tokenizer, params.prepare, family.family(family.unwrap(model).config))
     summaries = summarize(model, tokenizer, input_ids, generation_params(params.generate, args))
     write_summaries(dialogues, summaries, args.output, sys.stdout)
 

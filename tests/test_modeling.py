@@ -20,6 +20,7 @@ from stages.modeling import (
     linear_layer_names,
     load_model,
     load_tokenizer,
+    meta_model,
     native_bf16,
     save_seq2seq,
     use_bf16,
@@ -93,7 +94,7 @@ def test_only_safetensors_weights_load(tiny_model_dir, tmp_path):
 
 
 def test_lora_targets_come_from_the_config_alone(tiny_model_dir):
-    assert linear_layer_names(ModelParams(name=str(tiny_model_dir), revision="main")) == [
+    assert linear_layer_names(meta_model(ModelParams(name=str(tiny_model_dir), revision="main"))) == [
         "k",
         "lm_head",
         "o",

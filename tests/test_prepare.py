@@ -17,7 +17,6 @@ from stages.prepare import (
     group_references,
     prepare_test_split,
     prepare_training_split,
-    tokenize,
 )
 from tests.conftest import DIALOGSUM, FLAN_SMALL, dialogsum_rows, require_shared
 
@@ -36,11 +35,13 @@ def test_prompt_formatting_is_literal():
 
 
 def test_truncation_keeps_eos_and_is_counted(tokenizer):
-    texts = ["hello", "hello " * 50]
-    ids, truncated = tokenize(texts, tokenizer, max_length=10)
-    assert truncated == 1
-    assert len(ids[1]) == 10 and ids[1][-1] == tokenizer.eos_token_id
-    assert ids[0] == tokenizer("hello")["input_ids"]  # short inputs are untouched
+    rows = [{"dialogue": "#Person1#: Hi.", "summary": text} for text in ("hello", "hello " * 50)]
+    params = PrepareParams(prompt_template=TEMPLATE, max_source_length=512, max_target_length=10)
+    dataset, stats = prepare_training_split(rows, tokenizer, params)
+    assert stats["target_truncated"] == 1
+    labels = dataset["labels"]
+    assert len(labels[1]) == 10 and labels[1][-1] == tokenizer.eos_token_id
+    assert labels[0] == tokenizer("hello")["input_ids"]  # short summaries are untouched
 
 
 def test_training_split_has_labels_and_stats(tokenizer):
