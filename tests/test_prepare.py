@@ -118,3 +118,35 @@ def test_real_test_split_groups_and_keeps_every_cue():
     reordered = list(reversed(rows))
     regrouped = {g["dialogue"]: sorted(g["references"]) for g in group_references(reordered)}
     assert regrouped == {g["dialogue"]: sorted(g["references"]) for g in group_references(rows)}
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(tmp_path_factory):
+    """make_tiny_model.py's Llama-style tokenizer: adds BOS, has no pad token."""
+    from tests.conftest import make_tiny_model
+
+    return AutoTokenizer.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("llama") / "m", "--family", "llama"))
+
+
+def test_causal_rows_cut_the_dialogue_and_keep_the_summary_eos(llama_tokenizer):
+    tokenizer = llama_tokenizer
+    rows = dialogsum_rows("train", 3)
+    rows[2]["summary"] = "booked " * 40  # longer than max_target_length: cut, its EOS kept
+    prompt = tokenizer(format_prompt(TEMPLATE, rows[0]["dialogue"]), add_special_tokens=False)["input_ids"]
+    max_source = len(prompt) - 5  # every dialogue must lose its end
+    longest = max(len(tokenizer(r["summary"], add_special_tokens=False)["input_ids"]) for r in rows[:2])
+    max_target = longest + 1  # the short summaries and their EOS fit exactly
+    params = PrepareParams(prompt_template=TEMPLATE, max_source_length=max_source, max_target_length=max_target)
+    dataset, stats = prepare_training_split(rows, tokenizer, params, "causal")
+    assert stats == {"dialogue_cut": 3, "target_truncated": 1}
+    for row in dataset:
+        ids, labels = row["input_ids"], row["labels"]
+        prompt_length = labels.index(next(x for x in labels if x != -100))
+        assert ids[0] == tokenizer.bos_token_id and prompt_length <= max_source  # BOS the tokenizer's way
+        assert tokenizer.decode(ids[:prompt_length], skip_special_tokens=True).rstrip().endswith("Summary:")
+        assert labels[:prompt_length] == [-100] * prompt_length  # no loss on the prompt
+        assert labels[prompt_length:] == ids[prompt_length:] and ids[-1] == tokenizer.eos_token_id
+        assert len(ids) - prompt_length <= max_target
+    test, _, _ = prepare_test_split(dialogsum_rows("test", 2), tokenizer, params, "causal")
+    for ids in test["input_ids"]:  # generation prompts: BOS, no EOS (the text has not ended)
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids
