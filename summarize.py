@@ -38,7 +38,7 @@ from stages.modeling import (
     use_bf16,
 )
 from stages.params import GenerateParams, ModelParams, Params, PrepareParams, load_params
-from stages.prepare import fit_prompts
+from stages.prepare import chat_wrapped, fit_prompts
 
 BASE = "base"  # --model base: the original model at the commit models/base/pin.json pins, not fine-tuned
 BASE_PIN = Path("models/base/pin.json")
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, model = load_summarizer(
         args.model, args.base_model, params.model, params.generate.precision, pick_device()
     )
-    input_ids = encode(dialogues, tokenizer, params.prepare, family.family(family.unwrap(model).config))
+    prepare, _ = chat_wrapped(params.prepare, tokenizer)  # the prompt format the prepare stage used
+    input_ids = encode(dialogues, tokenizer, prepare, family.family(family.unwrap(model).config))
     summaries = summarize(model, tokenizer, input_ids, generation_params(params.generate, args))
     write_summaries(dialogues, summaries, args.output, sys.stdout)
 

@@ -63,6 +63,9 @@ class PrepareParams:
     prompt_template: str
     max_source_length: int
     max_target_length: int
+    # auto: wrap the prompt in the tokenizer's chat template when it has one (stages/prepare.py);
+    # the default here serves code that builds prompts directly (params.yaml always sets it)
+    chat_template: Literal["auto", "none"] = "none"
 
     def problems(self, section: str) -> list[str]:
         return (

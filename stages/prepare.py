@@ -13,6 +13,7 @@ A prompt longer than max_source_length loses the end of its dialogue, never the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -118,6 +119,29 @@ def fit_prompts(
     return [family.encode_prompt(model_family, tokenizer, x) for x in ids], cut
 
 
+def chat_wrapped(params: PrepareParams, tokenizer: PreTrainedTokenizerBase) -> tuple[PrepareParams, str]:
+    """`params` with the prompt template wrapped in the tokenizer's chat template (as one user turn,
+    then the assistant's cue) when `chat_template: auto` finds one, and which format was used
+    ("chat_template" or "prompt_template").
+
+    The wrapped template still holds {dialogue}, so truncation still cuts the dialogue only. A
+    BOS the chat template writes as text is dropped when the tokenizer adds BOS itself
+    (family.encode_prompt does), so the prompt never starts with two.
+    """
+    if params.chat_template == "none" or not getattr(tokenizer, "chat_template", None):
+        return params, "prompt_template"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": params.prompt_template}], tokenize=False, add_generation_prompt=True
+    )
+    prefix, _ = family.tokenizer_additions(tokenizer)
+    bos = tokenizer.bos_token
+    if prefix and bos and text.startswith(bos):
+        text = text[len(bos) :]
+    if "{dialogue}" not in text:
+        raise StageError("prepare.chat_template: the tokenizer's chat template dropped {dialogue}; set it to none")
+    return dataclasses.replace(params, prompt_template=text), "chat_template"
+
+
 def group_references(rows: list[dict]) -> list[dict]:
     """One entry per dialogue with every reference summary, grouped by the dialogue text.
 
@@ -181,10 +205,11 @@ def main() -> None:
     base = read_pin(BASE_PIN, params.model)  # the commit the base stage pinned: its tokenizer
     tokenizer = load_tokenizer(base.name, base.revision)
     model_family = family.family(family.load_config(base.name, base.revision))  # inputs and labels differ by family
+    prepare, prompt_format = chat_wrapped(params.prepare, tokenizer)
     raw = {split: read_jsonl(RAW_DIR / f"{split}.jsonl") for split in ("train", "validation", "test")}
-    train, train_stats = prepare_training_split(raw["train"], tokenizer, params.prepare, model_family)
-    validation, validation_stats = prepare_training_split(raw["validation"], tokenizer, params.prepare, model_family)
-    test, references, test_stats = prepare_test_split(raw["test"], tokenizer, params.prepare, model_family)
+    train, train_stats = prepare_training_split(raw["train"], tokenizer, prepare, model_family)
+    validation, validation_stats = prepare_training_split(raw["validation"], tokenizer, prepare, model_family)
+    test, references, test_stats = prepare_test_split(raw["test"], tokenizer, prepare, model_family)
     # each split in its own folder, so training depends on train/ and validation/ only and
     # generation on test/ only (dvc.yaml): an edit to one split reruns only its readers
     DatasetDict(train=train, validation=validation, test=test).save_to_disk(str(PREPARED_DIR))
@@ -194,7 +219,7 @@ def main() -> None:
         for split, split_stats in (("train", train_stats), ("validation", validation_stats), ("test", test_stats))
         for key, value in split_stats.items()
     }
-    write_json(stats, STATS_FILE)
+    write_json({**stats, "prompt_format": prompt_format, "model_family": model_family}, STATS_FILE)
     print(json.dumps(stats))
 
 
