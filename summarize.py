@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages import family
 from stages.errors import StageError, run_stage
-from stages.generate import generate_summaries
+from stages.generate import base_quantization, generate_summaries
 from stages.generate import load_adapter as attach_adapter
 from stages.modeling import (
     ModelLoadError,
@@ -190,7 +190,8 @@ def load_summarizer(
         raise
     except (SafetensorError, RuntimeError) as error:  # a truncated or mismatched weights file
         raise StageError(f"could not load model {model!r}: {type(error).__name__}: {first_line(error)}") from None
-    return tokenizer, loaded.to(device).eval()
+    # a quantized (QLoRA) base was placed on its device while it loaded; 8-bit cannot move
+    return tokenizer, (loaded if family.is_quantized(loaded) else loaded.to(device)).eval()
 
 
 def load_directory(
@@ -237,7 +238,7 @@ def load_adapter(
     # train_lora saves the tokenizer beside the adapter; other adapters may not have one
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(directory) if has_tokenizer else base_name, revision)
-    model = load_model(base_name, revision, dtype)
+    model = load_model(base_name, revision, dtype, base_quantization(directory))  # QLoRA: the same 4-bit base
     try:
         model = attach_adapter(model, directory)
     except RuntimeError as error:  # torch's load_state_dict: "Error(s) in loading ...", then one line per tensor
