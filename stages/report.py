@@ -39,7 +39,6 @@ PREDICTIONS_DIR = Path("data/predictions")
 REFERENCES_FILE = Path("data/prepared/references.jsonl")
 SCORES_DIR = Path("data/scores")
 BASE_MODEL_FILE = Path("metrics/base_model.json")
-DATA_FILE = Path("metrics/data.json")  # the data stage's stats: the source the snapshot came from
 REPORT_FILE = Path("metrics/report.md")
 PLOT_FILE = Path("metrics/rouge_plot.json")
 FRONTIER_FILE = Path("metrics/frontier.json")
@@ -371,7 +370,7 @@ def main() -> None:
             frontier,
             read_json(BASE_MODEL_FILE),
             examples,
-            read_json(DATA_FILE)["source"],
+            params.data.source,
         )
     )
     rouge_rows = plot_rows(variants, evaluation, cost)

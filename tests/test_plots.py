@@ -121,7 +121,6 @@ def write_outputs(repo: Path, rouge_l: dict[str, float]) -> None:
             "base_model_resolved_revision": "abc",
         },
     )
-    write_json(repo / "metrics" / "data.json", {"source": "knkarthick/dialogsum"})
     for variant, score in rouge_l.items():
         write_variant(repo, variant, score, TRAINABLE[variant])
     for method, loss, lr in zip(METHODS, (2.1, 2.4, 2.8, 3.3), (1.0e-4, 1.0e-3, 8.0e-3, 3.0e-1)):
