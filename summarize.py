@@ -23,8 +23,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stages import family
 from stages.errors import StageError, run_stage
-from stages.generate import generate_summaries
+from stages.generate import base_quantization, generate_summaries
 from stages.generate import load_adapter as attach_adapter
 from stages.modeling import (
     ModelLoadError,
@@ -37,7 +38,7 @@ from stages.modeling import (
     use_bf16,
 )
 from stages.params import GenerateParams, ModelParams, Params, PrepareParams, load_params
-from stages.prepare import fit_prompts
+from stages.prepare import chat_wrapped, fit_prompts
 
 BASE = "base"  # --model base: the original model at the commit models/base/pin.json pins, not fine-tuned
 BASE_PIN = Path("models/base/pin.json")
@@ -53,7 +54,9 @@ class Dialogue:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m summarize", description="Summarize dialogues with the base, full or LoRA model."
+        prog="python -m summarize",
+        description="Summarize dialogues with the base model, a full model or a PEFT adapter (LoRA, IA3, prompt "
+        "tuning) of params.yaml's model.name, encoder-decoder or decoder-only.",
     )
     parser.add_argument(
         "inputs",
@@ -187,7 +190,8 @@ def load_summarizer(
         raise
     except (SafetensorError, RuntimeError) as error:  # a truncated or mismatched weights file
         raise StageError(f"could not load model {model!r}: {type(error).__name__}: {first_line(error)}") from None
-    return tokenizer, loaded.to(device).eval()
+    # a quantized (QLoRA) base was placed on its device while it loaded; 8-bit cannot move
+    return tokenizer, (loaded if family.is_quantized(loaded) else loaded.to(device)).eval()
 
 
 def load_directory(
@@ -234,7 +238,7 @@ def load_adapter(
     # train_lora saves the tokenizer beside the adapter; other adapters may not have one
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(directory) if has_tokenizer else base_name, revision)
-    model = load_model(base_name, revision, dtype)
+    model = load_model(base_name, revision, dtype, base_quantization(directory))  # QLoRA: the same 4-bit base
     try:
         model = attach_adapter(model, directory)
     except RuntimeError as error:  # torch's load_state_dict: "Error(s) in loading ...", then one line per tensor
@@ -266,10 +270,12 @@ def read_adapter_config(path: Path) -> dict:
     return config
 
 
-def encode(dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase, params: PrepareParams) -> list[list[int]]:
+def encode(
+    dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase, params: PrepareParams, model_family: str
+) -> list[list[int]]:
     """Prompt ids exactly as the prepare stage builds them for training and evaluation."""
     input_ids, cut = fit_prompts(
-        params.prompt_template, [d.text for d in dialogues], tokenizer, params.max_source_length
+        params.prompt_template, [d.text for d in dialogues], tokenizer, params.max_source_length, model_family
     )
     if cut:
         print(
@@ -310,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, model = load_summarizer(
         args.model, args.base_model, params.model, params.generate.precision, pick_device()
     )
-    input_ids = encode(dialogues, tokenizer, params.prepare)
+    prepare, _ = chat_wrapped(params.prepare, tokenizer)  # the prompt format the prepare stage used
+    input_ids = encode(dialogues, tokenizer, prepare, family.family(family.unwrap(model).config))
     summaries = summarize(model, tokenizer, input_ids, generation_params(params.generate, args))
     write_summaries(dialogues, summaries, args.output, sys.stdout)
 

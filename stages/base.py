@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.errors import run_stage
+from stages import family
+from stages.errors import StageError, run_stage
 from stages.jsonio import write_json
 from stages.modeling import count_parameters_from_config, resolve_revision
 from stages.params import ModelParams, load_params
@@ -33,8 +34,29 @@ def base_pin(params: ModelParams) -> dict[str, str | None]:
     }
 
 
+def family_defaults(params: ModelParams) -> dict[str, str | None]:
+    """The model's family and what each per-family default (`auto` in params.yaml) resolves to for
+    it, as flat metrics: a changed model shows its new targets in `dvc metrics diff`. None where
+    peft has no default for the architecture (then `auto` fails in its training stage, saying so)."""
+    config = family.load_config(params.name, params.revision)
+
+    def joined(resolve) -> str | None:
+        try:
+            return ",".join(resolve())
+        except StageError:
+            return None
+
+    return {
+        "base_model_family": family.family(config),
+        "base_model_type": config.model_type,
+        "lora_auto_target_modules": joined(lambda: family.default_target_modules(config, "lora")),
+        "ia3_auto_target_modules": joined(lambda: family.default_target_modules(config, "ia3")),
+        "ia3_auto_feedforward_modules": joined(lambda: family.default_feedforward_modules(config)),
+    }
+
+
 def untrained_metrics(total_params: int) -> dict[str, float]:
-    # saved_mb: the weights as FLAN-T5 stores them (fp32, 4 bytes a parameter)
+    # saved_mb: the weights in fp32 (4 bytes a parameter), as FLAN-T5 stores them
     return {
         "trainable_params": 0,
         "total_params": total_params,
@@ -48,7 +70,8 @@ def main() -> None:
     pin = base_pin(params.model)
     write_json(pin, PIN_FILE)
     # the same pin as a metrics file: a moved Hub branch shows up in `dvc metrics diff`
-    write_json({f"base_model_{k}": v for k, v in pin.items()}, PIN_METRICS_FILE)
+    # and the family with its defaults
+    write_json({**{f"base_model_{k}": v for k, v in pin.items()}, **family_defaults(params.model)}, PIN_METRICS_FILE)
     write_json(untrained_metrics(count_parameters_from_config(params.model)), METRICS_FILE)
     write_json({"train_runtime_s": 0.0}, TIMING_FILE)  # nothing trained, nothing spent
     print(json.dumps(pin))

@@ -5,7 +5,6 @@ mT5, BART: AutoModelForSeq2SeqLM) or "causal" (Llama, Qwen, Mistral, Gemma, Phi,
 AutoModelForCausalLM). Stages are to ask this module how to load, how to build inputs and
 labels and how to generate, and never branch on the family themselves, so that adding a family
 touches this file only and a training method never needs to know which family it trains.
-(Not wired in yet: prepare, generate and the train_* stages still load AutoModelForSeq2SeqLM.)
 
 API (token ids are plain lists of ints; "text ids" means without special tokens, as
 `tokenizer(text, add_special_tokens=False)` gives them):
@@ -352,7 +351,8 @@ def generation_special_tokens(model: PreTrainedModel) -> dict[str, int | list[in
     model's, else its first EOS: a model without a pad token still has to pad finished beams).
     seq2seq: decoder_start_token_id, and forced_bos_token_id when the checkpoint sets one:
     BART's decoder starts with </s> and was trained to emit <s> first, so dropping it (as a
-    generation config built from params alone would) shifts every summary by a token.
+    generation config built from params alone would) shifts every summary by a token. A forced
+    token other than the model's BOS is not kept: it is a decoding choice, not the architecture's.
     Decoding choices the checkpoint may also ship (forced_eos_token_id, min_length,
     no_repeat_ngram_size) are not special tokens and are left out: params decide those.
     """
@@ -371,8 +371,10 @@ def generation_special_tokens(model: PreTrainedModel) -> dict[str, int | list[in
     tokens: dict[str, int | list[int]] = {"eos_token_id": eos, "pad_token_id": first_eos if pad is None else pad}
     if family(config) == SEQ2SEQ:
         tokens["decoder_start_token_id"] = pick("decoder_start_token_id")
+        # only a forced BOS (BART's <s>) belongs to the architecture; any other forced first
+        # token is a decoding choice a checkpoint must not inject (params decide those)
         forced_bos = pick("forced_bos_token_id")
-        if forced_bos is not None:
+        if forced_bos is not None and forced_bos == pick("bos_token_id"):
             tokens["forced_bos_token_id"] = forced_bos
     return tokens
 

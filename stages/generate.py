@@ -26,6 +26,7 @@ import torch
 from datasets import Dataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from stages import family
 from stages.errors import StageError, run_stage
 from stages.jsonio import read_json, write_json, write_jsonl
 from stages.modeling import (
@@ -44,6 +45,7 @@ TEST_DIR = Path("data/prepared/test")  # only the test split: a training-only pr
 MODELS_DIR = Path("models")
 PIN_FILE = "pin.json"  # in models/base and every adapter folder: the base model's name, revision and resolved commit
 LEAD_FILE = "lead.json"  # models/lead/lead.json: the lead rule's settings
+QUANTIZATION_FILE = "quantization.json"  # beside a QLoRA adapter: its base loads quantized the same way
 PREDICTIONS_DIR = Path("data/predictions")
 METRICS_DIR = Path("metrics/generate")
 TIMING_DIR = Path("metrics/timing")
@@ -63,11 +65,18 @@ def load_variant(
     base model it was trained on (adapter_config.json, pin.json) or the pinned base model itself
     (pin.json)."""
     if (model_dir / "adapter_config.json").is_file():
-        tokenizer, model = load_base(read_pin(model_dir / PIN_FILE, model_params), dtype)
+        pin = read_pin(model_dir / PIN_FILE, model_params)
+        tokenizer, model = load_base(pin, dtype, base_quantization(model_dir))
         return tokenizer, load_adapter(model, model_dir)
     if (model_dir / "config.json").is_file():
         return load_tokenizer(str(model_dir)), load_model(str(model_dir), dtype=dtype)
     return load_base(read_pin(model_dir / PIN_FILE, model_params), dtype)
+
+
+def base_quantization(model_dir: Path) -> str:
+    """How the variant's base was quantized in training (QLoRA: 4bit), "none" for every other variant."""
+    file = model_dir / QUANTIZATION_FILE
+    return read_json(file)["quantization"] if file.is_file() else "none"
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
@@ -86,7 +95,8 @@ def load_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
 
 
 def generation_config(params: GenerateParams) -> GenerationConfig:
-    """Every setting generate() uses, from params alone (see `use_generation_config`)."""
+    """Every decoding setting generate() uses, from params alone; the special tokens come from the
+    model (stages/family.py install_generation_config)."""
     return GenerationConfig(
         num_beams=params.num_beams,
         max_new_tokens=params.max_new_tokens,
@@ -97,22 +107,6 @@ def generation_config(params: GenerateParams) -> GenerationConfig:
         early_stopping=params.early_stopping and params.num_beams > 1,  # greedy has no beams to stop
         do_sample=False,
     )
-
-
-def use_generation_config(model: PreTrainedModel, config: GenerationConfig) -> None:
-    """Make `config` the model's own generation config, replacing the checkpoint's.
-
-    generate() fills every setting its `generation_config` argument leaves unset from the
-    model's generation_config.json, so a checkpoint could otherwise inject a min_length, a
-    forced first token or a repetition penalty into what gets scored. The special tokens
-    (decoder start, end, padding) are the one thing taken from the model's config: they belong
-    to the architecture and its tokenizer, not to decoding choices.
-    """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-    if hasattr(inner, "config"):  # test doubles that only wrap generate() have none
-        for token in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
-            setattr(config, token, getattr(inner.config, token))
-        inner.generation_config = config
 
 
 def recorded_generation(config: GenerationConfig) -> dict[str, float]:
@@ -136,20 +130,21 @@ def recorded_generation(config: GenerationConfig) -> dict[str, float]:
     }
 
 
-@torch.inference_mode()
 def generate_batch(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_ids: list[list[int]], config: GenerationConfig
 ) -> tuple[list[str], list[int], list[bool]]:
-    """Summaries, generated token counts and whether each hit max_new_tokens without </s>."""
-    inputs = tokenizer.pad({"input_ids": batch_ids}, pad_to_multiple_of=8, return_tensors="pt").to(model.device)
-    output = model.generate(**inputs, generation_config=config)[:, 1:]  # drop the decoder start token
-    is_eos = output == tokenizer.eos_token_id
-    finished = is_eos.any(dim=1)
-    # tokens up to and including the first </s>: after it come pads (or, from beam search with
-    # early stopping, repeated </s>), which were never generated for this dialogue
-    lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, (output != tokenizer.pad_token_id).sum(dim=1))
-    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
-    return [t.strip() for t in texts], lengths.tolist(), (~finished).tolist()
+    """Summaries, generated token counts and whether each hit max_new_tokens without EOS.
+
+    The family decides how (stages/family.py generate_continuations: left padding and the
+    prompt sliced off for causal models); each continuation ends at its first EOS, so its
+    length counts only tokens generated for this dialogue (not padding, nor the repeated EOS
+    beam search with early stopping leaves).
+    """
+    continuations = family.generate_continuations(model, tokenizer, batch_ids, config)
+    stops = family.eos_ids(config)
+    texts = tokenizer.batch_decode(continuations, skip_special_tokens=True)
+    hit_max = [not row or row[-1] not in stops for row in continuations]
+    return [t.strip() for t in texts], [len(row) for row in continuations], hit_max
 
 
 class Generated(NamedTuple):
@@ -176,8 +171,9 @@ def generate_summaries(
     `progress(done, total)`, if given, is called after each batch.
     """
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
-    config = generation_config(params)
-    use_generation_config(model, config)
+    # the params' settings plus the model's special tokens (BART's forced <s> among them), made
+    # the model's own, so a checkpoint's generation_config.json cannot change what is scored
+    config = family.install_generation_config(model, generation_config(params))
     results: dict[int, tuple[str, int, bool]] = {}
     batch_size, start = params.batch_size, 0
     while start < len(order):
@@ -215,7 +211,9 @@ def load_for_generation(
     device = pick_device()
     bf16 = use_bf16(precision, device)
     tokenizer, model = load_variant(model_dir, model_params, torch.bfloat16 if bf16 else torch.float32)
-    model.to(device).eval()
+    if not family.is_quantized(model):  # a quantized model was placed while it loaded (8-bit cannot move)
+        model.to(device)
+    model.eval()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (
@@ -241,12 +239,16 @@ def timed_generation(
         return generated, time.perf_counter() - started
 
 
-def generation_metrics(params: GenerateParams, generated: Generated, precision: str) -> dict[str, float | str]:
+def generation_metrics(
+    params: GenerateParams, generated: Generated, precision: str, quantization: str = "none"
+) -> dict[str, float | str]:
     """Deterministic for the same model, prompts and params on the same kind of hardware: the
-    settings, the precision generation ran in (bf16 or fp32: it changes the summaries) and lengths."""
+    settings, the precision generation ran in (bf16 or fp32: it changes the summaries), the base's
+    quantization (QLoRA's differs from every other variant's base) and lengths."""
     metrics: dict[str, float | str] = {
         **recorded_generation(generation_config(params)),
         "generation_precision": precision,
+        "base_quantization": quantization,
     }
     metrics["gen_mean_tokens"] = round(sum(generated.lengths) / max(len(generated.lengths), 1), 4)
     metrics["gen_hit_max_share"] = round(sum(generated.hit_max) / max(len(generated.hit_max), 1), 4)
@@ -296,7 +298,8 @@ def main(variant: str) -> None:
         precision = "bf16" if model.dtype == torch.bfloat16 else "fp32"
         generated, runtime = timed_generation(model, tokenizer, test, params.generate, variant)
     write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, generated)
-    write_json(generation_metrics(params.generate, generated, precision), METRICS_DIR / f"{variant}.json")
+    metrics = generation_metrics(params.generate, generated, precision, base_quantization(model_dir))
+    write_json(metrics, METRICS_DIR / f"{variant}.json")
     write_json(generation_timing(load, generated, runtime, len(test)), TIMING_DIR / f"generate_{variant}.json")
 
 

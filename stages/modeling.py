@@ -1,6 +1,7 @@
-"""Loading and saving FLAN-T5 models and tokenizers, safely and with the output head intact.
+"""Loading and saving models and tokenizers of any tested family, safely and with the output head intact.
 
-FLAN-T5 (T5 v1.1) keeps `lm_head` apart from the shared embedding. transformers 5.x keeps
+Which model class loads a checkpoint (seq2seq or causal) is stages/family.py's decision; this
+module wraps it for the stages. FLAN-T5 (T5 v1.1) keeps `lm_head` apart from the shared embedding. transformers 5.x keeps
 them apart on `from_pretrained` when the checkpoint has both, but its T5Config always *says*
 `tie_word_embeddings: true`, and a plain `tie_weights()` / `resize_token_embeddings()` /
 `from_config` silently ties them. So: load only with `from_pretrained`, never call those,
@@ -16,8 +17,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import StageError
 from stages.params import ModelParams
@@ -49,59 +49,56 @@ def load_tokenizer(name: str, revision: str = "main") -> PreTrainedTokenizerBase
         raise _load_hint(name, revision, error) from None
 
 
-def load_model(name: str, revision: str = "main", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Seq2seq model from safetensors, head untied exactly when the checkpoint stores it apart."""
-    try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(
-            name,
-            revision=_revision(name, revision),
-            dtype=dtype,
-            use_safetensors=True,
-            trust_remote_code=False,
-        )
-    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a truncated weights file
-        raise _load_hint(name, revision, error) from None
-    return model
+def load_model(
+    name: str, revision: str = "main", dtype: torch.dtype = torch.float32, quantization: str = "none"
+) -> PreTrainedModel:
+    """The model of its family (stages/family.py) from safetensors, head untied exactly when the
+    checkpoint stores it apart; `quantization` 4bit/8bit loads the frozen base through bitsandbytes."""
+    from stages import family  # imported here: family.py imports this module's load hints
+
+    return family.load_model(name, revision, dtype=dtype, quantization=quantization)
 
 
 def load_base(
-    params: ModelParams, dtype: torch.dtype = torch.float32
+    params: ModelParams, dtype: torch.dtype = torch.float32, quantization: str = "none"
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    return load_tokenizer(params.name, params.revision), load_model(params.name, params.revision, dtype)
+    return load_tokenizer(params.name, params.revision), load_model(params.name, params.revision, dtype, quantization)
 
 
 def meta_model(params: ModelParams) -> PreTrainedModel:
-    """The model built from its config alone on the meta device: shapes and names, no weights
-    downloaded or allocated, so checks against it fail in a second instead of after a load."""
-    try:
-        config = AutoConfig.from_pretrained(
-            params.name, revision=_revision(params.name, params.revision), trust_remote_code=False
-        )
-    except (OSError, ValueError) as error:
-        raise _load_hint(params.name, params.revision, error) from None
+    """The model of its family built from its config alone on the meta device: shapes and names,
+    no weights downloaded or allocated, so checks against it fail in a second instead of after a load."""
+    from stages import family
+
+    config = family.load_config(params.name, params.revision)
     with torch.device("meta"):
-        return AutoModelForSeq2SeqLM.from_config(config)
+        return family.auto_model_class(family.family(config)).from_config(config)
 
 
-def linear_layer_names(params: ModelParams) -> list[str]:
-    """Names of the model's linear layers (LoRA targets), from its config alone."""
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Names of the model's linear layers (LoRA targets; GPT-2's Conv1D layers count as linear)."""
+    from transformers.pytorch_utils import Conv1D
+
     return sorted(
         {
             name.rsplit(".", 1)[-1]
-            for name, module in meta_model(params).named_modules()
-            if isinstance(module, torch.nn.Linear)
+            for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D))
         }
     )
 
 
-def check_target_modules(section: str, targets: list[str], linear_layers: list[str]) -> None:
-    """Refuse target modules that are not linear layers of the model, naming the ones it has (a
-    name that matches nothing would otherwise fail inside peft, after the weights have loaded)."""
-    unknown = [m for m in targets if m not in linear_layers]
+def check_target_modules(section: str, targets: list[str], model: torch.nn.Module) -> None:
+    """Refuse target modules that match no module of `model` (a meta model will do), matched as
+    peft matches them, naming the linear layers it has (a name that matches nothing would
+    otherwise fail inside peft, after the weights have loaded)."""
+    from stages.family import missing_target_modules
+
+    unknown = missing_target_modules(model, targets)
     if unknown:
         raise StageError(
             f"{section}.target_modules: {', '.join(unknown)} not found in the model; "
-            f"linear layers available: {', '.join(linear_layers)}"
+            f"linear layers available: {', '.join(linear_layer_names(model))}"
         )
 
 

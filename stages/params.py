@@ -64,6 +64,9 @@ class PrepareParams:
     prompt_template: str
     max_source_length: int
     max_target_length: int
+    # auto: wrap the prompt in the tokenizer's chat template when it has one (stages/prepare.py);
+    # the default here serves code that builds prompts directly (params.yaml always sets it)
+    chat_template: Literal["auto", "none"] = "none"
 
     def problems(self, section: str) -> list[str]:
         return (
@@ -147,11 +150,14 @@ class LoraParams:
     r: int
     alpha: int
     dropout: float
-    target_modules: list[str] | Literal["all-linear"]  # peft's shorthand: every linear layer but the output head
+    # all-linear: peft's shorthand for every linear layer but the output head; auto: peft's default
+    # for the architecture (stages/family.py default_target_modules)
+    target_modules: list[str] | Literal["all-linear", "auto"]
     bias: Literal["none", "all", "lora_only"]
     use_dora: bool
     use_rslora: bool
     init: Literal["default", "gaussian", "pissa", "olora"]
+    quantization: Literal["none", "4bit", "8bit"]  # the frozen base's weights (QLoRA: 4bit)
 
     def problems(self, section: str) -> list[str]:
         targets = self.target_modules
@@ -162,7 +168,7 @@ class LoraParams:
             + _check(0 <= self.dropout < 1, f"{section}.dropout: must be in [0, 1), got {self.dropout}")
             + _check(
                 not names_ok or len(targets) > 0,
-                f"{section}.target_modules: must name at least one module, e.g. [q, v], or be all-linear",
+                f"{section}.target_modules: must name at least one module, e.g. [q, v], or be auto or all-linear",
             )
             # PiSSA/OLoRA adapters are saved as the plain-LoRA difference to their initial value, which
             # has no place for DoRA's trained magnitudes: the saved adapter would not be the trained one
@@ -171,18 +177,27 @@ class LoraParams:
                 f"{section}.use_dora: DoRA cannot be combined with init {self.init!r} (its adapter is "
                 "saved converted to plain LoRA, which drops DoRA's magnitudes); use init default or gaussian",
             )
+            # PiSSA/OLoRA decompose the base weights, which a quantized base does not hold in full precision
+            + _check(
+                not (self.quantization != "none" and self.init in ("pissa", "olora")),
+                f"{section}.quantization: {self.quantization} cannot be combined with init {self.init!r} (it "
+                "rewrites the base weights, which are quantized); use init default or gaussian",
+            )
         )
 
 
 @dataclass(frozen=True)
 class Ia3Params:
-    target_modules: list[str]
-    feedforward_modules: list[str]
+    target_modules: list[str] | Literal["auto"]  # auto: peft's default for the architecture
+    feedforward_modules: list[str] | Literal["auto"]  # auto: peft's feed-forward subset of the targets
 
     def problems(self, section: str) -> list[str]:
-        outside = [m for m in self.feedforward_modules if m not in self.target_modules]
+        # with an auto side the subset check waits for the model (train_ia3.ia3_config)
+        lists = isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list)
+        outside = [m for m in self.feedforward_modules if m not in self.target_modules] if lists else []
         return _check(
-            len(self.target_modules) > 0, f"{section}.target_modules: must name at least one module, e.g. [k, v, wo]"
+            self.target_modules == "auto" or len(self.target_modules) > 0,
+            f"{section}.target_modules: must name at least one module, e.g. [k, v, wo], or be auto",
         ) + _check(
             not outside,
             f"{section}.feedforward_modules: {', '.join(outside)} not in "

@@ -5,18 +5,22 @@ one row per unique dialogue, because DialogSum's test split repeats each dialogu
 reference (1500 rows = 500 dialogues x 3) and generating the same summary three times is wasted
 work; its human references go to a file of their own (data/prepared/references.jsonl), so that a
 reference edit rescores without regenerating anything. Tokenization uses the tokenizer of the
-commit the `base` stage pinned. A prompt longer than max_source_length loses the end of its
-dialogue, never the template's tail (the "Summary:" cue). Counts go to metrics/prepare.json.
+commit the `base` stage pinned, laid out as the model's family needs (stages/family.py: a
+decoder-only model reads prompt, summary and EOS in one sequence, with loss on the summary only).
+A prompt longer than max_source_length loses the end of its dialogue, never the template's tail
+(the "Summary:" cue), and a cut summary keeps its EOS. Counts go to metrics/prepare.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, disable_progress_bars
 from transformers import PreTrainedTokenizerBase
 
+from stages import family
 from stages.errors import StageError, run_stage
 from stages.jsonio import read_jsonl, write_json, write_jsonl
 from stages.modeling import load_tokenizer, read_pin
@@ -34,22 +38,17 @@ def format_prompt(template: str, dialogue: str) -> str:
     return template.replace("{dialogue}", dialogue)
 
 
-def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids truncated to max_length (keeping the final </s>), and how many were truncated.
-
-    Tokenizing without truncation first is what lets us count the truncated rows.
-    """
-    # verbose=False: the over-length warning is expected here, we count those rows below
-    ids = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    truncated = sum(len(x) > max_length for x in ids)
-    return [x if len(x) <= max_length else x[: max_length - 1] + [eos] for x in ids], truncated
+def text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids without special tokens: the family adds its own (stages/family.py)."""
+    # verbose=False: the over-length warning is expected here, prepare counts those rows itself
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def fit_prompt(
-    template: str, dialogue: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+def fit_prompt_text(
+    template: str, dialogue: str, tokenizer: PreTrainedTokenizerBase, max_length: int, added: int
 ) -> tuple[list[int], bool]:
-    """The prompt's token ids within max_length, and whether its dialogue had to be cut.
+    """The prompt's text ids (no special tokens) within max_length - `added` (the special tokens the
+    family adds around a prompt), and whether its dialogue had to be cut.
 
     A prompt that fits is tokenized whole, exactly as written. One that does not keeps the
     template intact and the longest prefix of the dialogue, cut at a whitespace boundary, that
@@ -57,37 +56,90 @@ def fit_prompt(
     prompts that are too long). Cutting the token list instead would drop the template's tail
     ("Summary:"), the cue a zero-shot model answers to.
     """
-    ids = tokenizer(format_prompt(template, dialogue), verbose=False)["input_ids"]
-    if len(ids) <= max_length:
+    budget = max_length - added
+    ids = text_ids(tokenizer, [format_prompt(template, dialogue)])[0]
+    if len(ids) <= budget:
         return ids, False
     cuts = [0] + [i for i in range(1, len(dialogue)) if dialogue[i].isspace() and not dialogue[i - 1].isspace()]
     low, high = 0, len(cuts) - 1  # cuts[low] fits (checked below); find the last cut that fits
-    best = tokenizer(format_prompt(template, ""), verbose=False)["input_ids"]
-    if len(best) > max_length:
+    best = text_ids(tokenizer, [format_prompt(template, "")])[0]
+    if len(best) > budget:
         raise StageError(
-            f"prepare.max_source_length: the prompt template alone takes {len(best)} tokens, more than "
+            f"prepare.max_source_length: the prompt template alone takes {len(best) + added} tokens, more than "
             f"max_source_length={max_length}; raise it or shorten prepare.prompt_template"
         )
     while low < high:
         middle = (low + high + 1) // 2
-        candidate = tokenizer(format_prompt(template, dialogue[: cuts[middle]]), verbose=False)["input_ids"]
-        if len(candidate) <= max_length:
+        candidate = text_ids(tokenizer, [format_prompt(template, dialogue[: cuts[middle]])])[0]
+        if len(candidate) <= budget:
             low, best = middle, candidate
         else:
             high = middle - 1
     return best, True
 
 
-def fit_prompts(
-    template: str, dialogues: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+def fit_prompts_text(
+    template: str, dialogues: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, model_family: str
 ) -> tuple[list[list[int]], int]:
-    """fit_prompt for each dialogue (one batched call for the prompts that fit); the ids and how
-    many dialogues were cut."""
-    ids = tokenizer([format_prompt(template, d) for d in dialogues], verbose=False)["input_ids"]
-    long = [i for i, x in enumerate(ids) if len(x) > max_length]
+    """fit_prompt_text for each dialogue (one batched call for the prompts that fit); the text ids
+    and how many dialogues were cut."""
+    tokens = family.special_tokens(model_family, tokenizer)
+    added = len(tokens.prompt_prefix) + len(tokens.prompt_suffix)
+    ids = text_ids(tokenizer, [format_prompt(template, d) for d in dialogues])
+    long = [i for i, x in enumerate(ids) if len(x) > max_length - added]
     for i in long:
-        ids[i], _ = fit_prompt(template, dialogues[i], tokenizer, max_length)
+        ids[i], _ = fit_prompt_text(template, dialogues[i], tokenizer, max_length, added)
     return ids, len(long)
+
+
+def fit_prompt(
+    template: str,
+    dialogue: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    model_family: str = family.SEQ2SEQ,
+) -> tuple[list[int], bool]:
+    """The ids the model reads for the prompt (its family's special tokens included) within
+    max_length, and whether its dialogue had to be cut (see fit_prompt_text)."""
+    tokens = family.special_tokens(model_family, tokenizer)
+    added = len(tokens.prompt_prefix) + len(tokens.prompt_suffix)
+    ids, cut = fit_prompt_text(template, dialogue, tokenizer, max_length, added)
+    return family.encode_prompt(model_family, tokenizer, ids), cut
+
+
+def fit_prompts(
+    template: str,
+    dialogues: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    model_family: str = family.SEQ2SEQ,
+) -> tuple[list[list[int]], int]:
+    """fit_prompt for each dialogue; the ids the model reads and how many dialogues were cut."""
+    ids, cut = fit_prompts_text(template, dialogues, tokenizer, max_length, model_family)
+    return [family.encode_prompt(model_family, tokenizer, x) for x in ids], cut
+
+
+def chat_wrapped(params: PrepareParams, tokenizer: PreTrainedTokenizerBase) -> tuple[PrepareParams, str]:
+    """`params` with the prompt template wrapped in the tokenizer's chat template (as one user turn,
+    then the assistant's cue) when `chat_template: auto` finds one, and which format was used
+    ("chat_template" or "prompt_template").
+
+    The wrapped template still holds {dialogue}, so truncation still cuts the dialogue only. A
+    BOS the chat template writes as text is dropped when the tokenizer adds BOS itself
+    (family.encode_prompt does), so the prompt never starts with two.
+    """
+    if params.chat_template == "none" or not getattr(tokenizer, "chat_template", None):
+        return params, "prompt_template"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": params.prompt_template}], tokenize=False, add_generation_prompt=True
+    )
+    prefix, _ = family.tokenizer_additions(tokenizer)
+    bos = tokenizer.bos_token
+    if prefix and bos and text.startswith(bos):
+        text = text[len(bos) :]
+    if "{dialogue}" not in text:
+        raise StageError("prepare.chat_template: the tokenizer's chat template dropped {dialogue}; set it to none")
+    return dataclasses.replace(params, prompt_template=text), "chat_template"
 
 
 def group_references(rows: list[dict]) -> list[dict]:
@@ -105,29 +157,32 @@ def group_references(rows: list[dict]) -> list[dict]:
 
 
 def prepare_training_split(
-    rows: list[dict], tokenizer: PreTrainedTokenizerBase, params: PrepareParams
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, params: PrepareParams, model_family: str = family.SEQ2SEQ
 ) -> tuple[Dataset, dict[str, int]]:
-    input_ids, dialogue_cut = fit_prompts(
-        params.prompt_template, [r["dialogue"] for r in rows], tokenizer, params.max_source_length
+    """(input_ids, attention_mask, labels) rows as the family lays them out (stages/family.py
+    training_example): seq2seq labels = summary + EOS; causal input = prompt, summary, EOS with
+    the prompt's labels -100. The dialogue is cut to fit max_source_length; the summary is cut
+    to max_target_length with its EOS kept."""
+    prompts, dialogue_cut = fit_prompts_text(
+        params.prompt_template, [r["dialogue"] for r in rows], tokenizer, params.max_source_length, model_family
     )
-    labels, target_truncated = tokenize([r["summary"] for r in rows], tokenizer, params.max_target_length)
-    dataset = Dataset.from_dict(
-        {
-            "input_ids": input_ids,
-            "attention_mask": [[1] * len(x) for x in input_ids],
-            "labels": labels,
-        }
-    )
-    return dataset, {"dialogue_cut": dialogue_cut, "target_truncated": target_truncated}
+    summaries = text_ids(tokenizer, [r["summary"] for r in rows])
+    budget = family.target_text_budget(model_family, tokenizer, params.max_target_length)
+    examples = [
+        family.training_example(model_family, prompt, summary, tokenizer, params.max_target_length)
+        for prompt, summary in zip(prompts, summaries)
+    ]
+    dataset = Dataset.from_dict({key: [e[key] for e in examples] for key in ("input_ids", "attention_mask", "labels")})
+    return dataset, {"dialogue_cut": dialogue_cut, "target_truncated": sum(len(x) > budget for x in summaries)}
 
 
 def prepare_test_split(
-    rows: list[dict], tokenizer: PreTrainedTokenizerBase, params: PrepareParams
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, params: PrepareParams, model_family: str = family.SEQ2SEQ
 ) -> tuple[Dataset, list[dict], dict[str, int]]:
     """The generation inputs (id, dialogue, input_ids: no references) and the references apart."""
     dialogues = group_references(rows)
     input_ids, dialogue_cut = fit_prompts(
-        params.prompt_template, [d["dialogue"] for d in dialogues], tokenizer, params.max_source_length
+        params.prompt_template, [d["dialogue"] for d in dialogues], tokenizer, params.max_source_length, model_family
     )
     dataset = Dataset.from_dict(
         {"id": [d["id"] for d in dialogues], "dialogue": [d["dialogue"] for d in dialogues], "input_ids": input_ids}
@@ -149,14 +204,16 @@ def main() -> None:
     disable_progress_bars()  # DVC logs stdout; a bar per split is noise
     base = read_pin(BASE_PIN, params.model)  # the commit the base stage pinned: its tokenizer
     tokenizer = load_tokenizer(base.name, base.revision)
+    model_family = family.family(family.load_config(base.name, base.revision))  # inputs and labels differ by family
+    prepare, prompt_format = chat_wrapped(params.prepare, tokenizer)
     raw = {split: read_jsonl(RAW_DIR / f"{split}.jsonl") for split in ("train", "validation", "test")}
-    train, train_stats = prepare_training_split(raw["train"], tokenizer, params.prepare)
-    validation, validation_stats = prepare_training_split(raw["validation"], tokenizer, params.prepare)
+    train, train_stats = prepare_training_split(raw["train"], tokenizer, prepare, model_family)
+    validation, validation_stats = prepare_training_split(raw["validation"], tokenizer, prepare, model_family)
     # validation by generation (stages/validation.py) scores against the reference text itself, not labels
     # decoded back (cut at max_target_length, characters the tokenizer lacks lost), row-aligned by construction
     validation = validation.add_column("id", [r["id"] for r in raw["validation"]])
     validation = validation.add_column("summary", [r["summary"] for r in raw["validation"]])
-    test, references, test_stats = prepare_test_split(raw["test"], tokenizer, params.prepare)
+    test, references, test_stats = prepare_test_split(raw["test"], tokenizer, prepare, model_family)
     # each split in its own folder, so training depends on train/ and validation/ only and
     # generation on test/ only (dvc.yaml): an edit to one split reruns only its readers
     DatasetDict(train=train, validation=validation, test=test).save_to_disk(str(PREPARED_DIR))
@@ -166,7 +223,7 @@ def main() -> None:
         for split, split_stats in (("train", train_stats), ("validation", validation_stats), ("test", test_stats))
         for key, value in split_stats.items()
     }
-    write_json(stats, STATS_FILE)
+    write_json({**stats, "prompt_format": prompt_format, "model_family": model_family}, STATS_FILE)
     print(json.dumps(stats))
 
 

@@ -313,6 +313,16 @@ def image(name: str, alt: str) -> str:
     return f"![{alt}]({(PLOTS_DIR / f'{name}.png').relative_to(REPORT_FILE.parent).as_posix()})"
 
 
+def quantization_notes(variants: list[str], generation: dict[str, dict]) -> list[str]:
+    """One note per variant whose base was quantized (QLoRA): its base differs from the others'."""
+    return [
+        f"Note: **{label(v)}** was trained and evaluated on a {q}-quantized base (QLoRA), not the base the other "
+        "variants use; its training memory in the cost table is what quantization saves."
+        for v in variants
+        if (q := generation[v].get("base_quantization", "none")) != "none"
+    ]
+
+
 def render(
     variants: list[str],
     evaluation: dict[str, dict],
@@ -322,14 +332,16 @@ def render(
     frontier: list[dict],
     base_model: dict,
     examples: str,
+    data_source: str,
 ) -> str:
     return (
         "\n\n".join(
             [
-                "# FLAN-T5 on DialogSum: " + " vs ".join(label(v) for v in variants),
+                f"# {base_model['base_model_name']} on {data_source}: " + " vs ".join(label(v) for v in variants),
                 f"Base model `{base_model['base_model_name']}` at revision `{base_model['base_model_revision']}` "
                 f"(resolved: `{base_model['base_model_resolved_revision']}`). ROUGE F-measures x100 on the test split, "
                 "one generated summary per unique dialogue.",
+                *quantization_notes(variants, generation),
                 "## Quality and cost",
                 "Trainable params, adapter or model size on disk, whole-run train wall time (across resumes), peak "
                 "memory while training (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS) and generation "
@@ -384,7 +396,17 @@ def main() -> None:
     frontier = frontier_rows(variants, evaluation, cost)
     examples = examples_section(variants, predictions, references, params.report.examples)
     REPORT_FILE.write_text(
-        render(variants, evaluation, generation, cost, tests, frontier, read_json(BASE_MODEL_FILE), examples)
+        render(
+            variants,
+            evaluation,
+            generation,
+            cost,
+            tests,
+            frontier,
+            read_json(BASE_MODEL_FILE),
+            examples,
+            params.data.source,
+        )
     )
     rouge_rows = plot_rows(variants, evaluation, cost)
     write_json(rouge_rows, PLOT_FILE)

@@ -2,7 +2,9 @@
 
 Sibling of train_full.py: `diff stages/train_full.py stages/train_lora.py` shows the LoRA part.
 Variants through params: DoRA (`lora.use_dora`), rank-stabilized scaling (`lora.use_rslora`), the
-initialization (`lora.init`: default, gaussian, pissa, olora) and `lora.target_modules: all-linear`.
+initialization (`lora.init`: default, gaussian, pissa, olora), `lora.target_modules` (auto = peft's
+default for the architecture, all-linear or a list) and QLoRA (`lora.quantization: 4bit`: the frozen
+base in NF4 through bitsandbytes, which generate@lora loads the same way).
 PiSSA and OLoRA move the adapter's starting point out of the base weights, so the adapter is
 saved converted (see `save_adapter`): models/lora always applies to the untouched base model.
 """
@@ -17,30 +19,44 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, get_peft_model
 
+from stages import family
 from stages.errors import run_stage
-from stages.modeling import check_target_modules, linear_layer_names, load_model
+from stages.jsonio import write_json
+from stages.modeling import check_target_modules, load_model, meta_model
 from stages.params import LoraParams, ModelParams, load_params
 from stages.training import finish_run, save_adapter, start_run, train
 
 # lora.init -> peft's init_lora_weights; True = A Kaiming-uniform, B zero (the LoRA paper's init)
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 MUTATES_BASE = ("pissa", "olora")  # inits that subtract the initial adapter from the base weights
+QUANTIZATION_FILE = "quantization.json"  # in models/lora: the base's quantization (stages/generate.py reads it)
 
 
-def lora_config(params: LoraParams, linear_layers: list[str]) -> LoraConfig:
-    """LoraConfig from params, after checking every target module is a linear layer of the model
-    (all-linear is peft's shorthand for every linear layer but the output head)."""
-    targets = params.target_modules if params.target_modules == "all-linear" else list(params.target_modules)
+def resolved_targets(params: LoraParams, model) -> list[str] | str:
+    """The target modules `lora.target_modules` means for this model (`model`: a meta model will do):
+    auto = peft's default for its architecture, all-linear as peft reads it, a list as written."""
+    if params.target_modules == "auto":
+        return family.default_target_modules(model.config, "lora")
+    return params.target_modules if params.target_modules == "all-linear" else list(params.target_modules)
+
+
+def lora_config(params: LoraParams, model) -> LoraConfig:
+    """LoraConfig from params for `model` (a meta model will do: names and config only), after
+    checking every listed target module exists in it (all-linear is peft's shorthand for every
+    linear layer but the output head). fan_in_fan_out is set for layers that store their weight
+    transposed (GPT-2's Conv1D), so the adapter config records it."""
+    targets = resolved_targets(params, model)
     if targets != "all-linear":
-        check_target_modules("lora", targets, linear_layers)
+        check_target_modules("lora", targets, model)
     return LoraConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM,
+        task_type=family.task_type(family.family(model.config)),
         r=params.r,
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
         target_modules=targets,
+        fan_in_fan_out=family.fan_in_fan_out(model, targets),
         bias=params.bias,
         use_dora=params.use_dora,
         use_rslora=params.use_rslora,
@@ -49,8 +65,9 @@ def lora_config(params: LoraParams, linear_layers: list[str]) -> LoraConfig:
 
 
 def build_model(base, config: LoraConfig):
-    # the base frozen, adapters on the target modules; a copy: peft writes into the config it gets
-    return get_peft_model(base, copy.deepcopy(config))
+    # the base frozen, adapters on the target modules; a copy: peft writes into the config it gets.
+    # A quantized base (QLoRA) first gets peft's k-bit preparation (a no-op otherwise)
+    return get_peft_model(family.prepare_for_kbit_training(base), copy.deepcopy(config))
 
 
 def save_initial_adapter(base: ModelParams, config: LoraConfig, params: LoraParams) -> Path | None:
@@ -75,11 +92,20 @@ def save_initial_adapter(base: ModelParams, config: LoraConfig, params: LoraPara
 def main() -> None:
     params = load_params()
     run = start_run("lora", params)
-    config = lora_config(params.lora, linear_layer_names(run.base))  # fail fast, before the weights
-    trained = train(run, partial(build_model, config=config), params.lora)
+    config = lora_config(params.lora, meta_model(run.base))  # fail fast, before the weights
+    quantization = params.lora.quantization  # QLoRA: the frozen base loads through bitsandbytes
+    trained = train(run, partial(build_model, config=config), params.lora, quantization=quantization)
     initial = save_initial_adapter(run.base, config, params.lora)  # PiSSA/OLoRA: to convert the adapter on save
     save = partial(save_adapter, initial_adapter=initial)
-    finish_run(run, trained, save, {"train_lora": asdict(params.train_lora), "lora": asdict(params.lora)})
+    targets = config.target_modules  # peft keeps a list as a set
+    resolved = {
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "fan_in_fan_out": config.fan_in_fan_out,
+    }
+    card = {"train_lora": asdict(params.train_lora), "lora": asdict(params.lora), "lora_resolved": resolved}
+    finish_run(run, trained, save, card)
+    if trained.trainer.is_world_process_zero():  # generate@lora loads the same quantized base
+        write_json({"quantization": quantization}, run.model_dir / QUANTIZATION_FILE)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Sibling of train_lora.py: `diff stages/train_lora.py stages/train_prompt.py` shows the prompt part.
 Prompt tuning (Lester et al. 2021) prepends `prompt.num_virtual_tokens` trainable embeddings to
-the encoder input; nothing inside the model changes, so it cannot be merged and is evaluated
+the model input (the encoder's for seq2seq models); nothing inside the model changes, so it cannot be merged and is evaluated
 as an adapter (peft prepends the prompt, and ones to the attention mask, in generate()).
 """
 
@@ -14,9 +14,10 @@ from dataclasses import asdict
 from functools import partial
 
 import torch
-from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from transformers import PreTrainedTokenizerBase
 
+from stages import family
 from stages.errors import run_stage
 from stages.modeling import load_tokenizer
 from stages.params import PromptParams, load_params
@@ -25,8 +26,10 @@ from stages.training import finish_run, save_adapter, start_run, train
 COMMON_TOKENS = 5000  # Lester et al. 2021 Sec. 2.1 sample the init from the 5,000 most common tokens
 
 
-def prompt_config(params: PromptParams) -> PromptTuningConfig:
-    """PromptTuningConfig from params: the prompt goes to the encoder only.
+def prompt_config(params: PromptParams, model_family: str = family.SEQ2SEQ) -> PromptTuningConfig:
+    """PromptTuningConfig from params for a model of `model_family`: the prompt goes before the
+    encoder input (seq2seq) or before the prompt (causal; stages/family.py keeps it right before
+    the prompt under left padding too).
 
     num_transformer_submodules=1: peft's seq2seq default (2) allocates a second block of
     num_virtual_tokens rows for the decoder that prompt tuning never uses, so the trainable
@@ -35,7 +38,7 @@ def prompt_config(params: PromptParams) -> PromptTuningConfig:
     overwrites them.
     """
     return PromptTuningConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM,
+        task_type=family.task_type(model_family),
         num_virtual_tokens=params.num_virtual_tokens,
         num_transformer_submodules=1,
         prompt_tuning_init=PromptTuningInit.RANDOM,
@@ -74,7 +77,7 @@ def build_model(base, config: PromptTuningConfig, token_ids: list[int] | None):
 def main() -> None:
     params = load_params()
     run = start_run("prompt", params)
-    config = prompt_config(params.prompt)
+    config = prompt_config(params.prompt, family.family(family.load_config(run.base.name, run.base.revision)))
     token_ids = init_token_ids(params.prompt, load_tokenizer(run.base.name, run.base.revision), params.seed)
     trained = train(run, partial(build_model, config=config, token_ids=token_ids), params.prompt)
     finish_run(

@@ -23,6 +23,7 @@ import threading
 import time
 import typing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +31,6 @@ import torch
 import yaml
 from datasets import Dataset, load_from_disk
 from transformers import (
-    DataCollatorForSeq2Seq,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
@@ -43,6 +43,7 @@ from transformers import (
 from transformers.integrations import DVCLiveCallback
 from transformers.trainer_callback import ExportableState
 
+from stages import family
 from stages.errors import StageError
 from stages.jsonio import read_json, write_json
 from stages.modeling import load_model, load_tokenizer, pick_device, read_pin, set_determinism, use_bf16
@@ -295,7 +296,7 @@ class RunLedger(TrainerCallback, ExportableState):
 
 
 def token_mean_loss(
-    outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None, shift_labels: bool = False
 ) -> torch.Tensor:
     """Cross-entropy summed over this micro-batch's label tokens, divided by the label tokens of
     the whole optimizer step (`num_items_in_batch`, which the Trainer counts over every
@@ -304,10 +305,23 @@ def token_mean_loss(
     So 16 x 2 after an out-of-memory retry trains on exactly the loss of 32 x 1: the token mean
     over the 32 rows, where averaging two micro-batch means would weight a short batch's tokens
     more. Evaluation passes no count: then it is this batch's own token mean (T5's loss).
+
+    `shift_labels` (causal models): position t predicts token t + 1, so logits[:, :-1] are scored
+    against labels[:, 1:], as the model's own loss does. The Trainer counts a causal step's
+    items over labels[..., 1:] too; the first label is always a prompt token (-100), so either
+    count is the same. A prompt-tuned causal model returns logits for its virtual tokens first:
+    they get -100 labels (no loss), as peft gives them when it computes the loss itself.
     """
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    if shift_labels:
+        virtual = logits.size(1) - labels.size(1)
+        labels = torch.nn.functional.pad(labels, (virtual, 0), value=-100)[:, 1:]
+        logits = logits[:, :-1]
     total = torch.nn.functional.cross_entropy(
-        logits.float().view(-1, logits.size(-1)), labels.to(logits.device).view(-1), ignore_index=-100, reduction="sum"
+        logits.float().reshape(-1, logits.size(-1)),
+        labels.to(logits.device).reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
     )
     count = num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum()
     return total / torch.as_tensor(count, device=total.device).clamp(min=1)
@@ -320,9 +334,10 @@ def build_trainer(
     validation: Dataset,
     args: Seq2SeqTrainingArguments,
 ) -> Seq2SeqTrainer:
-    # pad per batch (not to max length); -100 labels are ignored by the loss; multiples of 8
-    # keep tensor-core shapes on GPU
-    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
+    # the family's collator pads per batch (not to max length) to multiples of 8 (tensor-core
+    # shapes on GPU), labels with -100, which the loss ignores
+    model_family = family.family(family.unwrap(model).config)
+    collator = family.data_collator(model_family, tokenizer, model)
     trainer = Seq2SeqTrainer(
         model=model,
         args=args,
@@ -330,7 +345,8 @@ def build_trainer(
         eval_dataset=validation,
         data_collator=collator,
         processing_class=tokenizer,
-        compute_loss_func=token_mean_loss,  # the step's token mean, however the batch is split
+        # the step's token mean, however the batch is split
+        compute_loss_func=partial(token_mean_loss, shift_labels=model_family == family.CAUSAL),
         # RunLedger first: it asks for the log lines TrainerProgress shows
         callbacks=[RunLedger(args.device), TrainerProgress()],
     )
@@ -419,30 +435,33 @@ def training_costs(trainer: Seq2SeqTrainer) -> dict[str, float]:
     }
 
 
-def model_card(pin_file: Path, library: str, params: dict, metrics: dict) -> str:
+def model_card(pin_file: Path, library: str, params: dict, metrics: dict, model_config) -> str:
     """A Hugging Face Hub model card (README.md): YAML metadata, then what was trained and how.
 
     Only deterministic content: the card sits in the cached model folder, so a run time in it
     would give identical weights a new hash and rerun every evaluation. Where the data came from
     is in metrics/data.json and the report (a renamed copy of the same data must not retrain).
-    The base model is named with the exact commit the baselines stage pinned (`pin_file`).
+    The base model is named with the exact commit the baselines stage pinned (`pin_file`), its
+    family and architecture (`model_config`) as tags.
     """
     pin = read_json(pin_file)
     base_model = pin["name"]
+    model_family = family.family(model_config)
     front_matter = {
         "base_model": base_model,
         "library_name": library,
         "pipeline_tag": "summarization",
-        "tags": ["dialogue-summarization", "dvc", "flan-t5"],
+        "tags": ["dialogue-summarization", "dvc", model_config.model_type, model_family],
     }
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in metrics.items())
     return (
         f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n\n"
         f"# {base_model} fine-tuned for dialogue summarization ({'PEFT adapter' if library == 'peft' else 'full fine-tuning'})\n\n"
-        "Trained by this repository's DVC pipeline (`dvc repro`) on its DialogSum snapshot (`data/raw`; "
-        "source and revision in `metrics/data.json`); ROUGE on the test split is in "
-        "`metrics/evaluate/*.json` and `metrics/report.md`. The data (DialogSum) is licensed CC BY-NC-SA 4.0.\n\n"
-        f"Base model: `{base_model}` at revision `{pin['revision']}`, resolved commit `{pin['resolved_revision']}`.\n\n"
+        "Trained by this repository's DVC pipeline (`dvc repro`) on its data snapshot (`data/raw`; "
+        "source and revision in `metrics/data.json`, whose license applies); ROUGE on the test split is in "
+        "`metrics/evaluate/*.json` and `metrics/report.md`.\n\n"
+        f"Base model: `{base_model}` at revision `{pin['revision']}`, resolved commit `{pin['resolved_revision']}`; "
+        f"family `{model_family}`, architecture `{model_config.model_type}`.\n\n"
         f"## Params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n\n"
         f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n"
     )
@@ -523,6 +542,7 @@ def train(
     build: Callable[[PreTrainedModel], PreTrainedModel],
     *method_params: object,
     prepared_dir: Path = PREPARED_DIR,
+    quantization: str = "none",
 ) -> Trained:
     """Train the model `build` makes from freshly loaded base weights, with the run's recipe.
 
@@ -533,9 +553,12 @@ def train(
     would have given from the start. Every attempt validates by generation at each checkpoint and
     keeps the best (stages/validation.py). `method_params` (the method's params section) go into the
     checkpoints' fingerprint beside the recipe, the validation settings, the seed and the pin.
+    `quantization` (LoRA's QLoRA) loads the frozen base through bitsandbytes; `build` then prepares
+    it for training.
     """
     recipe, validate = run.recipe, run.params.validate
     tokenizer = load_tokenizer(run.base.name, run.base.revision)
+    family.ensure_pad_token(tokenizer)  # GPT-2, Llama 3: pad = EOS (masks come from lengths, never from ids)
     train_split, validation = load_training_splits(prepared_dir)
     run_fingerprint = fingerprint(prepared_dir, run.params.seed, read_json(BASE_PIN), recipe, validate, *method_params)
     batch = (recipe.batch_size, recipe.gradient_accumulation_steps)
@@ -545,7 +568,7 @@ def train(
     retries, lost = 0, 0.0
     while True:
         started = time.perf_counter()
-        model = build(load_model(run.base.name, run.base.revision))
+        model = build(load_model(run.base.name, run.base.revision, quantization=quantization))
         args = training_arguments(recipe, run.params.seed, run.checkpoint_dir, run.device, run.section, batch)
         trainer = build_trainer(model, tokenizer, train_split, validation, args)
         subset = attach_validation(trainer, tokenizer, validation, recipe, validate, run.params.seed)
@@ -638,6 +661,7 @@ def finish_run(
             **card_params,
         },
         metrics,
+        family.unwrap(trainer.model).config,
     )
     (run.model_dir / "README.md").write_text(card)
     remove_checkpoints(run.checkpoint_dir)

@@ -59,10 +59,13 @@ def speaker_heavy_dialogues(count: int) -> list[dict]:
     return sorted(heavy, key=lambda r: (len(r["dialogue"]) + 3 * len(r["summary"]), r["id"]))[:count]
 
 
-def run_stage(module: str, *args: str, cwd: Path) -> None:
+def run_stage(module: str, *args: str, cwd: Path, threads: int | None = None) -> None:
+    """Run a stage as DVC would; `threads` caps torch's threads (OMP_NUM_THREADS)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     result = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, f"{module} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
 
@@ -133,3 +136,88 @@ def test_lora_reaches_the_ceiling(memorized):
 def test_the_untrained_model_is_far_below_it(memorized):
     # the premise: the score comes from training, not from the data being easy to score
     assert json.loads((memorized / "metrics" / "evaluate" / "base.json").read_text())["rougeL"] < 30
+
+
+# --------------------------------------------------------------------------- decoder-only
+
+# A Llama-style tiny model (make_tiny_model.py, its own byte-level tokenizer: BOS, no pad token) at
+# width 64 memorizes 8 short DialogSum-style pairs in 200 full-batch steps (tests/test_family.py
+# measured full 98.9, LoRA 100 ROUGE-L in-process; here, through the real stages and the Trainer,
+# both scored 100), at a constant rate (a linear decay to 0 would stop short of memorizing).
+LLAMA_VARIANTS = ("full", "lora")
+LLAMA_OVERFIT = {**OVERFIT, "batch_size": 8, "eval_batch_size": 8, "lr_scheduler": "constant"}
+LLAMA_FULL = {**LLAMA_OVERFIT, "epochs": 200, "learning_rate": 3.0e-3}
+LLAMA_LORA_TRAIN = {**LLAMA_OVERFIT, "epochs": 200, "learning_rate": 5.0e-3}
+LLAMA_LORA = {
+    "r": 32,
+    "alpha": 32,
+    "dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+}
+
+
+def memorization_rows() -> list[dict]:
+    """8 short dialogue -> summary rows in DialogSum's shape (speaker tags, names, times)."""
+    names = [("Tom", "Mary"), ("John", "Linda"), ("David", "Susan"), ("Mike", "Anna")]
+    places = ["the bank", "the airport", "the library", "the hotel"]
+    rows = []
+    for i in range(8):
+        a, b = names[i % 4]
+        place = places[(i // 2) % 4]
+        rows.append(
+            {
+                "id": f"memorized_{i}",
+                "dialogue": f"#Person1#: Hi {b}, are you going to {place}?\n#Person2#: Yes, {a}. See you at {i + 2} o'clock.",
+                "summary": f"#Person2# tells #Person1# they will meet at {place} at {i + 2}.",
+                "topic": "meeting",
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def memorized_llama(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ceiling_llama")
+    model_dir = make_tiny_model(root / "tiny", "--family", "llama", "--width", "64")
+    work = root / "work"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, work / name)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["model"]["name"] = str(model_dir)
+    params["variants"] = list(LLAMA_VARIANTS)
+    params["train_full"].update(LLAMA_FULL)
+    params["train_lora"].update(LLAMA_LORA_TRAIN)
+    params["lora"].update(LLAMA_LORA)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rows = memorization_rows()
+    # the snapshot the data stage would write, overlap kept; one validation row: the Trainer
+    # evaluates every epoch, and 200 validation passes over all 8 would cost more than they show
+    for split, split_rows in (("train", rows), ("validation", rows[:1]), ("test", rows)):
+        (work / "data" / "raw").mkdir(parents=True, exist_ok=True)
+        (work / "data" / "raw" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    for module, *args in (
+        ("stages.base",),
+        ("stages.prepare",),
+        ("stages.train_full",),
+        ("stages.train_lora",),
+        *(("stages.generate", v) for v in LLAMA_VARIANTS),
+        *(("stages.evaluate", v) for v in LLAMA_VARIANTS),
+    ):
+        # one thread: for a 64-wide model, a second thread costs more than it saves on a busy
+        # 2-core machine (tests/test_family.py measured 0.04 s a step on one, 0.19-0.34 s on two)
+        run_stage(module, *args, cwd=work, threads=1)
+    return work
+
+
+@pytest.mark.parametrize("variant", LLAMA_VARIANTS)
+def test_a_memorized_decoder_only_model_reaches_the_ceiling(memorized_llama, variant):
+    committed = recorded_generation(generation_config(load_params(REPO / "params.yaml").generate))
+    used = json.loads((memorized_llama / "metrics" / "generate" / f"{variant}.json").read_text())
+    assert {k: used[k] for k in committed} == committed  # the default generation params
+    assert json.loads((memorized_llama / "metrics" / "base_model.json").read_text())["base_model_family"] == "causal"
+    metrics = json.loads((memorized_llama / "metrics" / "evaluate" / f"{variant}.json").read_text())
+    assert metrics["rougeL"] >= 90, metrics
+    predictions = (memorized_llama / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines()
+    assert not any("Summary:" in json.loads(row)["prediction"] for row in predictions)  # no prompt echoed

@@ -147,6 +147,9 @@ class OutOfMemoryAbove:
     def __init__(self, model, limit: int):
         self.model, self.limit, self.device, self.batch_sizes = model, limit, model.device, []
 
+    def __getattr__(self, name):  # config, generation_config: the wrapped model's
+        return getattr(self.model, name)
+
     def generate(self, **inputs):
         self.batch_sizes.append(len(inputs["input_ids"]))
         if len(inputs["input_ids"]) > self.limit:

@@ -18,7 +18,7 @@ def test_committed_params_load_with_defaults():
     assert params.model.name == "google/flan-t5-base"
     assert params.data.source == "knkarthick/dialogsum"
     assert (params.lora.r, params.lora.alpha, params.lora.dropout) == (32, 32, 0.05)
-    assert params.lora.target_modules == ["q", "v"]
+    assert params.lora.target_modules == "auto"
     assert params.train_full.learning_rate == pytest.approx(1.0e-4)
     assert params.prepare.prompt_template == "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 
@@ -45,7 +45,7 @@ def test_out_of_range_values_are_all_reported_at_once(raw):
 def test_unknown_key_names_the_valid_ones(raw):
     raw["lora"]["rank"] = 16
     assert (
-        "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, r, target_modules, use_dora, use_rslora"
+        "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, quantization, r, target_modules, use_dora, use_rslora"
         in problems(raw)
     )
 
@@ -66,7 +66,7 @@ def test_wrong_types(raw):
     message = problems(raw)
     assert "lora.r: expected an integer, got '16'" in message
     assert "train_full.group_by_length: expected true or false, got 'yes'" in message
-    assert "lora.target_modules: expected a list of strings or one of 'all-linear', got 'q'" in message
+    assert "lora.target_modules: expected a list of strings or one of 'all-linear', 'auto', got 'q'" in message
     assert "data.limit: expected an integer or null, got 1.5" in message
 
 

@@ -22,7 +22,7 @@ from datasets import Dataset
 from stages import train_ia3, train_lora, train_prompt, training
 from stages.errors import StageError
 from stages.generate import generate_summaries, load_adapter
-from stages.modeling import linear_layer_names, load_model, load_tokenizer
+from stages.modeling import load_model, load_tokenizer, meta_model
 from stages.params import ModelParams, load_params, parse_params
 from stages.training import build_trainer, count_parameters, save_adapter, training_arguments
 from tests.conftest import REPO, dialogsum_rows, problems, tiny_train_params, write_jsonl
@@ -64,7 +64,7 @@ def peft_config(method: str, model_dir: Path):
     if module is train_prompt:
         return train_prompt.prompt_config(params)
     make = train_lora.lora_config if module is train_lora else train_ia3.ia3_config
-    return make(params, linear_layer_names(ModelParams(name=str(model_dir), revision="main")))
+    return make(params, meta_model(ModelParams(name=str(model_dir), revision="main")))
 
 
 def build(method: str, model_dir: Path, tokenizer):
@@ -190,7 +190,7 @@ def test_pissa_and_olora_adapters_are_saved_converted(tiny_model_dir, tmp_path, 
     params = dataclasses.replace(LORA, init=init, use_rslora=use_rslora, use_dora=use_dora)
     torch.manual_seed(0)
     base = ModelParams(name=str(tiny_model_dir), revision="main")
-    config = train_lora.lora_config(params, linear_layer_names(base))
+    config = train_lora.lora_config(params, meta_model(base))
     model = train_lora.build_model(load_model(str(tiny_model_dir)), config)
     attention = model.base_model.model.encoder.block[0].layer[0].SelfAttention
     assert not torch.equal(
@@ -212,10 +212,16 @@ def test_pissa_and_olora_adapters_are_saved_converted(tiny_model_dir, tmp_path, 
 # params, checked before any weights load
 
 
-def test_committed_defaults():
-    assert (COMMITTED.lora.r, COMMITTED.lora.alpha, COMMITTED.lora.target_modules) == (32, 32, ["q", "v"])
+def test_committed_defaults(tiny_model_dir):
+    assert (COMMITTED.lora.r, COMMITTED.lora.alpha, COMMITTED.lora.target_modules) == (32, 32, "auto")
     assert (COMMITTED.lora.init, COMMITTED.lora.use_dora, COMMITTED.lora.use_rslora) == ("default", False, False)
-    assert (COMMITTED.ia3.target_modules, COMMITTED.ia3.feedforward_modules) == (["k", "v", "wo"], ["wo"])
+    assert COMMITTED.lora.quantization == "none"
+    assert (COMMITTED.ia3.target_modules, COMMITTED.ia3.feedforward_modules) == ("auto", "auto")
+    # auto on a T5: peft's T5 defaults, the LoRA paper's [q, v] and the (IA)3 paper's keys, values, feed-forward
+    t5 = meta_model(ModelParams(name=str(tiny_model_dir), revision="main"))
+    assert sorted(train_lora.lora_config(COMMITTED.lora, t5).target_modules) == ["q", "v"]
+    ia3 = train_ia3.ia3_config(COMMITTED.ia3, t5)
+    assert (sorted(ia3.target_modules), sorted(ia3.feedforward_modules)) == (["k", "v", "wo"], ["wo"])
     assert (COMMITTED.prompt.num_virtual_tokens, COMMITTED.prompt.init) == (20, "text")
     assert COMMITTED.train_ia3.learning_rate == pytest.approx(8.0e-3)
     assert COMMITTED.train_prompt.learning_rate == pytest.approx(0.3)
@@ -233,9 +239,9 @@ def test_bad_lora_variants_are_all_reported(raw):
     assert "lora.init: expected one of 'default', 'gaussian', 'pissa', 'olora', got 'pisa'" in message
     assert "lora.use_dora: expected true or false, got 'yes'" in message
     raw["lora"].update(init="pissa", use_dora=False, target_modules="q")
-    assert "lora.target_modules: expected a list of strings or one of 'all-linear', got 'q'" in problems(raw)
+    assert "lora.target_modules: expected a list of strings or one of 'all-linear', 'auto', got 'q'" in problems(raw)
     raw["lora"].update(target_modules=[])
-    assert "lora.target_modules: must name at least one module, e.g. [q, v], or be all-linear" in problems(raw)
+    assert "lora.target_modules: must name at least one module, e.g. [q, v], or be auto or all-linear" in problems(raw)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -263,8 +269,7 @@ def test_bad_ia3_and_prompt_params_are_all_reported(raw):
 
 
 def test_targets_the_model_lacks_name_the_linear_layers(tiny_model_dir):
-    layers = linear_layer_names(ModelParams(name=str(tiny_model_dir), revision="main"))  # meta device: no weights
-    assert layers == ["k", "lm_head", "o", "q", "v", "wi_0", "wi_1", "wo"]  # FLAN-T5's names
+    layers = meta_model(ModelParams(name=str(tiny_model_dir), revision="main"))  # meta device: no weights
     with pytest.raises(StageError) as info:
         train_ia3.ia3_config(dataclasses.replace(COMMITTED.ia3, target_modules=["k", "v", "wi"]), layers)
     assert str(info.value) == (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -11,13 +12,13 @@ from transformers import AutoTokenizer
 from stages.errors import StageError
 from stages.params import PrepareParams
 from stages.prepare import (
+    chat_wrapped,
     fit_prompt,
     fit_prompts,
     format_prompt,
     group_references,
     prepare_test_split,
     prepare_training_split,
-    tokenize,
 )
 from tests.conftest import DIALOGSUM, FLAN_SMALL, dialogsum_rows, require_shared
 
@@ -36,11 +37,13 @@ def test_prompt_formatting_is_literal():
 
 
 def test_truncation_keeps_eos_and_is_counted(tokenizer):
-    texts = ["hello", "hello " * 50]
-    ids, truncated = tokenize(texts, tokenizer, max_length=10)
-    assert truncated == 1
-    assert len(ids[1]) == 10 and ids[1][-1] == tokenizer.eos_token_id
-    assert ids[0] == tokenizer("hello")["input_ids"]  # short inputs are untouched
+    rows = [{"dialogue": "#Person1#: Hi.", "summary": text} for text in ("hello", "hello " * 50)]
+    params = PrepareParams(prompt_template=TEMPLATE, max_source_length=512, max_target_length=10)
+    dataset, stats = prepare_training_split(rows, tokenizer, params)
+    assert stats["target_truncated"] == 1
+    labels = dataset["labels"]
+    assert len(labels[1]) == 10 and labels[1][-1] == tokenizer.eos_token_id
+    assert labels[0] == tokenizer("hello")["input_ids"]  # short summaries are untouched
 
 
 def test_training_split_has_labels_and_stats(tokenizer):
@@ -117,3 +120,54 @@ def test_real_test_split_groups_and_keeps_every_cue():
     reordered = list(reversed(rows))
     regrouped = {g["dialogue"]: sorted(g["references"]) for g in group_references(reordered)}
     assert regrouped == {g["dialogue"]: sorted(g["references"]) for g in group_references(rows)}
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(tmp_path_factory):
+    """make_tiny_model.py's Llama-style tokenizer: adds BOS, has no pad token."""
+    from tests.conftest import make_tiny_model
+
+    return AutoTokenizer.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("llama") / "m", "--family", "llama"))
+
+
+def test_causal_rows_cut_the_dialogue_and_keep_the_summary_eos(llama_tokenizer):
+    tokenizer = llama_tokenizer
+    rows = dialogsum_rows("train", 3)
+    rows[2]["summary"] = "booked " * 40  # longer than max_target_length: cut, its EOS kept
+    prompt = tokenizer(format_prompt(TEMPLATE, rows[0]["dialogue"]), add_special_tokens=False)["input_ids"]
+    max_source = len(prompt) - 5  # every dialogue must lose its end
+    longest = max(len(tokenizer(r["summary"], add_special_tokens=False)["input_ids"]) for r in rows[:2])
+    max_target = longest + 1  # the short summaries and their EOS fit exactly
+    params = PrepareParams(prompt_template=TEMPLATE, max_source_length=max_source, max_target_length=max_target)
+    dataset, stats = prepare_training_split(rows, tokenizer, params, "causal")
+    assert stats == {"dialogue_cut": 3, "target_truncated": 1}
+    for row in dataset:
+        ids, labels = row["input_ids"], row["labels"]
+        prompt_length = labels.index(next(x for x in labels if x != -100))
+        assert ids[0] == tokenizer.bos_token_id and prompt_length <= max_source  # BOS the tokenizer's way
+        assert tokenizer.decode(ids[:prompt_length], skip_special_tokens=True).rstrip().endswith("Summary:")
+        assert labels[:prompt_length] == [-100] * prompt_length  # no loss on the prompt
+        assert labels[prompt_length:] == ids[prompt_length:] and ids[-1] == tokenizer.eos_token_id
+        assert len(ids) - prompt_length <= max_target
+    test, _, _ = prepare_test_split(dialogsum_rows("test", 2), tokenizer, params, "causal")
+    for ids in test["input_ids"]:  # generation prompts: BOS, no EOS (the text has not ended)
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids
+
+
+def test_chat_template_auto_wraps_the_prompt_once_with_one_bos(llama_tokenizer):
+    tokenizer = copy.deepcopy(llama_tokenizer)
+    params = PrepareParams(prompt_template=TEMPLATE, max_source_length=512, max_target_length=64, chat_template="auto")
+    assert chat_wrapped(params, tokenizer) == (params, "prompt_template")  # no chat template: as written
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>user<|end_header_id|>{{ m['content'] }}"
+        "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}"
+    )
+    wrapped, used = chat_wrapped(params, tokenizer)
+    assert used == "chat_template" and "{dialogue}" in wrapped.prompt_template
+    test, _, _ = prepare_test_split(dialogsum_rows("test", 1), tokenizer, wrapped, "causal")
+    ids = test["input_ids"][0]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1  # BOS the tokenizer's way
+    text = tokenizer.decode(ids)
+    assert "user<|end_header_id|>Summarize the following" in text and text.endswith("assistant<|end_header_id|>")
+    none = PrepareParams(prompt_template=TEMPLATE, max_source_length=512, max_target_length=64, chat_template="none")
+    assert chat_wrapped(none, tokenizer) == (none, "prompt_template")

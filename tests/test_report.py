@@ -131,8 +131,17 @@ def test_report_says_p_values_are_holm_adjusted() -> None:
     }
     base_model = {"base_model_name": "tiny", "base_model_revision": "main", "base_model_resolved_revision": "abc"}
     report = render(
-        VARIANTS, evaluation, generation, cost, tests, frontier_rows(VARIANTS, evaluation, cost), base_model, ""
+        VARIANTS,
+        evaluation,
+        generation,
+        cost,
+        tests,
+        frontier_rows(VARIANTS, evaluation, cost),
+        base_model,
+        "",
+        "knkarthick/dialogsum",
     )
+    assert report.startswith("# tiny on knkarthick/dialogsum: ")  # the real model and data, never a fixed name
     row = next(line for line in report.splitlines() if line.startswith("| full fine-tuning ") and "RSS" in line)
     assert [cell.strip() for cell in row.strip("|").split("|")] == [
         "full fine-tuning",

@@ -304,3 +304,34 @@ def test_launch_main_uses_the_device_count(monkeypatch, tmp_path):
     launch.main("train_full")
     assert seen["argv"][-2:] == ["-m", "stages.train_full"]
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_token_mean_loss_of_a_causal_model_is_the_models_own_loss():
+    """Causal models predict the next token: the loss shifts labels, as the model's own loss does,
+    and split micro-batches with the Trainer's count (labels[..., 1:]) still give the whole mean."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 50, (4, 9))
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # the prompt carries no loss
+    labels[1, 7:], attention_mask[1, 7:] = -100, 0  # right padding
+    labels[2, 5:], attention_mask[2, 5:] = -100, 0
+    with torch.no_grad():
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    whole = training.token_mean_loss(outputs, labels, shift_labels=True)
+    torch.testing.assert_close(whole, outputs.loss)
+    assert not torch.isclose(training.token_mean_loss(outputs, labels), outputs.loss)  # unshifted is wrong
+    tokens = labels[..., 1:].ne(-100).sum()
+    halves = sum(
+        training.token_mean_loss(
+            {"logits": outputs.logits[i : i + 2]}, labels[i : i + 2], num_items_in_batch=tokens, shift_labels=True
+        )
+        for i in (0, 2)
+    )
+    torch.testing.assert_close(halves, whole)

@@ -1,0 +1,106 @@
+"""End to end for every tested family but T5 (tests/test_pipeline.py has T5): BART, a Llama-style and
+a GPT-2-style decoder-only model each run the whole pipeline (every variant in params.yaml) with a
+real `dvc repro` in a temp git repo, with nothing but model.name changed from the smoke params.
+
+One module fixture per family, kept small: 12 rows per split (4 test dialogues x 3 references),
+1 epoch, 2 beams, 8 new tokens. The tiny models come from scripts/make_tiny_model.py with the
+tokenizers it trains (the Llama and GPT-2 ones have no pad token, Llama's adds BOS).
+Needs ../shared (real DialogSum): runs in CI, skips elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, make_tiny_model, require_shared
+from tests.test_pipeline import git_commit, run, smoke_params, stages_run
+
+VARIANTS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["variants"])  # the committed list
+TRAINED = tuple(v for v in VARIANTS if v not in ("base", "lead"))
+# family -> (make_tiny_model.py args, family recorded in metrics/base_model.json, LoRA's auto targets)
+FAMILIES = {
+    "bart": (["--family", "bart"], "seq2seq", "q_proj,v_proj"),
+    "llama": (["--family", "llama"], "causal", "q_proj,v_proj"),
+    "gpt2": (["--family", "gpt2"], "causal", "c_attn"),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def reproduced(request, tmp_path_factory) -> tuple[str, Path]:
+    """(family, repo) after a full `dvc repro` with model.name set to that family's tiny model."""
+    require_shared()
+    name = request.param
+    root = tmp_path_factory.mktemp(f"pipeline_{name}")
+    model_dir = make_tiny_model(root / "tiny", *FAMILIES[name][0])
+    repo = root / "repo"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for path in tracked.splitlines():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / path, repo / path)
+    params = smoke_params(yaml.safe_load((repo / "params.yaml").read_text()), model_dir)
+    params["data"]["limit"] = 12
+    params["generate"].update(max_new_tokens=8)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    git_commit(repo, "baseline")
+    output = run(["dvc", "repro"], repo)
+    assert stages_run(output) == {
+        "data",
+        "prepare",
+        "base",
+        "lead",
+        *(f"train_{m}" for m in TRAINED),
+        "report",
+        *(f"generate@{v}" for v in VARIANTS),
+        *(f"evaluate@{v}" for v in VARIANTS),
+    }
+    return name, repo
+
+
+def test_every_variant_generates_and_scores(reproduced):
+    _, repo = reproduced
+    for variant in VARIANTS:
+        rows = [
+            json.loads(line) for line in (repo / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == 4  # one per unique test dialogue
+        scores = json.loads((repo / "metrics" / "evaluate" / f"{variant}.json").read_text())
+        assert scores["dialogues"] == 4 and 0 <= scores["rougeL"] <= 100
+    for variant in TRAINED:
+        train = json.loads((repo / "metrics" / "train" / f"{variant}.json").read_text())
+        assert 0 < train["trainable_params"] <= train["total_params"]
+
+
+def test_the_family_and_its_defaults_are_recorded(reproduced):
+    name, repo = reproduced
+    _, model_family, lora_targets = FAMILIES[name]
+    base = json.loads((repo / "metrics" / "base_model.json").read_text())
+    assert (base["base_model_family"], base["lora_auto_target_modules"]) == (model_family, lora_targets)
+    lora = json.loads((repo / "models" / "lora" / "adapter_config.json").read_text())
+    assert sorted(lora["target_modules"]) == lora_targets.split(",")
+    assert lora["fan_in_fan_out"] is (name == "gpt2")  # GPT-2's Conv1D stores weights transposed
+    assert lora["task_type"] == ("SEQ_2_SEQ_LM" if model_family == "seq2seq" else "CAUSAL_LM")
+    card = (repo / "models" / "lora" / "README.md").read_text()
+    assert f"base_model: {repo.parent / 'tiny'}" in card and f"- {model_family}" in card and f"- {name}" in card
+    assert "flan-t5" not in card.lower() and f"target_modules:\n  - {lora_targets.split(',')[0]}" in card
+
+
+def test_the_report_names_the_model_that_ran(reproduced):
+    _, repo = reproduced
+    report = (repo / "metrics" / "report.md").read_text()
+    assert report.startswith(f"# {repo.parent / 'tiny'} on ") and "FLAN-T5" not in report.splitlines()[0]
+
+
+def test_a_causal_prediction_never_contains_its_prompt(reproduced):
+    name, repo = reproduced
+    if FAMILIES[name][1] != "causal":
+        pytest.skip("a seq2seq model's output never includes its input")
+    for variant in TRAINED + ("base",):
+        for row in (repo / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines():
+            assert "Summarize the following conversation" not in json.loads(row)["prediction"]
