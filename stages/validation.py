@@ -29,6 +29,7 @@ import time
 from datasets import Dataset
 from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, Seq2SeqTrainer, TrainerCallback
 
+from stages import family
 from stages.generate import generate_summaries
 from stages.params import GenerateParams, TrainParams, ValidateParams
 from stages.rouge import mean_scores, score_corpus
@@ -72,6 +73,18 @@ def validation_decoding(params: ValidateParams) -> GenerateParams:
     )
 
 
+def prompt_ids(rows: Dataset, model_family: str) -> list[list[int]]:
+    """The prompts of prepared training-layout rows: a seq2seq row's input is the prompt; a causal
+    row is prompt, summary and EOS, with the prompt's labels masked (-100), so its prompt is the
+    masked prefix (generating from the whole row would continue after the reference)."""
+    if model_family != family.CAUSAL:
+        return list(rows["input_ids"])
+    return [
+        ids[: next(i for i, label in enumerate(labels) if label != -100)]
+        for ids, labels in zip(rows["input_ids"], rows["labels"])
+    ]
+
+
 class ValidationByGeneration(TrainerCallback):
     """After the Trainer's validation loss: generate the subset's summaries, score ROUGE-L (x100,
     as the report) and add it to the evaluation metrics, where best-checkpoint selection and early
@@ -101,7 +114,8 @@ class ValidationByGeneration(TrainerCallback):
         model.eval()
         try:
             with self.trainer.accelerator.autocast():  # bf16 training generates in bf16, as it evaluates
-                summaries = generate_summaries(model, self.tokenizer, self.subset["input_ids"], self.decoding).summaries
+                prompts = prompt_ids(self.subset, family.family(inner.config))
+                summaries = generate_summaries(model, self.tokenizer, prompts, self.decoding).summaries
         finally:
             # generate_summaries installs its config on the model: the saved model keeps its own
             inner.generation_config = saved_config

@@ -163,3 +163,20 @@ def test_params_refuse_early_stopping_without_a_metric_and_an_empty_subset(raw):
     assert "validate.dialogues: must be >= 1, got 0" in message
     raw["train_lora"]["select_by"] = "bleu"
     assert "train_lora.select_by: expected one of 'rougeL', 'loss', 'last', got 'bleu'" in problems(raw)
+
+
+def test_validation_generates_from_the_prompt_of_a_causal_row():
+    """A decoder-only training row is prompt, summary, EOS with the prompt's labels masked: the
+    validation prompt is that masked prefix, never the reference it would otherwise continue."""
+    from datasets import Dataset
+
+    from stages.validation import prompt_ids
+
+    rows = Dataset.from_dict(
+        {
+            "input_ids": [[5, 6, 7, 20, 21, 2], [8, 9, 30, 2]],
+            "labels": [[-100, -100, -100, 20, 21, 2], [-100, -100, 30, 2]],
+        }
+    )
+    assert prompt_ids(rows, "causal") == [[5, 6, 7], [8, 9]]
+    assert prompt_ids(rows, "seq2seq") == [[5, 6, 7, 20, 21, 2], [8, 9, 30, 2]]  # seq2seq: the input is the prompt
