@@ -46,8 +46,8 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from stages.generate import generate_summaries  # noqa: E402
 from stages.modeling import use_bf16  # noqa: E402
-from stages.params import TrainParams, load_params  # noqa: E402
-from stages.prepare import format_prompt, tokenize  # noqa: E402
+from stages.params import PrepareParams, TrainParams, load_params  # noqa: E402
+from stages.prepare import fit_prompts, format_prompt, prepare_training_split  # noqa: E402
 from stages.training import build_trainer, training_arguments  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def seed_generation(model, tokenizer, dialogues: list[dict], new_tokens: int) ->
 
 def pipeline_generation(model, tokenizer, dialogues: list[dict], new_tokens: int, batch_size: int) -> float:
     """The generate stage's path: pre-tokenized, sorted batches, inference_mode, bf16 on GPU."""
-    input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in dialogues], tokenizer, MAX_SOURCE)
+    input_ids, _ = fit_prompts(PROMPT, [r["dialogue"] for r in dialogues], tokenizer, MAX_SOURCE)
     # greedy like the seed, and min = max new tokens so random-weight models compare fairly
     params = dataclasses.replace(
         load_params(REPO / "params.yaml").generate,
@@ -169,11 +169,10 @@ def seed_dataset(tokenizer, rows: list[dict]) -> Dataset:
 
 def pipeline_dataset(tokenizer, rows: list[dict]) -> Dataset:
     """The prepare stage's tokenization: truncated, unpadded (the collator pads per batch)."""
-    input_ids, _ = tokenize([format_prompt(PROMPT, r["dialogue"]) for r in rows], tokenizer, MAX_SOURCE)
-    labels, _ = tokenize([r["summary"] for r in rows], tokenizer, MAX_TARGET)
-    return Dataset.from_dict(
-        {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
+    params = PrepareParams(
+        prompt_template=PROMPT, max_source_length=MAX_SOURCE, max_target_length=MAX_TARGET, chat_template="none"
     )
+    return prepare_training_split(rows, tokenizer, params)[0]
 
 
 def real_tokens(dataset: Dataset, pad_id: int) -> list[int]:
