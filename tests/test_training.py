@@ -167,7 +167,7 @@ def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
     output = result.stderr + result.stdout
     assert "error: 2 problem(s) in params.yaml:" in output
     assert (
-        "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, r, target_modules, use_dora, use_rslora"
+        "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, quantization, r, target_modules, use_dora, use_rslora"
         in output
     )
     assert "lora.r: must be >= 1, got 0" in output
