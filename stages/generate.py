@@ -20,26 +20,18 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-import torch
 from datasets import Dataset
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig  # a settings object: importing it loads no torch
 
-from stages import family
 from stages.errors import StageError, run_stage
 from stages.jsonio import read_json, write_json, write_jsonl
-from stages.modeling import (
-    deterministic_kernels,
-    load_base,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    read_pin,
-    use_bf16,
-)
-from stages.params import GenerateParams, ModelParams, load_params
-from stages.progress import Progress
+from stages.params import GenerateParams, ModelParams, Params, load_params
+
+if TYPE_CHECKING:  # the model path imports torch where it runs: generate@lead (a rule) never loads it
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TEST_DIR = Path("data/prepared/test")  # only the test split: a training-only prepare change reruns no generation
 MODELS_DIR = Path("models")
@@ -64,6 +56,8 @@ def load_variant(
     """The model a variant folder describes: a full model (config.json), a PEFT adapter on the
     base model it was trained on (adapter_config.json, pin.json) or the pinned base model itself
     (pin.json)."""
+    from stages.modeling import load_base, load_model, load_tokenizer, read_pin
+
     if (model_dir / "adapter_config.json").is_file():
         pin = read_pin(model_dir / PIN_FILE, model_params)
         tokenizer, model = load_base(pin, dtype, base_quantization(model_dir))
@@ -140,6 +134,8 @@ def generate_batch(
     length counts only tokens generated for this dialogue (not padding, nor the repeated EOS
     beam search with early stopping leaves).
     """
+    from stages import family
+
     continuations = family.generate_continuations(model, tokenizer, batch_ids, config)
     stops = family.eos_ids(config)
     texts = tokenizer.batch_decode(continuations, skip_special_tokens=True)
@@ -170,6 +166,10 @@ def generate_summaries(
     out-of-memory error happen on the first batch, not after an hour.
     `progress(done, total)`, if given, is called after each batch.
     """
+    import torch
+
+    from stages import family
+
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
     # the params' settings plus the model's special tokens (BART's forced <s> among them), made
     # the model's own, so a checkpoint's generation_config.json cannot change what is scored
@@ -207,6 +207,11 @@ def load_for_generation(
     """The variant's model on the device in the precision `precision` resolves to, and how long
     that took with what it resolved to (load time is kept apart from generation time: a Hub
     download, CUDA start-up and the cast are not generation work)."""
+    import torch
+
+    from stages import family
+    from stages.modeling import pick_device, use_bf16
+
     started = time.perf_counter()
     device = pick_device()
     bf16 = use_bf16(precision, device)
@@ -224,6 +229,8 @@ def load_for_generation(
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
@@ -231,6 +238,10 @@ def timed_generation(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: Dataset, params: GenerateParams, name: str
 ) -> tuple[Generated, float]:
     """Generated summaries and the wall clock of generation alone (the GPU's queue drained)."""
+    import torch
+
+    from stages.progress import Progress  # it imports the Trainer's callbacks (torch)
+
     with Progress(len(test), f"generate@{name}", unit="dialogues") as progress:
         started = time.perf_counter()
         generated = generate_summaries(model, tokenizer, test["input_ids"], params, progress.as_callback())
@@ -282,21 +293,33 @@ def write_predictions(path: Path, test: Dataset, generated: Generated) -> None:
     write_jsonl(rows, path)
 
 
+def model_generation(
+    model_dir: Path, test: Dataset, params: Params, variant: str
+) -> tuple[Generated, float, dict[str, float | str], str]:
+    """A model variant's summaries, generation time, load record and the precision it ran in."""
+    import torch
+
+    from stages.modeling import deterministic_kernels
+
+    if params.deterministic:
+        deterministic_kernels()
+    tokenizer, model, load = load_for_generation(model_dir, params.model, params.generate.precision)
+    precision = "bf16" if model.dtype == torch.bfloat16 else "fp32"
+    generated, runtime = timed_generation(model, tokenizer, test, params.generate, variant)
+    return generated, runtime, load, precision
+
+
 def main(variant: str) -> None:
     params = load_params()
     if variant not in params.variants:
         raise StageError(f"unknown variant {variant!r}; params.yaml variants are {', '.join(params.variants)}")
-    if params.deterministic:
-        deterministic_kernels()
     test = Dataset.load_from_disk(str(TEST_DIR))
     model_dir = MODELS_DIR / variant
-    if (model_dir / LEAD_FILE).is_file():  # a rule, not a model: nothing to load, no precision
+    if (model_dir / LEAD_FILE).is_file():  # a rule, not a model: nothing to load, no precision, no torch
         started, load, precision = time.perf_counter(), {"load_runtime_s": 0.0, "device": "none"}, "none"
         generated, runtime = lead_summaries(model_dir / LEAD_FILE, test), time.perf_counter() - started
     else:
-        tokenizer, model, load = load_for_generation(model_dir, params.model, params.generate.precision)
-        precision = "bf16" if model.dtype == torch.bfloat16 else "fp32"
-        generated, runtime = timed_generation(model, tokenizer, test, params.generate, variant)
+        generated, runtime, load, precision = model_generation(model_dir, test, params, variant)
     write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, generated)
     metrics = generation_metrics(params.generate, generated, precision, base_quantization(model_dir))
     write_json(metrics, METRICS_DIR / f"{variant}.json")
