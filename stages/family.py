@@ -14,7 +14,9 @@ Identity and loading
     auto_model_class(family) -> AutoModelForSeq2SeqLM | AutoModelForCausalLM
     task_type(family) -> peft.TaskType (SEQ_2_SEQ_LM | CAUSAL_LM)
     load_config(name, revision) -> PretrainedConfig
-    load_model(name, revision="main", dtype=float32, quantization="none", device=None) -> model
+    load_model(name, revision="main", dtype=float32, quantization="none", device=None,
+        attn_implementation="auto") -> model
+    resolved_attn_implementation(model) -> str: what the loaded model's attention runs (auto resolved)
         safetensors only, never trust_remote_code; quantization "4bit" (NF4, double quantization,
         bf16 compute: the QLoRA recipe) or "8bit" loads through bitsandbytes onto `device`, the
         unquantized parameters in fp32 (as peft's k-bit training preparation leaves them)
@@ -31,7 +33,7 @@ Inputs and labels
     encode_prompt(family, tokenizer, prompt_text_ids) -> ids a model reads (training and generation)
     training_example(family, prompt_text_ids, summary_text_ids, tokenizer, max_target_length=None)
         -> {"input_ids", "attention_mask", "labels"}
-    data_collator(family, tokenizer, model) -> a Trainer data collator for such rows
+    data_collator(family, tokenizer, model, pad_to_multiple_of=8) -> a Trainer data collator for such rows
     CausalCollator(pad_token_id, pad_to_multiple_of=8): right-pads causal rows, labels with -100
 
 Generation
@@ -141,8 +143,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     quantization: str = "none",
     device: torch.device | None = None,
+    attn_implementation: str = "auto",
 ) -> PreTrainedModel:
     """The model of its family from safetensors (never trust_remote_code), optionally quantized.
+
+    `attn_implementation` (model.attn_implementation): auto leaves it to transformers, which picks
+    the architecture's best supported one (sdpa for T5, Llama, BART, GPT-2 in transformers 5.24);
+    eager, sdpa or flex_attention force one, and a model that lacks it is refused with its name.
 
     The output head stays untied exactly when the checkpoint stores it apart (FLAN-T5) and tied
     when the checkpoint ties it (T5 v1.0, BART, GPT-2): from_pretrained follows the checkpoint,
@@ -163,10 +170,24 @@ def load_model(
     if bnb is not None:
         target = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         kwargs.update(quantization_config=bnb, device_map={"": str(target)}, dtype=torch.float32)
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
     try:
         return auto_model_class(family(config)).from_pretrained(name, **kwargs)
-    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a truncated weights file
+    except ValueError as error:
+        if attn_implementation != "auto" and attn_implementation in str(error):
+            raise StageError(
+                f"model.attn_implementation: {config.model_type} models cannot load with {attn_implementation!r} "
+                f"({str(error).splitlines()[0]}); use auto (transformers' best supported one) or eager"
+            ) from None
         raise _load_hint(name, revision, error) from None
+    except (OSError, SafetensorError) as error:  # SafetensorError: a truncated weights file
+        raise _load_hint(name, revision, error) from None
+
+
+def resolved_attn_implementation(model: PreTrainedModel) -> str:
+    """The attention implementation a loaded model (or peft wrapper) runs: what auto resolved to."""
+    return unwrap(model).config._attn_implementation
 
 
 def is_quantized(model: PreTrainedModel) -> bool:
@@ -322,18 +343,25 @@ class CausalCollator:
         }
 
 
-def data_collator(model_family: Family, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel):
+def data_collator(
+    model_family: Family,
+    tokenizer: PreTrainedTokenizerBase,
+    model: PreTrainedModel,
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
+):
     """The Trainer's collator: seq2seq as the pipeline always did (DataCollatorForSeq2Seq builds
-    the decoder inputs from the labels), causal with CausalCollator."""
+    the decoder inputs from the labels), causal with CausalCollator. Inputs and labels are padded
+    up to a multiple of `pad_to_multiple_of` (train_*.pad_to_multiple_of: 64 gives torch.compile
+    few shapes), labels with -100 there, so padding never changes the loss."""
     if model_family == SEQ2SEQ:
         from transformers import DataCollatorForSeq2Seq
 
         return DataCollatorForSeq2Seq(
-            tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=PAD_TO_MULTIPLE_OF
+            tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of
         )
     if tokenizer.pad_token_id is None:
         raise StageError("the tokenizer has no pad token; call ensure_pad_token(tokenizer) first")
-    return CausalCollator(tokenizer.pad_token_id)
+    return CausalCollator(tokenizer.pad_token_id, pad_to_multiple_of)
 
 
 # --------------------------------------------------------------------------- generation

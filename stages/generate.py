@@ -63,7 +63,8 @@ def load_variant(
         tokenizer, model = load_base(pin, dtype, base_quantization(model_dir))
         return tokenizer, load_adapter(model, model_dir)
     if (model_dir / "config.json").is_file():
-        return load_tokenizer(str(model_dir)), load_model(str(model_dir), dtype=dtype)
+        model = load_model(str(model_dir), dtype=dtype, attn_implementation=model_params.attn_implementation)
+        return load_tokenizer(str(model_dir)), model
     return load_base(read_pin(model_dir / PIN_FILE, model_params), dtype)
 
 
@@ -224,7 +225,13 @@ def load_for_generation(
     return (
         tokenizer,
         model,
-        {"load_runtime_s": round(time.perf_counter() - started, 2), "device": device_name(device)},
+        {
+            "load_runtime_s": round(time.perf_counter() - started, 2),
+            "device": device_name(device),
+            "attn_implementation": family.resolved_attn_implementation(
+                model
+            ),  # what model.attn_implementation resolved to
+        },
     )
 
 

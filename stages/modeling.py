@@ -11,6 +11,7 @@ Weights load from safetensors only and `trust_remote_code` is never enabled.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,19 +51,27 @@ def load_tokenizer(name: str, revision: str = "main") -> PreTrainedTokenizerBase
 
 
 def load_model(
-    name: str, revision: str = "main", dtype: torch.dtype = torch.float32, quantization: str = "none"
+    name: str,
+    revision: str = "main",
+    dtype: torch.dtype = torch.float32,
+    quantization: str = "none",
+    attn_implementation: str = "auto",
 ) -> PreTrainedModel:
     """The model of its family (stages/family.py) from safetensors, head untied exactly when the
-    checkpoint stores it apart; `quantization` 4bit/8bit loads the frozen base through bitsandbytes."""
+    checkpoint stores it apart; `quantization` 4bit/8bit loads the frozen base through bitsandbytes;
+    `attn_implementation` (model.attn_implementation) auto leaves the choice to transformers."""
     from stages import family  # imported here: family.py imports this module's load hints
 
-    return family.load_model(name, revision, dtype=dtype, quantization=quantization)
+    return family.load_model(
+        name, revision, dtype=dtype, quantization=quantization, attn_implementation=attn_implementation
+    )
 
 
 def load_base(
     params: ModelParams, dtype: torch.dtype = torch.float32, quantization: str = "none"
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    return load_tokenizer(params.name, params.revision), load_model(params.name, params.revision, dtype, quantization)
+    model = load_model(params.name, params.revision, dtype, quantization, params.attn_implementation)
+    return load_tokenizer(params.name, params.revision), model
 
 
 def meta_model(params: ModelParams) -> PreTrainedModel:
@@ -149,7 +158,8 @@ def read_pin(pin_file: Path, params: ModelParams) -> ModelParams:
             f"{pin_file} pins {pin['name']!r} at {pin['revision']!r} but params.yaml has "
             f"{params.name!r} at {params.revision!r}; run dvc repro base"
         )
-    return pinned_base(pin)
+    # how to load it (the attention implementation) is params', not the pin's
+    return dataclasses.replace(pinned_base(pin), attn_implementation=params.attn_implementation)
 
 
 def pinned_base(pin: dict) -> ModelParams:

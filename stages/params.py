@@ -31,10 +31,17 @@ def _check(condition: bool, message: str) -> list[str]:
     return [] if condition else [message]
 
 
+# attention implementations transformers 5.24 can load a model with (auto: the model's own best
+# supported one, transformers' choice: sdpa where the architecture supports it, T5 included)
+ATTN_IMPLEMENTATIONS = Literal["auto", "eager", "sdpa", "flex_attention"]
+
+
 @dataclass(frozen=True)
 class ModelParams:
     name: str
     revision: str
+    # the default serves code that names a model by its pin alone (params.yaml always sets it)
+    attn_implementation: ATTN_IMPLEMENTATIONS = "auto"
 
     def problems(self, section: str) -> list[str]:
         return _check(
@@ -115,6 +122,11 @@ class TrainParams:
     processes: int
     select_by: Literal["rougeL", "loss", "last"]  # which evaluated checkpoint is saved (stages/validation.py)
     patience: int  # evaluations without improvement before stopping; 0 = never stop early
+    # Speed and memory levers (issue 19). The defaults serve code that builds a recipe directly, and
+    # are the recipe without them; params.yaml always sets them.
+    gradient_checkpointing: bool = False  # recompute activations in backward instead of keeping them
+    compile: bool = False  # torch.compile the model (the Trainer's torch_compile, inductor)
+    pad_to_multiple_of: int = 8  # pad each batch's lengths up to a multiple of this (compile: shapes repeat)
 
     def problems(self, section: str) -> list[str]:
         return (
@@ -137,6 +149,10 @@ class TrainParams:
                 f"{section}.dataloader_workers: must be >= 0, got {self.dataloader_workers}",
             )
             + _check(self.patience >= 0, f"{section}.patience: must be >= 0 (0 = off), got {self.patience}")
+            + _check(
+                self.pad_to_multiple_of >= 1,
+                f"{section}.pad_to_multiple_of: must be >= 1 (1 = pad to the longest row), got {self.pad_to_multiple_of}",
+            )
             + _check(
                 self.patience == 0 or self.select_by != "last",
                 f"{section}.patience: early stopping needs a validation metric to improve; "

@@ -62,7 +62,7 @@ def main() -> None:
     params = load_params()
     run = start_run("ia3", params)
     config = ia3_config(params.ia3, meta_model(run.base))  # fail fast, before the weights
-    trained = train(run, partial(build_model, config=config), params.ia3)
+    trained = train(run, partial(build_model, config=config), params.ia3, frozen_base=True)  # bf16 base under bf16
     resolved = {
         "target_modules": sorted(config.target_modules),
         "feedforward_modules": sorted(config.feedforward_modules),

@@ -66,8 +66,10 @@ def lora_config(params: LoraParams, model) -> LoraConfig:
 
 def build_model(base, config: LoraConfig):
     # the base frozen, adapters on the target modules; a copy: peft writes into the config it gets.
-    # A quantized base (QLoRA) first gets peft's k-bit preparation (a no-op otherwise)
-    return get_peft_model(family.prepare_for_kbit_training(base), copy.deepcopy(config))
+    # A quantized base (QLoRA) first gets peft's k-bit preparation (a no-op otherwise), without its
+    # own checkpointing: train_lora.gradient_checkpointing decides that, for every base alike
+    prepared = family.prepare_for_kbit_training(base, gradient_checkpointing=False)
+    return get_peft_model(prepared, copy.deepcopy(config))  # autocast_adapter_dtype: fp32 adapters on a bf16 base
 
 
 def save_initial_adapter(base: ModelParams, config: LoraConfig, params: LoraParams) -> Path | None:
@@ -94,7 +96,12 @@ def main() -> None:
     run = start_run("lora", params)
     config = lora_config(params.lora, meta_model(run.base))  # fail fast, before the weights
     quantization = params.lora.quantization  # QLoRA: the frozen base loads through bitsandbytes
-    trained = train(run, partial(build_model, config=config), params.lora, quantization=quantization)
+    # the frozen base in bf16 under bf16 training, but for PiSSA/OLoRA, which rewrite it as W - B0 A0:
+    # in bf16 that residual rounds, and the adapter saved for the untouched base would not be the trained one
+    frozen_base = params.lora.init not in MUTATES_BASE
+    trained = train(
+        run, partial(build_model, config=config), params.lora, quantization=quantization, frozen_base=frozen_base
+    )
     initial = save_initial_adapter(run.base, config, params.lora)  # PiSSA/OLoRA: to convert the adapter on save
     save = partial(save_adapter, initial_adapter=initial)
     targets = config.target_modules  # peft keeps a list as a set

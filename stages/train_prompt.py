@@ -79,7 +79,8 @@ def main() -> None:
     run = start_run("prompt", params)
     config = prompt_config(params.prompt, family.family(family.load_config(run.base.name, run.base.revision)))
     token_ids = init_token_ids(params.prompt, load_tokenizer(run.base.name, run.base.revision), params.seed)
-    trained = train(run, partial(build_model, config=config, token_ids=token_ids), params.prompt)
+    # frozen_base: the base in bf16 under bf16 training; the soft prompt stays fp32
+    trained = train(run, partial(build_model, config=config, token_ids=token_ids), params.prompt, frozen_base=True)
     finish_run(
         run, trained, save_adapter, {"train_prompt": asdict(params.train_prompt), "prompt": asdict(params.prompt)}
     )

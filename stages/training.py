@@ -196,6 +196,11 @@ def training_arguments(
         data_seed=seed,
         dataloader_num_workers=params.dataloader_workers,
         use_cpu=not cuda,
+        # recompute each layer's activations in backward (train_*.gradient_checkpointing); non-reentrant:
+        # gradients reach adapters on a frozen base without the inputs requiring grad
+        activation_checkpointing=params.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
+        torch_compile=params.compile,  # inductor, through accelerate's dynamo plugin
         disable_tqdm=True,  # TrainerProgress draws the bar (terminal) or periodic lines (logs) instead
         **validation_arguments(params),  # validate at every checkpoint; keep the best (stages/validation.py)
     )
@@ -333,11 +338,12 @@ def build_trainer(
     train: Dataset,
     validation: Dataset,
     args: Seq2SeqTrainingArguments,
+    pad_to_multiple_of: int = family.PAD_TO_MULTIPLE_OF,
 ) -> Seq2SeqTrainer:
-    # the family's collator pads per batch (not to max length) to multiples of 8 (tensor-core
-    # shapes on GPU), labels with -100, which the loss ignores
+    # the family's collator pads per batch (not to max length) to multiples of `pad_to_multiple_of`
+    # (8: tensor-core shapes on GPU; 64: few shapes for torch.compile), labels with -100, which the loss ignores
     model_family = family.family(family.unwrap(model).config)
-    collator = family.data_collator(model_family, tokenizer, model)
+    collator = family.data_collator(model_family, tokenizer, model, pad_to_multiple_of)
     trainer = Seq2SeqTrainer(
         model=model,
         args=args,
@@ -355,6 +361,36 @@ def build_trainer(
     # ignores; the loss is token_mean_loss's alone
     trainer.model_accepts_loss_kwargs = False
     return trainer
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def base_dtype(model: torch.nn.Module) -> str:
+    """The dtype the frozen base's weights are held in ("bf16" for a PEFT method's base under bf16
+    training, "4bit"/"8bit" for QLoRA's quantized base), or the weights' own for full fine-tuning
+    (nothing frozen): read from the model's parameters, so it records what was, not what was asked."""
+    inner = family.unwrap(model)
+    if family.is_quantized(inner):
+        return "4bit" if getattr(inner, "is_loaded_in_4bit", False) else "8bit"
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    weights = frozen or [p for p in model.parameters() if p.is_floating_point()]
+    counts: dict[torch.dtype, int] = {}
+    for p in weights:
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    dtype = max(counts, key=counts.get)
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def frozen_base_dtype(precision: str, device: torch.device, quantization: str = "none") -> torch.dtype:
+    """The dtype a PEFT method loads its frozen base in: bf16 when training runs in bf16 (precision
+    auto on a bf16-native device, or bf16), so the frozen weights take half the memory and no fp32
+    copy; the adapter weights stay fp32 (peft's autocast_adapter_dtype), and only they have
+    gradients and optimizer state. fp32 training keeps an fp32 base; a quantized base (QLoRA)
+    loads as family.load_model decides."""
+    if quantization != "none" or not use_bf16(precision, device):
+        return torch.float32
+    return torch.bfloat16
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, float]:
@@ -401,6 +437,10 @@ def training_metrics(trainer: Seq2SeqTrainer) -> dict[str, float]:
         "train_steps": trainer.state.global_step,
         "processes": trainer.args.world_size,
         "train_precision": "bf16" if trainer.args.bf16 else "fp32",
+        "train_base_dtype": base_dtype(trainer.model),  # a PEFT method's frozen base (bf16 under bf16)
+        "train_attn_implementation": family.resolved_attn_implementation(trainer.model),
+        "train_gradient_checkpointing": int(bool(trainer.args.activation_checkpointing)),
+        "train_compile": int(bool(trainer.args.torch_compile)),
         "train_tf32": int(bool(trainer.args.tf32)),
         # what one optimizer step averaged over, after any out-of-memory retry:
         # per-device batch x accumulation x processes
@@ -543,6 +583,7 @@ def train(
     *method_params: object,
     prepared_dir: Path = PREPARED_DIR,
     quantization: str = "none",
+    frozen_base: bool = False,
 ) -> Trained:
     """Train the model `build` makes from freshly loaded base weights, with the run's recipe.
 
@@ -554,7 +595,8 @@ def train(
     keeps the best (stages/validation.py). `method_params` (the method's params section) go into the
     checkpoints' fingerprint beside the recipe, the validation settings, the seed and the pin.
     `quantization` (LoRA's QLoRA) loads the frozen base through bitsandbytes; `build` then prepares
-    it for training.
+    it for training. `frozen_base` (PEFT methods): the base only runs forward, so under bf16 training
+    it loads in bf16 (see frozen_base_dtype); full fine-tuning trains fp32 master weights.
     """
     recipe, validate = run.recipe, run.params.validate
     tokenizer = load_tokenizer(run.base.name, run.base.revision)
@@ -565,12 +607,14 @@ def train(
     resumed = checkpoint_batch(run.checkpoint_dir, run_fingerprint)
     while resumed is not None and batch[0] > resumed:  # a resume continues at the batch that fit
         batch = halved(batch)
+    dtype = frozen_base_dtype(recipe.precision, run.device, quantization) if frozen_base else torch.float32
     retries, lost = 0, 0.0
     while True:
         started = time.perf_counter()
-        model = build(load_model(run.base.name, run.base.revision, quantization=quantization))
+        base = load_model(run.base.name, run.base.revision, dtype, quantization, run.base.attn_implementation)
+        model = build(base)
         args = training_arguments(recipe, run.params.seed, run.checkpoint_dir, run.device, run.section, batch)
-        trainer = build_trainer(model, tokenizer, train_split, validation, args)
+        trainer = build_trainer(model, tokenizer, train_split, validation, args, recipe.pad_to_multiple_of)
         subset = attach_validation(trainer, tokenizer, validation, recipe, validate, run.params.seed)
         resume = resumable_checkpoint(trainer, run.checkpoint_dir, run_fingerprint)
         attach_curves(trainer, run.curves_dir, resume)

@@ -1,0 +1,318 @@
+"""Issue 19's speed and memory levers, on CPU with tiny models of both families (T5 and Llama):
+
+- gradient checkpointing (train_*.gradient_checkpointing) gives the same loss and gradients for full
+  fine-tuning and every PEFT method, and really recomputes each layer in backward;
+- a PEFT method's frozen base loads in bf16 under bf16 training (the device's bf16 mocked), its
+  adapter weights stay fp32, a step trains only them, and the saved adapter reloads through the
+  generate stage's load path to the same model; full fine-tuning and fp32 runs are unchanged;
+- model.attn_implementation: eager and sdpa give the same logits, auto resolves to sdpa;
+- train_*.pad_to_multiple_of buckets batch lengths without changing the loss (padding is -100);
+- train_*.compile trains through the Trainer's torch.compile (inductor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from stages import family, modeling, train_full, train_ia3, train_lora, train_prompt, training
+from stages.generate import load_variant
+from stages.modeling import load_model, load_tokenizer, meta_model
+from stages.params import ModelParams, load_params
+from tests.conftest import REPO, make_tiny_model, tiny_train_params
+
+METHODS = ("full", "lora", "ia3", "prompt")
+PARAMS = load_params(REPO / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama") / "model", "--family", "llama")
+
+
+@pytest.fixture(params=["t5", "llama"])
+def model_dir(request, tiny_model_dir, tiny_llama_dir) -> Path:
+    return tiny_model_dir if request.param == "t5" else tiny_llama_dir
+
+
+def rows(model_dir: Path, count: int) -> Dataset:
+    """Prepared training rows of the model's family, summaries of different lengths."""
+    tokenizer = load_tokenizer(str(model_dir))
+    model_family = family.family(family.load_config(str(model_dir)))
+    examples = [
+        family.training_example(
+            model_family,
+            tokenizer(
+                f"#Person1#: I need table {i} for dinner. #Person2#: Sure." * (1 + i % 3), add_special_tokens=False
+            )["input_ids"],
+            tokenizer(f"Person1 books table {i}." + " Then they eat." * (i % 4), add_special_tokens=False)["input_ids"],
+            tokenizer,
+        )
+        for i in range(count)
+    ]
+    return Dataset.from_list(examples)
+
+
+def builder(method: str, model_dir: Path):
+    """The stage's own build_model for `method`, with the committed params of its section."""
+    meta = meta_model(ModelParams(name=str(model_dir), revision="main"))
+    if method == "full":
+        return train_full.build_model
+    if method == "lora":
+        return partial(train_lora.build_model, config=train_lora.lora_config(PARAMS.lora, meta))
+    if method == "ia3":
+        return partial(train_ia3.build_model, config=train_ia3.ia3_config(PARAMS.ia3, meta))
+    config = train_prompt.prompt_config(PARAMS.prompt, family.family(meta.config))
+    return partial(train_prompt.build_model, config=config, token_ids=None)
+
+
+class Capture(TrainerCallback):
+    """The gradients of every trainable parameter just before the (only) optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+def one_step(model_dir: Path, method: str, tmp_path: Path, **recipe) -> tuple[float, dict, int, object]:
+    """One optimizer step of `method` through the real Trainer setup: (loss, gradients, training
+    forward calls of the first linear layer inside the first checkpointable layer, trainer)."""
+    tokenizer = load_tokenizer(str(model_dir))
+    family.ensure_pad_token(tokenizer)
+    torch.manual_seed(0)
+    model = builder(method, model_dir)(load_model(str(model_dir)))
+    data = rows(model_dir, 4)
+    params = tiny_train_params(batch_size=4, **recipe)
+    args = training.training_arguments(params, 0, tmp_path / f"{method}-{recipe}", torch.device("cpu"), "train_x")
+    trainer = training.build_trainer(model, tokenizer, data, data.select(range(2)), args, params.pad_to_multiple_of)
+    capture = Capture(model)
+    trainer.add_callback(capture)
+    layer = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
+    # a linear layer inside it: the layer's own hooks stay outside the checkpointed forward
+    layer = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    calls = []
+    layer.register_forward_hook(lambda module, *_: calls.append(1) if module.training else None)  # not validation's
+    trainer.train()
+    loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    return loss, capture.grads, len(calls), trainer
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes(model_dir, method, tmp_path):
+    loss, grads, calls, _ = one_step(model_dir, method, tmp_path, gradient_checkpointing=False)
+    gc_loss, gc_grads, gc_calls, trainer = one_step(model_dir, method, tmp_path, gradient_checkpointing=True)
+    assert trainer.model.is_activation_checkpointing
+    assert training.training_metrics(trainer)["train_gradient_checkpointing"] == 1
+    # really on: each layer runs twice per step (forward, then again in backward), not once
+    assert (calls, gc_calls) == (1, 2)
+    assert gc_loss == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == gc_grads.keys() and grads  # the same trainable parameters, all with gradients
+    assert any(g.abs().sum() > 0 for g in grads.values())  # the premise: gradients reach what trains
+    for name, grad in grads.items():
+        torch.testing.assert_close(gc_grads[name], grad, msg=f"{method}: {name}")
+
+
+# --------------------------------------------------------------------------- bf16 frozen base
+
+
+def stage_run(model_dir: Path, workdir: Path, method: str, recipe, monkeypatch) -> training.Run:
+    """A workdir as the training stages expect it (pin, prepared splits) and a Run of train_<method>."""
+    workdir.mkdir(parents=True)
+    monkeypatch.chdir(workdir)
+    data = rows(model_dir, 8)
+    data.save_to_disk("data/prepared/train")
+    validation = data.select(range(2)).add_column("id", ["v0", "v1"]).add_column("summary", ["a", "b"])
+    validation.save_to_disk("data/prepared/validation")
+    Path("models/base").mkdir(parents=True)
+    pin = {"name": str(model_dir), "revision": "main", "resolved_revision": "sha256:test"}
+    Path("models/base/pin.json").write_text(json.dumps(pin))
+    params = dataclasses.replace(
+        PARAMS,
+        model=ModelParams(name=str(model_dir), revision="main"),
+        validate=dataclasses.replace(PARAMS.validate, max_new_tokens=8),  # a random model never stops early
+        **{f"train_{method}": recipe},
+    )
+    return training.start_run(method, params)
+
+
+def mock_bf16_device(monkeypatch) -> None:
+    """A bf16-native device (an H100, or an AVX512-BF16 CPU): precision auto resolves to bf16."""
+    monkeypatch.setattr(modeling, "native_bf16", lambda device: True)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_peft_base_is_bf16_under_bf16_training_and_the_adapter_reloads(model_dir, method, tmp_path, monkeypatch):
+    mock_bf16_device(monkeypatch)
+    recipe = tiny_train_params(precision="auto", batch_size=4, learning_rate=1.0e-2)
+    run = stage_run(model_dir, tmp_path / "work", method, recipe, monkeypatch)
+    initial = {}
+
+    def build(base):
+        model = builder(method, model_dir)(base)
+        initial.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return model
+
+    trained = training.train(run, build, frozen_base=True)
+    model = trained.trainer.model
+    keep_fp32 = getattr(family.unwrap(model), "_keep_in_fp32_modules", None) or []  # T5's wo stays fp32
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert {p.dtype for n, p in frozen.items() if not any(f".{m}." in n for m in keep_fp32)} == {torch.bfloat16}
+    metrics = training.training_metrics(trained.trainer)
+    assert metrics["train_base_dtype"] == "bf16" and metrics["train_precision"] == "bf16"
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    assert any(not torch.equal(p, initial[n]) for n, p in trainable.items())  # the adapter trained
+    assert all(torch.equal(p, initial[n]) for n, p in frozen.items())  # the base did not
+    # only what trains has optimizer state: fp32, the adapter's size
+    state = [s for group in trained.trainer.optimizer.state.values() for s in group.values() if torch.is_tensor(s)]
+    assert {s.dtype for s in state if s.dim() > 0} == {torch.float32}
+    assert sum(s.numel() for s in state if s.dim() > 0) == 2 * sum(p.numel() for p in trainable.values())
+
+    # saved as the stage saves it, reloaded as generate@<method> loads it (bf16 on this device): the same model
+    training.save_adapter(model, trained.tokenizer, run.model_dir)
+    shutil.copy2("models/base/pin.json", run.model_dir / "pin.json")
+    _, reloaded = load_variant(run.model_dir, run.params.model, torch.bfloat16)
+    reloaded_params = dict(reloaded.named_parameters())
+    for name, p in trainable.items():
+        assert reloaded_params[name].dtype == torch.float32
+        torch.testing.assert_close(reloaded_params[name], p, rtol=0, atol=0)
+    batch = family.data_collator(family.family(family.unwrap(model).config), trained.tokenizer, model)(
+        [
+            {k: r[k] for k in ("input_ids", "attention_mask", "labels")}
+            for r in Dataset.load_from_disk("data/prepared/train")
+        ]
+    )
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # (accelerate's bf16 training wraps the trained model's forward to return fp32 outputs)
+        torch.testing.assert_close(reloaded(**batch).logits.float(), model(**batch).logits.float(), rtol=0, atol=0)
+
+
+def test_full_fine_tuning_and_fp32_runs_keep_an_fp32_base(tiny_model_dir, tmp_path, monkeypatch):
+    mock_bf16_device(monkeypatch)
+    cpu = torch.device("cpu")
+    assert training.frozen_base_dtype("auto", cpu) == torch.bfloat16
+    assert training.frozen_base_dtype("fp32", cpu) == torch.float32  # fp32 training: unchanged
+    assert training.frozen_base_dtype("auto", cpu, quantization="4bit") == torch.float32  # QLoRA loads its own way
+    full = training.train(
+        stage_run(tiny_model_dir, tmp_path / "full", "full", tiny_train_params(precision="auto"), monkeypatch),
+        train_full.build_model,
+    )
+    assert {p.dtype for p in full.trainer.model.parameters()} == {torch.float32}  # fp32 masters
+    assert training.training_metrics(full.trainer)["train_base_dtype"] == "fp32"
+    lora = training.train(
+        stage_run(tiny_model_dir, tmp_path / "lora", "lora", tiny_train_params(precision="fp32"), monkeypatch),
+        builder("lora", tiny_model_dir),
+        frozen_base=True,
+    )
+    assert {p.dtype for p in lora.trainer.model.parameters()} == {torch.float32}
+    assert training.training_metrics(lora.trainer)["train_base_dtype"] == "fp32"
+
+
+# --------------------------------------------------------------------------- attention implementation
+
+
+def test_eager_and_sdpa_give_the_same_logits(model_dir):
+    tokenizer = load_tokenizer(str(model_dir))
+    family.ensure_pad_token(tokenizer)
+    data = rows(model_dir, 3)  # different lengths: padding is masked in both
+    model_family = family.family(family.load_config(str(model_dir)))
+    batch = family.data_collator(model_family, tokenizer, None)([dict(r) for r in data])
+    logits = {}
+    for implementation in ("eager", "sdpa", "auto"):
+        model = load_model(str(model_dir), attn_implementation=implementation).eval()
+        logits[implementation] = model(**batch).logits
+        resolved = family.resolved_attn_implementation(model)
+        assert resolved == ("sdpa" if implementation == "auto" else implementation)  # auto: transformers' sdpa
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits["auto"], logits["sdpa"], rtol=0, atol=0)
+
+
+def test_an_attention_implementation_the_model_lacks_is_refused_by_name(tiny_model_dir, monkeypatch):
+    from transformers import T5ForConditionalGeneration
+
+    monkeypatch.setattr(T5ForConditionalGeneration, "_supports_flex_attn", False)
+    with pytest.raises(family.StageError) as info:
+        load_model(str(tiny_model_dir), attn_implementation="flex_attention")
+    message = str(info.value)
+    assert message.startswith("model.attn_implementation: t5 models cannot load with 'flex_attention' (")
+    assert message.endswith("); use auto (transformers' best supported one) or eager")
+
+
+def test_the_attention_implementation_goes_from_params_to_the_model(tiny_model_dir, tmp_path):
+    pin = tmp_path / "pin.json"
+    pin.write_text(json.dumps({"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:x"}))
+    params = ModelParams(name=str(tiny_model_dir), revision="main", attn_implementation="eager")
+    pinned = modeling.read_pin(pin, params)
+    assert pinned.attn_implementation == "eager"
+    _, model = modeling.load_base(pinned)
+    assert family.resolved_attn_implementation(model) == "eager"
+
+
+# --------------------------------------------------------------------------- length buckets and compile
+
+
+def test_batches_pad_to_the_bucket_and_the_loss_is_unchanged(model_dir, tmp_path):
+    tokenizer = load_tokenizer(str(model_dir))
+    family.ensure_pad_token(tokenizer)
+    model_family = family.family(family.load_config(str(model_dir)))
+    features = [dict(r) for r in rows(model_dir, 3)]
+    torch.manual_seed(0)
+    model = load_model(str(model_dir)).eval()
+    losses = {}
+    for multiple in (1, 64):
+        batch = family.data_collator(model_family, tokenizer, model, multiple)(features)
+        widths = {k: v.shape[1] for k, v in batch.items()}
+        longest = max(len(f["input_ids"]) for f in features)
+        if multiple == 64:
+            assert all(w % 64 == 0 for w in widths.values()), widths
+            assert widths["input_ids"] == 64 * -(-longest // 64)
+        else:
+            assert widths["input_ids"] == longest
+        padded = batch["attention_mask"] == 0
+        if model_family == family.CAUSAL:  # the labels share the input's positions: -100 wherever padded
+            assert (batch["labels"][padded] == -100).all()
+        label_tokens = batch["labels"].ne(-100).sum().item()
+        assert label_tokens == sum(sum(1 for t in f["labels"] if t != -100) for f in features)
+        with torch.no_grad():
+            outputs = model(**batch)
+        losses[multiple] = training.token_mean_loss(
+            outputs, batch["labels"], shift_labels=model_family == family.CAUSAL
+        )
+    torch.testing.assert_close(losses[64], losses[1], rtol=1e-5, atol=1e-6)
+
+    # the Trainer's own batches (train_*.pad_to_multiple_of) are bucketed the same way
+    _, _, _, trainer = one_step(model_dir, "lora", tmp_path, pad_to_multiple_of=64)
+    shapes = {tuple(b["input_ids"].shape) for b in trainer.get_train_dataloader()}
+    assert all(width % 64 == 0 for _, width in shapes)
+
+
+def c_compiler() -> bool:
+    try:
+        return subprocess.run(["gcc", "--version"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not c_compiler(), reason="torch.compile's inductor needs a C compiler (gcc) on CPU; none here")
+def test_compile_trains_a_step_through_the_trainer(tiny_model_dir, tmp_path):
+    eager_loss, eager_grads, _, _ = one_step(tiny_model_dir, "full", tmp_path, pad_to_multiple_of=64)
+    loss, grads, _, trainer = one_step(tiny_model_dir, "full", tmp_path, compile=True, pad_to_multiple_of=64)
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # really compiled
+    assert training.training_metrics(trainer)["train_compile"] == 1
+    assert loss == pytest.approx(eager_loss, rel=1e-4)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
