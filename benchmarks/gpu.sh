@@ -198,70 +198,31 @@ PY
 
 # ------------------------------------------------------------------------------ on the machine
 
-W=/tmp/gpu-sh
+W=${GPU_SH_WORK:-/tmp/gpu-sh}  # scratch: the random model, each part's JSON, the step log
 START=$(date +%s)
-BUDGET=${GPU_SH_BUDGET_S:-580}
-RESERVE=20  # seconds kept for the summary and packing (a cut step also gets 15 s to die)
-SPEED_ARGS=${SPEED_ARGS:---config flan-t5-base-config --dialogues 64 --new-tokens 64 --eval-batch-size 32 --train-steps 30 --batch-size 16}
+DRY_RUN=${GPU_SH_DRY_RUN:-0}
+BUDGET=${GPU_SH_BUDGET_S:-420}  # 7 minutes of the run tool's 600 s call: margin for the start and the transfers
+RESERVE=15  # seconds kept for the summary (a cut part also gets up to 15 s to die)
+# parts in order, each with its cap in seconds: measurements first (what issue 19 is blocked on), then the
+# CUDA tests with the tiny `dvc repro` (tests/test_gpu.py (e)) with what is left
+PARTS=${GPU_SH_PARTS:-"attention:20 stages:90 train:90 memory:50 overhead:45 decoder:45 pytest:120"}
 
-# seconds a step may take: its cap, or what the budget has left (0: skip it)
+# seconds a part may take: its cap, or what the budget has left (0: skip it)
 budget_for() {
     local left=$((START + BUDGET - RESERVE - $(date +%s)))
-    if ((left < 30)); then echo 0; elif ((left < $1)); then echo "$left"; else echo "$1"; fi
+    if ((left < 20)); then echo 0; elif ((left < $1)); then echo "$left"; else echo "$1"; fi
 }
 
-record() {  # step name, exit code (or "skipped"), start time
+record() {  # part name, exit code (or "skipped"), start time
     printf '%s\t%s\t%s\n' "$1" "$2" "$(($(date +%s) - $3))" >>"$W/steps.tsv"
     echo "=== $1: exit $2 after $(($(date +%s) - $3)) s (total $(($(date +%s) - START)) s)"
 }
 
-write_runner() {  # runs a command in its own session with a deadline; timestamped log; exit 124 on timeout
-    cat >"$W/runner.py" <<'PY'
-import os, signal, subprocess, sys, threading, time
-timeout, log = float(sys.argv[1]), sys.argv[2]
-process = subprocess.Popen(sys.argv[3:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-
-def pump():
-    with open(log, "a", encoding="utf-8", errors="replace") as f:
-        for raw in process.stdout:
-            line = raw.decode("utf-8", "replace")
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            f.write(f"{time.time():.3f} {line}")
-            f.flush()
-
-reader = threading.Thread(target=pump, daemon=True)
-reader.start()
-try:
-    code = process.wait(timeout=timeout)
-except subprocess.TimeoutExpired:
-    print(f"runner: timed out after {timeout:.0f} s; stopping the process group", flush=True)
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=grace)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-    code = 124
-reader.join(timeout=5)
-with open(log, "a") as f:
-    f.write(f"{time.time():.3f} runner: exit {code}\n")
-sys.exit(code)
-PY
-}
-
-# step NAME CAP LOG CMD...: run CMD under the runner with min(CAP, budget left) seconds
-step() {
-    local name=$1 cap=$2 log=$3 t s rc=0
-    shift 3
-    if [[ " ${GPU_SH_STEPS:-pytest speed repro} " != *" $name "* ]]; then
-        printf '%s\tnot asked\t0\n' "$name" >>"$W/steps.tsv"
-        return 0
-    fi
+# part NAME CAP CMD...: run CMD under `timeout` with min(CAP, budget left) seconds (TERM, then KILL 10 s
+# later); whatever the part wrote so far is merged into $OUT at once, so a later cut loses nothing
+part() {
+    local name=$1 cap=$2 t s rc=0
+    shift 2
     t=$(budget_for "$cap")
     if ((t == 0)); then
         printf '%s\tskipped (no time left)\t0\n' "$name" >>"$W/steps.tsv"
@@ -270,13 +231,18 @@ step() {
     fi
     echo "=== [$(date -u +%T)] $name (at most $t s): $*"
     s=$(date +%s)
-    "$PY" "$W/runner.py" "$t" "$log" "$@" || rc=$?
+    timeout --kill-after=10 "$t" "$@" || rc=$?
     record "$name" "$rc" "$s"
+    summarize
 }
 
 setup_machine() {
-    PY=${GPU_SH_PYTHON:-$(command -v python3)}
-    rm -rf "$W" && mkdir -p "$W/bin"
+    if ((DRY_RUN)); then
+        PY=${GPU_SH_PYTHON:-$(command -v python)}
+    else
+        PY=${GPU_SH_PYTHON:-$(command -v python3)}
+    fi
+    rm -rf "$W" && mkdir -p "$W/bin" "$W/parts"
     : >"$W/steps.tsv"
     printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" >"$W/bin/python"
     printf '#!/bin/sh\nexec "%s" -m dvc "$@"\n' "$PY" >"$W/bin/dvc"
@@ -287,7 +253,9 @@ setup_machine() {
     export GIT_AUTHOR_NAME=gpu GIT_AUTHOR_EMAIL=gpu@localhost GIT_COMMITTER_NAME=gpu GIT_COMMITTER_EMAIL=gpu@localhost
     local s rc=0
     s=$(date +%s)
-    if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+    if ((DRY_RUN)); then
+        rc="dry run: this venv"
+    elif compgen -G ".gpu/whl/*.whl" >/dev/null; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
             .gpu/whl/*.whl || rc=$?
         export PYTHONPATH="$W/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -306,7 +274,7 @@ setup_machine() {
             ROOT=$W/checkout/main && cd "$ROOT"
             echo "running from $ROOT (../shared linked beside it)"
         else
-            echo "warning: no ../shared and no .gpu/shared: tests skip, speed.py and the repro fail"
+            echo "warning: no ../shared and no .gpu/shared: tests skip, the parts fail"
         fi
     fi
 }
@@ -325,7 +293,7 @@ if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0),
           "memory GiB", round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
 for name in ("transformers", "peft", "accelerate", "datasets", "evaluate", "dvc", "dvclive", "rouge_score",
-             "tokenizers", "huggingface_hub", "pyarrow", "numpy"):
+             "bitsandbytes", "tokenizers", "huggingface_hub", "pyarrow", "numpy"):
     try:
         module = importlib.import_module(name)
         print(name, getattr(module, "__version__", "?"), module.__file__)
@@ -335,8 +303,8 @@ PY
         echo "git: $(git --version 2>/dev/null || echo none)"
         echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
         echo "cpus: $(nproc)"
+        echo "gcc: $(gcc --version 2>/dev/null | head -n 1 || echo none) (torch.compile's inductor needs a C compiler)"
         free -g 2>/dev/null | head -n 2 || true
-        df -h /tmp 2>/dev/null | tail -n 1 || true
         echo; echo "== pip freeze (image + carried wheels)"
         "$PY" -m pip list --format=freeze 2>/dev/null || true
         echo; echo "== nvidia-smi -q"
@@ -344,225 +312,64 @@ PY
     } >"$OUT/env.txt" 2>&1
     sed -n '1,/^== pip freeze/p' "$OUT/env.txt" | grep -v '^== pip freeze' || true
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader >"$W/card.txt" \
-        2>/dev/null || rm -f "$W/card.txt"
+        2>/dev/null || echo "cpu (dry run)" >"$W/card.txt"
 }
 
-repro() {  # the short real dvc repro, in a temp copy of the repo; params.yaml overrides only
-    set -euo pipefail
-    echo "repro setup starts: random flan-t5-base weights, $TRAIN_ROWS train rows, a copy of the repo"
-    local repo=$W/repro shared=$ROOT/../shared
-    python "$ROOT/scripts/make_random_model.py" "$W/model" --config "$shared/models/$REPRO_CONFIG"
-    mkdir -p "$repo"
-    if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-        git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
-            | tar -C "$ROOT" --null --ignore-failed-read -T - -cf - | tar -C "$repo" -xf -
+make_models() {  # the random flan-t5-base checkpoint every part loads (a tiny T5 in a dry run)
+    local s rc=0
+    s=$(date +%s)
+    if ((DRY_RUN)); then
+        python scripts/make_tiny_model.py "$W/model" --tokenizer ../shared/models/flan-t5-small-config || rc=$?
     else
-        tar -C "$ROOT" --exclude=./.git --exclude=./.gpu --exclude=./.venv --exclude=./.pytest_cache \
-            --exclude=__pycache__ --exclude=./.dvc/cache --exclude=./.dvc/tmp -cf - . | tar -C "$repo" -xf -
+        python scripts/make_random_model.py "$W/model" --config ../shared/models/flan-t5-base-config || rc=$?
     fi
-    cd "$repo"
-    mkdir -p data/source  # the documented place for local data (a dependency of the data stage)
-    head -n "$TRAIN_ROWS" "$shared/data/dialogsum/train.jsonl" >data/source/train.jsonl
-    for split in validation test; do
-        head -n "${EVAL_ROWS:-1000000}" "$shared/data/dialogsum/$split.jsonl" >"data/source/$split.jsonl"
-    done
-    python - "$W/model" data/source <<'PY'
-import sys
-import yaml
-model, source = sys.argv[1:]
-params = yaml.safe_load(open("params.yaml"))
-params["model"].update(name=model, revision="main")
-params["data"].update(source=source, limit=None)
-for section in params:
-    if section.startswith("train_"):  # 1 epoch of full and LoRA (and of any other method params.yaml has)
-        params[section]["epochs"] = 1
-if "variants" in params:  # the issue's comparison: the original model, full, LoRA and the lead baseline
-    params["variants"] = [v for v in params["variants"] if v in ("base", "full", "lora", "lead")]
-yaml.safe_dump(params, open("params.yaml", "w"), sort_keys=False)
-print({k: params[k] for k in ("model", "data")}, {k: v["epochs"] for k, v in params.items() if k.startswith("train_")})
-PY
-    if command -v git >/dev/null; then
-        git init -q && git add -A && git commit -qm "gpu.sh repro baseline"
-    else  # DVC without git
-        sed -i 's/^\[core\]$/[core]\n    no_scm = true/' .dvc/config
-        grep -q no_scm .dvc/config || printf '[core]\n    no_scm = true\n' >>.dvc/config
-    fi
-    # every stage, but the training of methods other than full fine-tuning and LoRA (the issue's
-    # comparison, and the time budget): with those, plain `dvc repro`
-    local stage targets=() left_out=()
-    for stage in $(dvc stage list --name-only); do
-        case $stage in
-            train_full | train_lora) targets+=("$stage") ;;
-            train_*) left_out+=("$stage") ;;
-            *) targets+=("$stage") ;;
-        esac
-    done
-    echo "dvc repro starts"
-    if ((${#left_out[@]})); then
-        echo "not run: ${left_out[*]} (only full fine-tuning and LoRA are trained here)"
-        exec dvc repro "${targets[@]}"
-    fi
-    exec dvc repro
+    record model "$rc" "$s"
 }
 
-summarize() {
-    "$PY" - "$W" "$ROOT" <<'PY' || echo "summary failed"
-import glob, json, os, re, sys, time
-from pathlib import Path
-
-W, ROOT, OUT = Path(sys.argv[1]), Path(sys.argv[2]), Path(os.environ["OUT"])
-repo = W / "repro"
-
-def load(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-def fmt(x, spec=".2f"):
-    return "n/a" if x is None else format(x, spec)
-
-steps = [line.split("\t") for line in (W / "steps.tsv").read_text().splitlines() if line]
-card = (W / "card.txt").read_text().strip() if (W / "card.txt").is_file() else "unknown card"
-speed = load(OUT / "speed.json") or {}
-
-# per-stage wall time of the repro, from the timestamped log of `dvc repro`
-stages, end = [], None
-if (W / "repro.log").is_file():
-    for line in (W / "repro.log").read_text(errors="replace").splitlines():
-        stamp, _, text = line.partition(" ")
-        try:
-            t = float(stamp)
-        except ValueError:
-            continue
-        end = t
-        if text.startswith("repro setup starts"):
-            stages.append(["(setup: write the random model, copy the repo)", t, None])
-        elif text.startswith("dvc repro starts"):
-            stages.append(["(dvc repro: stage list, lock)", t, None])
-        found = re.search(r"Running stage '([^']+)'", text)
-        if found:
-            stages.append([found.group(1), t, None])
-rows = []
-for i, (name, started, _) in enumerate(stages):
-    if started is None:
-        continue
-    finished = next((s[1] or s[2] for s in stages[i + 1:] if (s[1] or s[2])), end)
-    rows.append((name, round(finished - started, 1)))
-repro_rc = next((s[1] for s in steps if s[0] == "repro"), "not run")
-
-metrics = {str(Path(p).relative_to(repo)): load(p) for p in sorted(glob.glob(str(repo / "metrics" / "**" / "*.json"),
-                                                                         recursive=True))}
-def m(rel, key):
-    return (metrics.get(rel) or {}).get(key)
-
-train_rows = m("metrics/data.json", "train_rows")
-full_peak = m("metrics/timing/train_full.json", "peak_gpu_memory_mb")
-lora_peak = m("metrics/timing/train_lora.json", "peak_gpu_memory_mb")
-targets = [
-    ("evaluation >= 30x the seed recipe (speed.py, greedy, forced tokens)", speed.get("generation_speedup"), 30.0,
-     lambda x: f"{x:.1f}x", lambda x, t: x >= t),
-    ("full fine-tuning of flan-t5-base in bf16 >= 30% MFU (speed.py)", speed.get("mfu"), 0.30,
-     lambda x: f"{100 * x:.1f}%", lambda x, t: x >= t),
-    ("LoRA peak GPU memory <= 0.5x full, same batch (speed.py)", speed.get("lora_over_full_memory"), 0.5,
-     lambda x: f"{x:.2f}x", lambda x, t: x <= t),
-    ("LoRA peak GPU memory <= 0.5x full, same batch (dvc repro stages, params' batch)",
-     lora_peak / full_peak if lora_peak and full_peak else None, 0.5, lambda x: f"{x:.2f}x", lambda x, t: x <= t),
-]
-
-# training cost extrapolated linearly to params.yaml's defaults (full DialogSum, 3 epochs)
-full_rows, epochs = 12460, 3
-train = {}
-for method in ("full", "lora"):
-    timing = metrics.get(f"metrics/timing/train_{method}.json") or {}
-    runtime = timing.get("train_runtime_s")
-    train[method] = {**timing, "extrapolated_full_dialogsum_3_epochs_min":
-                     round(runtime * full_rows * epochs / train_rows / 60, 1) if runtime and train_rows else None}
-generation = {}
-for path, data in metrics.items():
-    found = re.match(r"metrics/timing/(?:generate|evaluate)_(\w+)\.json$", path)
-    if found and data and "generation_runtime_s" in data:
-        variant = found.group(1)
-        lengths = metrics.get(f"metrics/generate/{variant}.json") or metrics.get(f"metrics/evaluate/{variant}.json") or {}
-        generation[variant] = {**data, "gen_mean_tokens": lengths.get("gen_mean_tokens"),
-                               "gen_hit_max_share": lengths.get("gen_hit_max_share")}
-
-summary = {"card": card, "date": time.strftime("%Y-%m-%d", time.gmtime()), "steps": steps, "speed": speed,
-           "targets": [{"target": t[0], "measured": t[1], "threshold": t[2],
-                        "met": None if t[1] is None else t[4](t[1], t[2])} for t in targets],
-           "repro": {"exit": repro_rc, "train_rows": train_rows, "stage_wall_s": dict(rows), "train": train,
-                     "generation": generation}}
-(OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-speed_table = []
-if (W / "speed.log").is_file():
-    lines = [l.partition(" ")[2] for l in (W / "speed.log").read_text(errors="replace").splitlines()]
-    start = next((i for i, l in enumerate(lines) if l.startswith("device:")), None)
-    if start is not None:
-        speed_table = [l for l in lines[start:] if not l.startswith("runner:")]
-md = [f"# GPU run: {card}, {summary['date']}", "",
-      "| step | exit | seconds |", "|---|---|---|", *(f"| {s[0]} | {s[1]} | {s[2]} |" for s in steps), "",
-      "## Targets (ratios measured in this run)", "", "| target | measured | met |", "|---|---|---|"]
-for name, value, threshold, show, ok in targets:
-    md.append(f"| {name} | {'n/a' if value is None else show(value)} | "
-              f"{'n/a' if value is None else ('yes' if ok(value, threshold) else 'NO')} |")
-md += ["", "## speed.py", "", "```", *speed_table, "```", "",
-       f"## dvc repro (exit {repro_rc}): {os.environ.get('REPRO_CONFIG', 'flan-t5-base-config')} architecture, random "
-       f"weights, {train_rows} train rows, 1 epoch of full and LoRA, {m('metrics/prepare.json', 'test_dialogues')} test "
-       "dialogues, default generation params", "",
-       "| stage | wall s |", "|---|---|", *(f"| {name} | {sec} |" for name, sec in rows), "",
-       "| training | runtime s | samples/s | peak GPU MiB | extrapolated: 12460 rows x 3 epochs, min |", "|---|---|---|---|---|"]
-for method, t in train.items():
-    md.append(f"| {method} | {t.get('train_runtime_s', 'n/a')} | {t.get('train_samples_per_second', 'n/a')} | "
-              f"{t.get('peak_gpu_memory_mb', 'n/a')} | {t.get('extrapolated_full_dialogsum_3_epochs_min', 'n/a')} |")
-md += ["", "| generation | runtime s | dialogues/s | mean tokens | share at max_new_tokens |", "|---|---|---|---|---|"]
-for variant, g in generation.items():
-    md.append(f"| {variant} | {g.get('generation_runtime_s')} | {g.get('generation_dialogues_per_second')} | "
-              f"{g.get('gen_mean_tokens')} | {g.get('gen_hit_max_share')} |")
-md += ["", "Random weights rarely emit </s>, so base generation runs to max_new_tokens; a trained model's shorter "
-       "summaries generate faster. Training extrapolation is linear in rows x epochs."]
-(OUT / "summary.md").write_text("\n".join(md) + "\n")
-print("\n".join(md))
-PY
-}
-
-pack() {
-    local repo=$W/repro files=()
-    [[ -d $repo ]] || return 0
-    cp "$W/repro.log" "$repo/repro-timestamped.log" 2>/dev/null || true
-    for f in metrics dvc.lock params.yaml repro-timestamped.log dvclive; do
-        [[ -e $repo/$f ]] && files+=("$f")
-    done
-    ((${#files[@]})) && tar -C "$repo" -czf "$OUT/repro.tar.gz" "${files[@]}" || true
+summarize() {  # $OUT/results.json (every part's JSON so far) and $OUT/summary.md (the targets table)
+    "$PY" benchmarks/gpu_summary.py "$W/parts" "$W/steps.tsv" "$W/card.txt" "$OUT" >/dev/null || echo "summary failed"
 }
 
 on_machine() {
-    echo "=== gpu.sh on $(uname -n) at $(date -u +%FT%TZ); budget $BUDGET s"
+    echo "=== gpu.sh on $(uname -n) at $(date -u +%FT%TZ); budget $BUDGET s; parts: $PARTS; dry run: $DRY_RUN"
     setup_machine
-    write_runner
     describe_machine
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv -l 1 >"$OUT/gpu-util.csv" 2>/dev/null &
-    local sampler=$!
-    step pytest 300 "$W/pytest.log" python -m pytest -v -m gpu tests/test_gpu.py -rA --durations=0 -p no:cacheprovider
-    # ~2 min expected (the seed's one-dialogue-at-a-time generation dominates); eval batch 32 = params' default
-    # shellcheck disable=SC2086
-    step speed 200 "$W/speed.log" python benchmarks/speed.py $SPEED_ARGS --json "$OUT/speed.json"
-    export -f repro
-    export W ROOT TRAIN_ROWS EVAL_ROWS REPRO_CONFIG
-    step repro 600 "$W/repro.log" bash -c repro
+    local sampler=$! entry name cap dry=()
+    ((DRY_RUN)) && dry=(--dry-run)
+    make_models
+    for entry in $PARTS; do
+        name=${entry%%:*} cap=${entry##*:}
+        if [[ $name == pytest ]]; then
+            part pytest "$cap" python -m pytest -v -m gpu tests/test_gpu.py -rA --durations=0 -p no:cacheprovider
+        elif [[ $name == overhead ]] && ((DRY_RUN)); then
+            part overhead "$cap" python benchmarks/trainer_overhead.py --config-dir "$W/model" --batch 2 --steps 2 \
+                --json "$W/parts/overhead.json"
+        elif [[ $name == overhead ]]; then  # the Trainer path vs a plain loop, flan-t5-base at the default batch
+            part overhead "$cap" python benchmarks/trainer_overhead.py --config flan-t5-base-config --batch 32 \
+                --steps 10 --candidates --json "$W/parts/overhead.json"
+        else
+            part "$name" "$cap" python benchmarks/gpu_parts.py "$name" --model "$W/model" --out "$W/parts" "${dry[@]}"
+        fi
+    done
     kill "$sampler" 2>/dev/null || true
     summarize
-    pack
+    cat "$OUT/summary.md" 2>/dev/null || true
     echo "=== done in $(($(date +%s) - START)) s; \$OUT: $(ls "$OUT" | tr '\n' ' ')"
 }
 
 case "${1:-}" in
     prepare) prepare ;;
-    "")
+    "" | dry-run)
+        if [[ ${1:-} == dry-run ]]; then  # the whole script on this CPU with tiny sizes: the plumbing, in a minute or two
+            DRY_RUN=1
+            BUDGET=${GPU_SH_BUDGET_S:-300}
+            OUT=${OUT:-$(mktemp -d)}
+        fi
         : "${OUT:?set OUT to the folder for the results (the run tool sets it)}"
         export OUT
         mkdir -p "$OUT"
         on_machine 2>&1 | tee "$OUT/gpu.log"
         ;;
-    *) echo "usage: bash benchmarks/gpu.sh [prepare]" >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/gpu.sh [prepare | dry-run]" >&2; exit 2 ;;
 esac
