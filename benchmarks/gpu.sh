@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU run, as one prepared script for a lent GPU machine: the CUDA tests (`pytest -m gpu`), the
-# speed benchmark on the flan-t5-base architecture, then a short real `dvc repro` (flan-t5-base
-# random weights, 2000 training rows, 1 epoch of full and LoRA, all 500 test dialogues with the
-# default generation params), each stage timed. Everything it writes goes under "$OUT".
+# The GPU run of issue 19, as one prepared script for one lent GPU machine call: the measurement parts of
+# benchmarks/gpu_parts.py and benchmarks/trainer_overhead.py on the flan-t5-base architecture (random
+# weights) with real DialogSum rows, then the CUDA tests (`pytest -m gpu`, whose test (e) is the tiny
+# offline `dvc repro` on the card). Everything it writes goes under "$OUT".
 #
 # HOW TO RUN IT (two steps, both from the repo root of the session's own checkout; .gpu/ is not
 # committed, so step 1 runs in every session that will call the machine):
@@ -10,40 +10,43 @@
 # 1. On the CPU side, before asking for the machine (needs ../shared, .venv with requirements.txt
 #    installed, and PyPI; takes under a minute):
 #        bash benchmarks/gpu.sh prepare
-#    It writes .gpu/ (git-ignored by .gitignore, and prepare adds it to .git/info/exclude too; ~45 MiB):
+#    It writes .gpu/ (git-ignored by .gitignore, and prepare adds it to .git/info/exclude too):
 #      .gpu/whl/     wheels (CPython 3.12, x86-64) of every package the pipeline needs that the
-#                    machine's image lacks (dvc, dvclive, datasets, evaluate, rouge_score, ...), plus
-#                    transformers, peft, datasets, fsspec and regex at this venv's versions;
+#                    machine's image lacks (dvc, dvclive, datasets, evaluate, rouge_score, bitsandbytes...),
+#                    plus transformers, peft, datasets, fsspec and regex at this venv's versions;
 #      .gpu/shared/  the part of ../shared the run reads (DialogSum with its first 2000 train rows,
 #                    the flan-t5-small and flan-t5-base configs and tokenizer): ../shared does not
 #                    travel to the machine, so the script links .gpu/shared there as ../shared.
-#    The machine's own python3 (torch with CUDA) is used; the venv does not travel.
+#    The machine's own python3 (torch with CUDA) is used; the venv does not travel. prepare prints what
+#    travels against the run tool's 64 MiB limit.
 #
-# 2. One call of the run tool (about 10 of the 15 minutes of device time, so there is no rerun):
+# 2. One call of the run tool (the script stops itself after GPU_SH_BUDGET_S = 420 s, 7 minutes, so the
+#    600 s call has margin; then give_back):
 #        run(command="bash benchmarks/gpu.sh", carry=[".gpu"], timeout_s=600)
-#    The script stops itself after GPU_SH_BUDGET_S seconds (default 580): each step has a time cap
-#    (pytest 300 s: the first run cut its tiny `dvc repro` test at 200 s; speed.py 200 s) and the last step (dvc repro) gets what is left; a failed or cut
-#    step is recorded and the next one runs, and the summary is written either way. Then give_back.
-#    The repro is a temp copy of the repo (git init there, or core.no_scm where the machine has no
-#    git) with params.yaml overridden (model.name, data.source, train_*.epochs 1, variants limited
-#    to base/full/lora/lead); dvc.yaml is not touched. It runs every stage but the training stages
-#    of other methods (train_* other than train_full/train_lora), named as `dvc repro` targets only
-#    when dvc.yaml has such stages.
-#    Output in $OUT (the run tool brings back at most 8 files): summary.md (card, date, step exit
-#    codes, targets as measured ratios, the speed table, per-stage times of the repro: what goes
-#    into BENCHMARKS.md), summary.json, gpu.log (everything printed), env.txt (nvidia-smi -q,
-#    versions, pip freeze), speed.json, gpu-util.csv (nvidia-smi once a second) and repro.tar.gz
-#    (the repro's metrics/, dvclive/, dvc.lock, params.yaml and timestamped log).
+#    Parts run in order, each under `timeout` with its cap (GPU_SH_PARTS, "name:seconds") or what the
+#    budget has left: attention (which SDPA kernel T5's biased attention runs), stages (part of an epoch of
+#    each training stage at the defaults, a validation, all 500 test dialogues at bf16 and 4 beams,
+#    generate.batch_size candidates, the seed recipe, and the default repro's projection), train (full
+#    fine-tuning MFU: compile off at pad 8 and 64, compile on at pad 64), memory (every method's peak vs
+#    full at the same batch, bf16 base, checkpointing off/on), overhead (the Trainer path vs a plain loop,
+#    each candidate switched off), decoder (Llama-3.2-1B-sized LoRA and QLoRA 4-bit), pytest (CUDA tests
+#    and the tiny dvc repro). A part that fails or is cut is recorded and the next one runs; after every
+#    part its JSON is merged into $OUT, so nothing finished is lost.
+#    Output in $OUT (the run tool brings back at most 8 files): summary.md (card, part exit codes and times,
+#    issue 19's targets as measured, every part's numbers: what goes into BENCHMARKS.md), results.json (the
+#    same as data), gpu.log (everything printed), env.txt (nvidia-smi -q, versions, pip freeze, gcc) and
+#    gpu-util.csv (nvidia-smi once a second).
 #
-# Knobs (environment), for a partial rerun or a dry run of the plumbing on a CPU: GPU_SH_BUDGET_S (580),
-# GPU_SH_STEPS ("pytest speed repro"), GPU_SH_PYTHON (python3), SPEED_ARGS, REPRO_CONFIG
-# (flan-t5-base-config), REPRO_TRAIN_ROWS (2000), REPRO_EVAL_ROWS (validation and test rows; all).
+# 3. Dry run on a CPU (tests/test_gpu_script.py runs it): `bash benchmarks/gpu.sh dry-run` runs the whole
+#    script with this venv, a tiny T5 and tiny sizes (a few minutes on 2 busy cores; OUT defaults to a
+#    temp folder).
+#
+# Knobs (environment): GPU_SH_BUDGET_S (420; 300 in a dry run), GPU_SH_PARTS (see above), GPU_SH_PYTHON
+# (python3; python in a dry run), GPU_SH_WORK (/tmp/gpu-sh), REPRO_TRAIN_ROWS (2000: train rows prepare carries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 TRAIN_ROWS=${REPRO_TRAIN_ROWS:-2000}
-EVAL_ROWS=${REPRO_EVAL_ROWS:-}  # empty: all 500 validation rows and all 1500 test rows (500 dialogues)
-REPRO_CONFIG=${REPRO_CONFIG:-flan-t5-base-config}
 
 # --------------------------------------------------------------------------------------- prepare
 
