@@ -316,3 +316,19 @@ def test_compile_trains_a_step_through_the_trainer(tiny_model_dir, tmp_path):
     assert loss == pytest.approx(eager_loss, rel=1e-4)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_qlora_trains_with_gradient_checkpointing(tmp_path_factory, tmp_path, monkeypatch):
+    # QLoRA's checkpointing is train_lora.gradient_checkpointing too (peft's k-bit preparation no longer
+    # turns on its own); a 4-bit base 128 wide (bitsandbytes' CPU kernel wants widths in multiples of 64)
+    model_dir = make_tiny_model(tmp_path_factory.mktemp("qlora") / "model", "--family", "llama", "--width", "128")
+    mock_bf16_device(monkeypatch)
+    recipe = tiny_train_params(precision="auto", batch_size=4, gradient_checkpointing=True)
+    run = stage_run(model_dir, tmp_path / "work", "lora", recipe, monkeypatch)
+    trained = training.train(run, builder("lora", model_dir), quantization="4bit", frozen_base=True)
+    model = trained.trainer.model
+    assert family.is_quantized(family.unwrap(model)) and model.is_activation_checkpointing
+    metrics = training.training_metrics(trained.trainer)
+    assert metrics["train_base_dtype"] == "4bit" and metrics["train_gradient_checkpointing"] == 1
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
