@@ -64,8 +64,13 @@ def no_grad_norm(trainer) -> None:
     trainer._get_grad_norm = lambda model, grad_norm=None: grad_norm  # max_grad_norm 0 still computes the norm
 
 
+def nan_inf_filter(trainer) -> None:
+    trainer.args.logging_nan_inf_filter = True  # transformers' default; the pipeline turns it off
+
+
 CANDIDATES = (
     ("pipeline (as dvc repro trains)", {}, None, True),
+    ("NaN/inf loss filter on (transformers' default: a host sync per step)", {}, nan_inf_filter, True),
     ("callbacks off (RunLedger, progress)", {}, no_callbacks, True),
     ("DVCLive curves off", {}, None, False),
     ("progress off", {}, no_progress, True),

@@ -191,6 +191,11 @@ def training_arguments(
         # optimizer; `train` halves it and starts each attempt clean
         logging_strategy="steps",
         logging_steps=params.logging_steps,
+        # transformers' default filter tests every micro-batch's loss with bool(isnan(loss)): on a GPU a host
+        # sync per step, so the host cannot queue the next step while this one runs (issue 19: the Trainer
+        # path ran 40 samples/s where a plain loop ran 99). Off, a non-finite loss shows in the logged loss
+        # instead of being replaced by the running mean: a diverged run is seen, not hidden
+        logging_nan_inf_filter=False,
         report_to="none",
         seed=seed,
         data_seed=seed,

@@ -332,3 +332,25 @@ def test_qlora_trains_with_gradient_checkpointing(tmp_path_factory, tmp_path, mo
     assert metrics["train_base_dtype"] == "4bit" and metrics["train_gradient_checkpointing"] == 1
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_no_per_step_loss_check_a_non_finite_loss_is_logged_as_it_is(tiny_model_dir, tmp_path):
+    # transformers' NaN/inf filter reads every step's loss on the host (a GPU sync per step) and logs
+    # the running mean in place of a non-finite one; the pipeline turns it off: the NaN shows
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    data = rows(tiny_model_dir, 4)
+    params = tiny_train_params(batch_size=2)
+    args = training.training_arguments(params, 0, tmp_path, torch.device("cpu"), "train_full")
+    assert args.logging_nan_inf_filter is False
+    trainer = training.build_trainer(load_model(str(tiny_model_dir)), tokenizer, data, data.select(range(2)), args)
+    real_loss, calls = trainer.compute_loss_func, []
+
+    def second_step_diverges(outputs, labels, num_items_in_batch=None):
+        calls.append(1)
+        loss = real_loss(outputs, labels, num_items_in_batch)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    trainer.compute_loss_func = second_step_diverges
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and torch.isfinite(torch.tensor(losses[0])) and torch.isnan(torch.tensor(losses[1]))
