@@ -208,7 +208,7 @@ BUDGET=${GPU_SH_BUDGET_S:-420}  # 7 minutes of the run tool's 600 s call: margin
 RESERVE=15  # seconds kept for the summary (a cut part also gets up to 15 s to die)
 # parts in order, each with its cap in seconds: measurements first (what issue 19 is blocked on), then the
 # CUDA tests with the tiny `dvc repro` (tests/test_gpu.py (e)) with what is left
-PARTS=${GPU_SH_PARTS:-"attention:20 stages:90 train:90 memory:50 overhead:45 decoder:45 pytest:120"}
+PARTS=${GPU_SH_PARTS:-"attention:20 stages:110 train:110 memory:50 overhead:45 decoder:45 pytest:120"}
 
 # seconds a part may take: its cap, or what the budget has left (0: skip it)
 budget_for() {
@@ -350,7 +350,7 @@ on_machine() {
                 --json "$W/parts/overhead.json"
         elif [[ $name == overhead ]]; then  # the Trainer path vs a plain loop, flan-t5-base at the default batch
             part overhead "$cap" python benchmarks/trainer_overhead.py --config flan-t5-base-config --batch 32 \
-                --steps 10 --candidates --json "$W/parts/overhead.json"
+                --steps 8 --candidates --json "$W/parts/overhead.json"
         else
             part "$name" "$cap" python benchmarks/gpu_parts.py "$name" --model "$W/model" --out "$W/parts" "${dry[@]}"
         fi
