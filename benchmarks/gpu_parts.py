@@ -142,12 +142,12 @@ def builder(method: str, model_dir: Path):
     return partial(train_prompt.build_model, config=config, token_ids=None)
 
 
-def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """FLOPs of forward + backward on a batch as the Trainer fed it (labels go to token_mean_loss, not
-    the model, so the batch has decoder inputs but no labels), counted by torch as speed.step_flops does;
-    the loss itself (a cross-entropy over the logits) is left out: it is no matmul."""
+def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> int:
+    """FLOPs of forward + backward on a collated batch, counted by torch as speed.step_flops does (on the
+    eager model: a compiled step does the same matmuls)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
     with speed.FlopCounterMode(display=False, custom_mapping=speed.CPU_ATTENTION_FLOPS) as counter:
-        model(**batch).logits.float().sum().backward()
+        model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -170,7 +170,9 @@ def run_steps(
         trainer = training.build_trainer(model, tokenizer, data, data, args, recipe.pad_to_multiple_of)
         clock = StepClock(device)
         trainer.add_callback(clock)
-        recorder = speed.BatchRecorder(model) if count_flops else None
+        # the batches as the collator made them (not a forward hook: that would be traced into a compiled model)
+        batches, collate = [], trainer.data_collator
+        trainer.data_collator = lambda features: batches.append(collate(features)) or batches[-1]
         started = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - started
@@ -187,11 +189,11 @@ def run_steps(
         "attn_implementation": family.resolved_attn_implementation(trainer.model),
         **{k: getattr(recipe, k) for k in ("compile", "pad_to_multiple_of", "gradient_checkpointing", "precision")},
     }
-    if recorder is not None:
-        batches = recorder.remove()[1:steps]  # the timed steps' own batches (one forward each, no accumulation)
+    if count_flops:
+        timed_batches = batches[1:steps]  # the timed steps' own batches (one micro-batch per step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(recipe.precision, device)):
-            flops = sum(step_flops(family.unwrap(trainer.model), b) for b in batches)
-        result["gflops_per_step"] = round(flops / max(len(batches), 1) / 1e9, 2)
+            flops = sum(step_flops(family.unwrap(trainer.model), b, device) for b in timed_batches)
+        result["gflops_per_step"] = round(flops / max(len(timed_batches), 1) / 1e9, 2)
         peak = card_peak(device)
         result["mfu"] = round(flops / timed / peak, 4) if peak and steps > 1 else None
     del trainer, model
