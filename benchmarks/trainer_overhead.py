@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             results.setdefault("candidates_samples_per_s", {})[name] = round(timed_samples / seconds, 3)
         save()
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    save()
     table = [("plain loop (same batches)", results["plain_loop_samples_per_s"], "")]
     pipeline = rows[0][1]
     table += [(name, round(rate, 3), f"{rate / pipeline:.2f}x") for name, rate in rows]
