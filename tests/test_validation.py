@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from stages.modeling import load_model, load_tokenizer
 from stages.params import PrepareParams, ValidateParams
 from stages.prepare import prepare_training_split
-from stages.training import build_trainer, complete_checkpoints, training_arguments
+from stages.training import build_trainer, complete_checkpoints, training_arguments, training_costs
 from stages.validation import (
     ValidationByGeneration,
     attach_validation,
@@ -106,9 +106,27 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(ove
     assert trainer.state.global_step == stop
     assert validation_history(trainer.state.log_history) == [e for e in full_history if e["step"] <= stop]
     metrics = selection_metrics(trainer, OVERFIT, subset)
-    assert metrics["stopped_early"] == 1 and metrics["planned_steps"] == 40
+    assert metrics["stopped_early"] == 1 and metrics["planned_steps"] == 40 and metrics["last_step"] == stop
+    costs = training_costs(trainer)  # throughput counts the samples of the steps that ran: 4 per step
+    assert costs["train_samples_per_second"] * costs["train_runtime_s"] == pytest.approx(4 * stop, rel=0.01)
     best_before_stop = max((e for e in full_history if e["step"] <= stop), key=lambda e: e["rougeL"])
     assert metrics["selected_step"] == best_before_stop["step"]
+
+
+def test_select_by_loss_keeps_the_lowest_validation_loss_checkpoint(overfit_run, tiny_model_dir, tmp_path):
+    """The same run selected by validation loss: the kept weights are the lowest-loss checkpoint's, which
+    is not the last one (the overfitting run's loss rises again as its steps grow)."""
+    by_loss = dataclasses.replace(OVERFIT, select_by="loss")
+    trainer, subset = trainer_for(tiny_model_dir, tmp_path, by_loss)
+    trainer.train()
+    history = validation_history(trainer.state.log_history)
+    assert [e["rougeL"] for e in history] == [e["rougeL"] for e in validation_history(overfit_run[0].state.log_history)]
+    lowest = min(history, key=lambda e: e["loss"])
+    assert lowest["step"] < 40  # the premise: the loss is lowest before the end
+    metrics = selection_metrics(trainer, by_loss, subset)
+    assert metrics["select_by"] == "loss" and metrics["selected_step"] == lowest["step"]
+    assert metrics["selected_val_loss"] == round(lowest["loss"], 6)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(lowest["loss"], rel=1e-5)  # the kept weights are its
 
 
 class KillAfterSave(TrainerCallback):
