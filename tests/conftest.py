@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,17 @@ def require_shared() -> Path:
     if os.environ.get("CI"):
         pytest.fail(f"{message}; CI must provide ../shared beside the project root")
     pytest.skip(f"{message}; this test runs where ../shared exists (CI has it)")
+
+
+def copy_project(dest: Path) -> Path:
+    """The project as a fresh clone holds it (git-tracked files only), in `dest`: where stages and DVC
+    commands run, so nothing a run writes touches the repository."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, tracked.split("\0")):
+        if (REPO / name).is_file():  # a tracked file deleted in the working tree is left out
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
 
 
 def make_tiny_model(out_dir: Path, *args: str) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from transformers import AutoTokenizer
 
 from stages.generate import generation_config, recorded_generation
 from stages.params import load_params
-from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, make_tiny_model, require_shared
+from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, copy_project, make_tiny_model, require_shared
 
 # Memorizing costs a tiny model capacity: width 128 (d_ff 256, 8 heads, 2+2 layers) memorizes 4
 # dialogues in 150 epochs (~25 s); width 32 stalls near 96 for full fine-tuning.
@@ -76,10 +75,7 @@ def memorized(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ceiling")
     model_dir = make_tiny_model(root / "tiny", "--tokenizer", str(FLAN_SMALL), "--width", str(WIDTH))
     work = root / "work"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, work / name)
+    copy_project(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
     params["variants"] = list(VARIANTS)  # full fine-tuning and LoRA against the untrained references
@@ -180,10 +176,7 @@ def memorized_llama(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ceiling_llama")
     model_dir = make_tiny_model(root / "tiny", "--family", "llama", "--width", "64")
     work = root / "work"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, work / name)
+    copy_project(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
     params["variants"] = list(LLAMA_VARIANTS)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, make_tiny_model, require_shared
+from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, copy_project, make_tiny_model, require_shared
 
 VARIANTS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["variants"])  # the committed list
 TRAINED = tuple(v for v in VARIANTS if v not in ("base", "lead"))
@@ -89,10 +89,7 @@ def pipeline_repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
     model_dir = make_tiny_model(root / "tiny", "--tokenizer", str(FLAN_SMALL))
     repo = root / "repo"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, repo / name)
+    copy_project(repo)
     params = smoke_params(yaml.safe_load((repo / "params.yaml").read_text()), model_dir)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, dialogsum_rows, write_jsonl
+from tests.conftest import REPO, copy_project, dialogsum_rows, write_jsonl
 from tests.test_training import env, git_commit, run, set_params
 
 # full fine-tuning of the tiny model, 30 rows x 10 epochs / 8 per step = 40 steps, validated twice
@@ -49,10 +49,7 @@ def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
     for split in ("train", "validation", "test"):
         write_jsonl(tmp_path / "source" / f"{split}.jsonl", dialogsum_rows(split, 30 if split == "train" else 4))
     repo = tmp_path / "repo"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, repo / name)
+    copy_project(repo)
     set_params(
         repo,
         {
