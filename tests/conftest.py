@@ -124,3 +124,28 @@ def problems(raw: dict) -> str:
     with pytest.raises(ParamsError) as info:
         parse_params(raw)
     return str(info.value)
+
+
+# Memorizing 8 short DialogSum-style pairs: the decoder-only ceiling tests (tests/test_family.py in
+# process, tests/test_ceiling.py through the real stages). LoRA on every linear layer and the output
+# head, rank 32, no dropout: enough capacity for a 64-wide Llama to memorize them.
+MEMORIZATION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def memorization_rows() -> list[dict]:
+    """8 short dialogue -> summary rows in DialogSum's shape (speaker tags, names, times)."""
+    names = [("Tom", "Mary"), ("John", "Linda"), ("David", "Susan"), ("Mike", "Anna")]
+    places = ["the bank", "the airport", "the library", "the hotel"]
+    rows = []
+    for i in range(8):
+        a, b = names[i % 4]
+        place = places[(i // 2) % 4]
+        rows.append(
+            {
+                "id": f"memorized_{i}",
+                "dialogue": f"#Person1#: Hi {b}, are you going to {place}?\n#Person2#: Yes, {a}. See you at {i + 2} o'clock.",
+                "summary": f"#Person2# tells #Person1# they will meet at {place} at {i + 2}.",
+                "topic": "meeting",
+            }
+        )
+    return rows

@@ -27,7 +27,16 @@ from transformers import AutoTokenizer
 
 from stages.generate import generation_config, recorded_generation
 from stages.params import load_params
-from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, copy_project, make_tiny_model, require_shared
+from tests.conftest import (
+    DIALOGSUM,
+    FLAN_SMALL,
+    MEMORIZATION_LORA_TARGETS,
+    REPO,
+    copy_project,
+    make_tiny_model,
+    memorization_rows,
+    require_shared,
+)
 
 # Memorizing costs a tiny model capacity: width 128 (d_ff 256, 8 heads, 2+2 layers) memorizes 4
 # dialogues in 150 epochs (~25 s); width 32 stalls near 96 for full fine-tuning.
@@ -148,27 +157,8 @@ LLAMA_LORA = {
     "r": 32,
     "alpha": 32,
     "dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+    "target_modules": MEMORIZATION_LORA_TARGETS,
 }
-
-
-def memorization_rows() -> list[dict]:
-    """8 short dialogue -> summary rows in DialogSum's shape (speaker tags, names, times)."""
-    names = [("Tom", "Mary"), ("John", "Linda"), ("David", "Susan"), ("Mike", "Anna")]
-    places = ["the bank", "the airport", "the library", "the hotel"]
-    rows = []
-    for i in range(8):
-        a, b = names[i % 4]
-        place = places[(i // 2) % 4]
-        rows.append(
-            {
-                "id": f"memorized_{i}",
-                "dialogue": f"#Person1#: Hi {b}, are you going to {place}?\n#Person2#: Yes, {a}. See you at {i + 2} o'clock.",
-                "summary": f"#Person2# tells #Person1# they will meet at {place} at {i + 2}.",
-                "topic": "meeting",
-            }
-        )
-    return rows
 
 
 @pytest.fixture(scope="module")
