@@ -4,6 +4,7 @@ early stopping stops, and a killed run resumes with its validation history and b
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,25 @@ def test_peak_checkpoint_is_the_one_kept(overfit_run):
     # the weights the stage saves are the peak's: scoring the final model again gives the peak score
     scorer = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ValidationByGeneration))
     assert scorer.score(trainer.model) == peak["rougeL"]
+
+
+def test_the_reloaded_best_checkpoint_keeps_the_embedding_aliases_and_the_warning_about_them_is_dropped(overfit_run):
+    """The Trainer reloads the best checkpoint with strict=False and lists the encoder/decoder
+    embed_tokens as missing: they are `shared.weight` itself (one tensor), so they were restored,
+    and stages/__init__.py drops that one warning; another missing key still warns."""
+    model = overfit_run[0].model
+    assert model.encoder.embed_tokens.weight is model.shared.weight is model.decoder.embed_tokens.weight
+    assert model.lm_head.weight is not model.shared.weight  # FLAN-T5's separate head stays apart
+    trainer_log = logging.getLogger("transformers.trainer")
+
+    def shown(keys: list[str]) -> bool:
+        message = f"There were missing keys in the checkpoint model loaded: {keys}."
+        return trainer_log.filter(logging.LogRecord("transformers.trainer", logging.WARNING, "", 0, message, (), None))
+
+    assert not shown(["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"])
+    assert not shown(["base_model.model.encoder.embed_tokens.weight"])
+    assert shown(["encoder.embed_tokens.weight", "lm_head.weight"])
+    assert shown(["lm_head.weight"])
 
 
 def stopping_step(history: list[dict], patience: int) -> int:
