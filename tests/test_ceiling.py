@@ -67,11 +67,9 @@ def speaker_heavy_dialogues(count: int) -> list[dict]:
     return sorted(heavy, key=lambda r: (len(r["dialogue"]) + 3 * len(r["summary"]), r["id"]))[:count]
 
 
-def run_stage(module: str, *args: str, cwd: Path, threads: int | None = None) -> None:
-    """Run a stage as DVC would; `threads` caps torch's threads (OMP_NUM_THREADS)."""
+def run_stage(module: str, *args: str, cwd: Path) -> None:
+    """Run a stage as DVC would (one torch thread: tests/conftest.py)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
     result = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
@@ -188,9 +186,7 @@ def memorized_llama(tmp_path_factory) -> Path:
         *(("stages.generate", v) for v in LLAMA_VARIANTS),
         *(("stages.evaluate", v) for v in LLAMA_VARIANTS),
     ):
-        # one thread: for a 64-wide model, a second thread costs more than it saves on a busy
-        # 2-core machine (tests/test_family.py measured 0.04 s a step on one, 0.19-0.34 s on two)
-        run_stage(module, *args, cwd=work, threads=1)
+        run_stage(module, *args, cwd=work)
     return work
 
 

@@ -47,16 +47,6 @@ BUILD_ARGS = {
 BEAMS = GenerationConfig(num_beams=4, max_new_tokens=16, early_stopping=True, do_sample=False, length_penalty=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: thread start-up costs more than it saves (a training step took 0.04 s on one
-    thread, 0.19-0.34 s on two, on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def script():
     """scripts/make_tiny_model.py as a module: main(argv) runs in-process (one interpreter start)."""
