@@ -26,6 +26,9 @@ from pathlib import Path
 TUNING_FILE = Path("metrics/tuning.json")
 METRIC = "selected_val_rougeL"  # validation ROUGE-L (x100) of the checkpoint the stage saved
 METHODS = ("full", "lora", "ia3", "prompt")
+# what every training stage reads besides its own sections: runs that differ here were trained on other
+# data, another model or scored on another validation subset, so their validation scores do not compare
+SHARED = ("seed", "deterministic", "model", "data", "prepare", "validate")
 
 
 def experiment_rows(shown: list[dict]) -> list[dict]:
@@ -69,11 +72,35 @@ def method_settings(params: dict, method: str) -> dict:
     }
 
 
+def shared_differences(rows: list[dict]) -> dict[str, list]:
+    """The shared params (SHARED) that differ between rows, with their values."""
+    settings = [
+        {k: v for section in SHARED for k, v in flat_any(r["params"].get(section), section).items()} for r in rows
+    ]
+    keys = sorted({k for s in settings for k in s})
+    return {
+        k: distinct([s.get(k) for s in settings]) for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1
+    }
+
+
+def flat_any(value, prefix: str) -> dict:
+    """A section as dotted keys (`seed` is a scalar, `validate` a mapping)."""
+    return flat(value, prefix) if isinstance(value, dict) else {prefix: value}
+
+
 def pick(rows: list[dict], method: str) -> dict | None:
     """The row with the best validation ROUGE-L for `method`, what varied and over which values."""
     scored = [r for r in rows if METRIC in r["metrics"].get(f"metrics/train/{method}.json", {})]
     if not scored:
         return None
+    if differing := shared_differences(scored):
+        raise SystemExit(
+            f"{method}: the runs differ in params every method shares, so their validation ROUGE-L does not "
+            "compare: "
+            + "; ".join(f"{k} in {v}" for k, v in differing.items())
+            + f". Compare runs that differ only in train_{method}.* / {method}.* "
+            "(`dvc exp remove` the others, or pass --methods without this one)."
+        )
     settings = [method_settings(r["params"], method) for r in scored]
     keys = sorted({k for s in settings for k in s})
     tuned = [k for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1]

@@ -5,6 +5,7 @@ lines and real warnings. Only what is listed here is silenced, each for a stated
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import sys
@@ -39,6 +40,31 @@ class _DropMessage(logging.Filter):
 logging.getLogger("transformers.modeling_utils").addFilter(
     _DropMessage("The tied weights mapping and config for this model specifies to tie")
 )
+
+
+class _DropTiedEmbeddingAliases(logging.Filter):
+    """Drops the Trainer's "missing keys" warning when every missing key is a seq2seq model's
+    encoder/decoder `embed_tokens.weight`: T5, mT5 and BART tie both to `shared.weight` (one
+    tensor), safetensors stores it once, and loading `shared.weight` restores all three; any other
+    missing key still warns. (tests/test_validation.py checks the aliases after the best-checkpoint reload.)"""
+
+    PREFIX = "There were missing keys in the checkpoint model loaded: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if not message.startswith(self.PREFIX):
+            return True
+        try:
+            keys = ast.literal_eval(message[len(self.PREFIX) :].rstrip("."))
+        except (ValueError, SyntaxError):
+            return True
+        aliases = [k.endswith(("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")) for k in keys]
+        return not (keys and all(aliases))
+
+
+# load_best_model_at_end reloads the chosen checkpoint; for a seq2seq model transformers lists the
+# tied embedding aliases as missing although they were restored through `shared.weight`
+logging.getLogger("transformers.trainer").addFilter(_DropTiedEmbeddingAliases())
 
 # peft 0.21 asks transformers 5.24 for `is_gradient_checkpointing`, which transformers renamed;
 # the answer is the same, and the warning is peft's to fix (a newer peft), not the user's.

@@ -27,6 +27,15 @@ REFERENCES_FILE = Path("data/prepared/references.jsonl")
 SCORES_DIR = Path("data/scores")
 METRICS_DIR = Path("metrics/evaluate")
 TRAIN_DIR = Path("metrics/train")
+# metrics/train/<method>.json keys saying which checkpoint was kept and why (stages/validation.py)
+SELECTION_KEYS = (
+    "select_by",
+    "selected_step",
+    "last_step",
+    "planned_steps",
+    "selected_val_rougeL",
+    "validation_dialogues",
+)
 TIMING_DIR = Path("metrics/timing")
 COST_DIR = Path("metrics/cost")
 # the project's multi-reference ROUGE as a Hugging Face `evaluate` module: the same numbers here,
@@ -102,6 +111,8 @@ def cost_row(train: dict, train_timing: dict, generate_timing: dict) -> dict[str
         for k, v in {**train, **train_timing}.items()
         if k.startswith("peak_") or k in ("train_oom_retries", "train_device", "train_precision", "train_tf32")
     }
+    # how the kept checkpoint was chosen on validation (trained variants only), for the report
+    selection = {k: v for k, v in train.items() if k in SELECTION_KEYS}
     return {
         "trainable_params": train["trainable_params"],
         "trainable_percent": train["trainable_percent"],
@@ -109,6 +120,7 @@ def cost_row(train: dict, train_timing: dict, generate_timing: dict) -> dict[str
         "saved_mb": train["saved_mb"],
         "train_runtime_s": train_timing["train_runtime_s"],
         **training,
+        **selection,
         "load_runtime_s": generate_timing["load_runtime_s"],
         "generation_runtime_s": generate_timing["generation_runtime_s"],
         "generation_dialogues_per_second": generate_timing["generation_dialogues_per_second"],

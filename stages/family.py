@@ -78,7 +78,7 @@ from transformers import (
 )
 
 from stages.errors import StageError
-from stages.modeling import _load_hint, _revision
+from stages.modeling import hub_revision, load_error
 
 Family = Literal["seq2seq", "causal"]
 SEQ2SEQ: Family = "seq2seq"
@@ -110,9 +110,9 @@ def task_type(model_family: Family):
 
 def load_config(name: str, revision: str = "main") -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(name, revision=_revision(name, revision), trust_remote_code=False)
+        return AutoConfig.from_pretrained(name, revision=hub_revision(name, revision), trust_remote_code=False)
     except (OSError, ValueError) as error:
-        raise _load_hint(name, revision, error) from None
+        raise load_error(name, revision, error) from None
 
 
 def quantization_config(quantization: str):
@@ -164,7 +164,7 @@ def load_model(
     """
     config = load_config(name, revision)
     kwargs = dict(
-        revision=_revision(name, revision), dtype=dtype, use_safetensors=True, trust_remote_code=False, config=config
+        revision=hub_revision(name, revision), dtype=dtype, use_safetensors=True, trust_remote_code=False, config=config
     )
     bnb = quantization_config(quantization)
     if bnb is not None:
@@ -180,9 +180,9 @@ def load_model(
                 f"model.attn_implementation: {config.model_type} models cannot load with {attn_implementation!r} "
                 f"({str(error).splitlines()[0]}); use auto (transformers' best supported one) or eager"
             ) from None
-        raise _load_hint(name, revision, error) from None
+        raise load_error(name, revision, error) from None
     except (OSError, SafetensorError) as error:  # SafetensorError: a truncated weights file
-        raise _load_hint(name, revision, error) from None
+        raise load_error(name, revision, error) from None
 
 
 def resolved_attn_implementation(model: PreTrainedModel) -> str:

@@ -8,6 +8,7 @@ workers watch for that themselves: see training.exit_with_launcher).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import sys
@@ -40,6 +41,25 @@ def one_gpu_env(environ: dict[str, str], visible_gpus: int, stage: str) -> dict[
     return {**environ, "CUDA_VISIBLE_DEVICES": first}
 
 
+def visible_gpus() -> int:
+    """How many CUDA devices the stage would see, asked of the NVIDIA driver (libcuda) directly:
+    importing torch to count them costs ~2 s per training stage on 2 cores, and the exec that
+    follows imports it again. The driver honours CUDA_VISIBLE_DEVICES as torch does, and the
+    exec discards the driver state. Where libcuda cannot be asked (not Linux), torch counts."""
+    if not sys.platform.startswith("linux"):
+        import torch
+
+        return torch.cuda.device_count()
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver: torch would see no GPU either
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0  # e.g. CUDA_ERROR_NO_DEVICE: torch.cuda.device_count() is 0 then too
+    return count.value
+
+
 def main(stage: str) -> None:
     params = load_params()
     stages = [f"train_{method}" for method in trained_methods(params)]
@@ -49,9 +69,7 @@ def main(stage: str) -> None:
     argv = command(stage, processes)
     environ = dict(os.environ)
     if processes == 1:
-        import torch  # imported here: counting GPUs is the only use, and the exec replaces us anyway
-
-        environ = one_gpu_env(environ, torch.cuda.device_count(), stage)
+        environ = one_gpu_env(environ, visible_gpus(), stage)
     sys.stdout.flush()
     os.execve(argv[0], argv, environ)
 

@@ -28,7 +28,8 @@ class ModelLoadError(StageError):
     """A model or tokenizer could not be loaded; the message says how to fix it."""
 
 
-def _load_hint(name: str, revision: str, error: Exception) -> ModelLoadError:
+def load_error(name: str, revision: str, error: Exception) -> ModelLoadError:
+    """One clear line for a model or tokenizer that would not load, with what to check."""
     first_line = str(error).splitlines()[0] if str(error) else ""
     return ModelLoadError(
         f"could not load {name!r} (revision {revision!r}): {type(error).__name__}: {first_line}\n"
@@ -38,16 +39,17 @@ def _load_hint(name: str, revision: str, error: Exception) -> ModelLoadError:
     )
 
 
-def _revision(name: str, revision: str) -> str | None:
-    # a local directory has no revisions; passing one would be ignored anyway, so be explicit
+def hub_revision(name: str, revision: str) -> str | None:
+    """The revision to pass to from_pretrained: none for a local directory (it has no revisions;
+    passing one would be ignored anyway, so be explicit)."""
     return None if Path(name).is_dir() else revision
 
 
 def load_tokenizer(name: str, revision: str = "main") -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(name, revision=_revision(name, revision), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(name, revision=hub_revision(name, revision), trust_remote_code=False)
     except (OSError, ValueError) as error:
-        raise _load_hint(name, revision, error) from None
+        raise load_error(name, revision, error) from None
 
 
 def load_model(
@@ -144,7 +146,7 @@ def resolve_revision(name: str, revision: str) -> str:
     try:  # offline: the commit of the cached snapshot (its folder is named after it)
         return Path(snapshot_download(name, revision=revision, local_files_only=True)).name
     except (OSError, ValueError) as error:
-        raise _load_hint(name, revision, error) from None
+        raise load_error(name, revision, error) from None
 
 
 def read_pin(pin_file: Path, params: ModelParams) -> ModelParams:

@@ -39,6 +39,7 @@ PREDICTIONS_DIR = Path("data/predictions")
 REFERENCES_FILE = Path("data/prepared/references.jsonl")
 SCORES_DIR = Path("data/scores")
 BASE_MODEL_FILE = Path("metrics/base_model.json")
+TUNING_FILE = Path("metrics/tuning.json")  # scripts/tune.py's picks; committed as "nothing tuned" until a grid ran
 REPORT_FILE = Path("metrics/report.md")
 PLOT_FILE = Path("metrics/rouge_plot.json")
 FRONTIER_FILE = Path("metrics/frontier.json")
@@ -262,6 +263,53 @@ def runs_table(variants: list[str], generation: dict[str, dict], cost: dict[str,
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
+SELECTED_BY = {"rougeL": "best validation ROUGE-L", "loss": "lowest validation loss", "last": "the last"}
+
+
+def kept_checkpoint(c: dict) -> str:
+    """Which checkpoint a method's saved model is, from its cost row (stages/validation.py's keys)."""
+    kept = f"step {c['selected_step']} of {c['planned_steps']} ({SELECTED_BY[c['select_by']]})"
+    return kept + (f"; stopped early at step {c['last_step']}" if c["last_step"] < c["planned_steps"] else "")
+
+
+def tuned_cell(chosen: dict | None) -> str:
+    if not chosen:
+        return "no: params.yaml's recipe"
+    grid = "; ".join(f"{k} in {chosen['grid'][k]} -> {v}" for k, v in chosen["settings"].items())
+    return f"{grid or 'nothing varied'} ({chosen['runs_compared']} runs)"
+
+
+def selection_table(variants: list[str], cost: dict[str, dict], tuning: dict) -> str:
+    """Per trained variant: the checkpoint kept, its validation ROUGE-L and what was tuned over which grid."""
+    rows = [
+        [
+            label(v),
+            kept_checkpoint(cost[v]),
+            f"{cost[v]['selected_val_rougeL']:.2f} ({cost[v]['validation_dialogues']} dialogues)",
+            tuned_cell(tuning["methods"].get(v)),
+        ]
+        for v in variants
+        if "select_by" in cost[v]
+    ]
+    headers = ["model", "checkpoint kept", "validation ROUGE-L", "tuned on validation (grid -> picked)"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def tuning_sentence(tuning: dict) -> str:
+    test = "was not" if tuning["test_used"] is False else "WAS"
+    untuned = (
+        "Nothing was tuned: each method ran at its params.yaml recipe, and a recipe taken from a paper can favour "
+        "one method over another (README: Tuning each method on validation). "
+        if not tuning["methods"]
+        else ""
+    )
+    return (
+        f"{untuned}The test split {test} used to choose anything: checkpoints, early stopping and the tuned "
+        f"settings were chosen on the validation split (tuning: {tuning['selected_by']}; `metrics/tuning.json`, "
+        f"written by `scripts/tune.py`)."
+    )
+
+
 def examples_section(
     variants: list[str], predictions: dict[str, list[dict]], references: dict[str, list[str]], count: int
 ) -> str:
@@ -333,6 +381,7 @@ def render(
     base_model: dict,
     examples: str,
     data_source: str,
+    tuning: dict,
 ) -> str:
     return (
         "\n\n".join(
@@ -375,6 +424,9 @@ def render(
                 "devices, how often training restarted at half the batch after running out of memory (the same "
                 "samples per step), and the generation batch after any out-of-memory halving.",
                 runs_table(variants, generation, cost),
+                "## How each method was chosen on validation",
+                selection_table(variants, cost, tuning),
+                tuning_sentence(tuning),
                 "## Examples",
                 examples,
             ]
@@ -406,6 +458,7 @@ def main() -> None:
             read_json(BASE_MODEL_FILE),
             examples,
             params.data.source,
+            read_json(TUNING_FILE),
         )
     )
     rouge_rows = plot_rows(variants, evaluation, cost)

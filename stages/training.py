@@ -467,7 +467,10 @@ def training_costs(trainer: Seq2SeqTrainer) -> dict[str, float]:
     max_memory_allocated on CUDA and the process's peak RSS on CPU, named accordingly."""
     ledger = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RunLedger))
     runtime = ledger.runtime_s()
-    samples = len(trainer.train_dataset) * trainer.args.num_train_epochs
+    # the samples the steps that ran consumed: an early stop at step 150 of 180 ran 150/180 of the epochs
+    samples = (
+        len(trainer.train_dataset) * trainer.args.num_train_epochs * trainer.state.global_step / trainer.state.max_steps
+    )
     memory_key = "peak_gpu_memory_mb" if trainer.args.device.type == "cuda" else "peak_rss_mb"
     device = trainer.args.device
     return {

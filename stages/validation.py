@@ -171,6 +171,7 @@ def selection_metrics(trainer: Seq2SeqTrainer, params: TrainParams, subset: Data
     selected_step = state.global_step if params.select_by == "last" else state.best_global_step
     selected = next(e for e in history if e["step"] == selected_step)
     return {
+        "select_by": params.select_by,
         "selected_step": selected_step,
         "selected_val_rougeL": selected["rougeL"],
         "selected_val_loss": round(selected["loss"], 6),
@@ -178,6 +179,7 @@ def selection_metrics(trainer: Seq2SeqTrainer, params: TrainParams, subset: Data
         "evaluations": len(history),
         "validation_dialogues": len(subset),
         "stopped_early": int(state.global_step < state.max_steps),
+        "last_step": state.global_step,
         "planned_steps": state.max_steps,
     }
 

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+# One torch thread for every test and the stage processes they start (they inherit it): on tiny models
+# thread wake-ups cost more than a second core saves. tests/test_peft_methods.py -k loss_falls took 25 s
+# with one thread, 63-75 s with two, on this project's 2-core machine (2026-11-27, another job running).
+# Set before anything imports torch (conftest is imported first); an explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -25,6 +32,17 @@ def require_shared() -> Path:
     if os.environ.get("CI"):
         pytest.fail(f"{message}; CI must provide ../shared beside the project root")
     pytest.skip(f"{message}; this test runs where ../shared exists (CI has it)")
+
+
+def copy_project(dest: Path) -> Path:
+    """The project as a fresh clone holds it (git-tracked files only), in `dest`: where stages and DVC
+    commands run, so nothing a run writes touches the repository."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, tracked.split("\0")):
+        if (REPO / name).is_file():  # a tracked file deleted in the working tree is left out
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
 
 
 def make_tiny_model(out_dir: Path, *args: str) -> Path:
@@ -112,3 +130,28 @@ def problems(raw: dict) -> str:
     with pytest.raises(ParamsError) as info:
         parse_params(raw)
     return str(info.value)
+
+
+# Memorizing 8 short DialogSum-style pairs: the decoder-only ceiling tests (tests/test_family.py in
+# process, tests/test_ceiling.py through the real stages). LoRA on every linear layer and the output
+# head, rank 32, no dropout: enough capacity for a 64-wide Llama to memorize them.
+MEMORIZATION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def memorization_rows() -> list[dict]:
+    """8 short dialogue -> summary rows in DialogSum's shape (speaker tags, names, times)."""
+    names = [("Tom", "Mary"), ("John", "Linda"), ("David", "Susan"), ("Mike", "Anna")]
+    places = ["the bank", "the airport", "the library", "the hotel"]
+    rows = []
+    for i in range(8):
+        a, b = names[i % 4]
+        place = places[(i // 2) % 4]
+        rows.append(
+            {
+                "id": f"memorized_{i}",
+                "dialogue": f"#Person1#: Hi {b}, are you going to {place}?\n#Person2#: Yes, {a}. See you at {i + 2} o'clock.",
+                "summary": f"#Person2# tells #Person1# they will meet at {place} at {i + 2}.",
+                "topic": "meeting",
+            }
+        )
+    return rows

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,16 @@ from transformers import AutoTokenizer
 
 from stages.generate import generation_config, recorded_generation
 from stages.params import load_params
-from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, make_tiny_model, require_shared
+from tests.conftest import (
+    DIALOGSUM,
+    FLAN_SMALL,
+    MEMORIZATION_LORA_TARGETS,
+    REPO,
+    copy_project,
+    make_tiny_model,
+    memorization_rows,
+    require_shared,
+)
 
 # Memorizing costs a tiny model capacity: width 128 (d_ff 256, 8 heads, 2+2 layers) memorizes 4
 # dialogues in 150 epochs (~25 s); width 32 stalls near 96 for full fine-tuning.
@@ -59,11 +67,9 @@ def speaker_heavy_dialogues(count: int) -> list[dict]:
     return sorted(heavy, key=lambda r: (len(r["dialogue"]) + 3 * len(r["summary"]), r["id"]))[:count]
 
 
-def run_stage(module: str, *args: str, cwd: Path, threads: int | None = None) -> None:
-    """Run a stage as DVC would; `threads` caps torch's threads (OMP_NUM_THREADS)."""
+def run_stage(module: str, *args: str, cwd: Path) -> None:
+    """Run a stage as DVC would (one torch thread: tests/conftest.py)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
     result = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
@@ -76,10 +82,7 @@ def memorized(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ceiling")
     model_dir = make_tiny_model(root / "tiny", "--tokenizer", str(FLAN_SMALL), "--width", str(WIDTH))
     work = root / "work"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, work / name)
+    copy_project(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
     params["variants"] = list(VARIANTS)  # full fine-tuning and LoRA against the untrained references
@@ -152,27 +155,8 @@ LLAMA_LORA = {
     "r": 32,
     "alpha": 32,
     "dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+    "target_modules": MEMORIZATION_LORA_TARGETS,
 }
-
-
-def memorization_rows() -> list[dict]:
-    """8 short dialogue -> summary rows in DialogSum's shape (speaker tags, names, times)."""
-    names = [("Tom", "Mary"), ("John", "Linda"), ("David", "Susan"), ("Mike", "Anna")]
-    places = ["the bank", "the airport", "the library", "the hotel"]
-    rows = []
-    for i in range(8):
-        a, b = names[i % 4]
-        place = places[(i // 2) % 4]
-        rows.append(
-            {
-                "id": f"memorized_{i}",
-                "dialogue": f"#Person1#: Hi {b}, are you going to {place}?\n#Person2#: Yes, {a}. See you at {i + 2} o'clock.",
-                "summary": f"#Person2# tells #Person1# they will meet at {place} at {i + 2}.",
-                "topic": "meeting",
-            }
-        )
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +164,7 @@ def memorized_llama(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ceiling_llama")
     model_dir = make_tiny_model(root / "tiny", "--family", "llama", "--width", "64")
     work = root / "work"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, work / name)
+    copy_project(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
     params["variants"] = list(LLAMA_VARIANTS)
@@ -205,9 +186,7 @@ def memorized_llama(tmp_path_factory) -> Path:
         *(("stages.generate", v) for v in LLAMA_VARIANTS),
         *(("stages.evaluate", v) for v in LLAMA_VARIANTS),
     ):
-        # one thread: for a 64-wide model, a second thread costs more than it saves on a busy
-        # 2-core machine (tests/test_family.py measured 0.04 s a step on one, 0.19-0.34 s on two)
-        run_stage(module, *args, cwd=work, threads=1)
+        run_stage(module, *args, cwd=work)
     return work
 
 

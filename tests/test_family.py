@@ -28,7 +28,7 @@ from stages.generate import generation_config
 from stages.modeling import head_is_tied, save_seq2seq
 from stages.params import parse_params
 from stages.rouge import mean_scores, score_corpus
-from tests.conftest import REPO
+from tests.conftest import MEMORIZATION_LORA_TARGETS, REPO, memorization_rows
 
 FAMILIES = ("t5", "t5_tied", "bart", "llama", "gpt2")
 CAUSAL = ("llama", "gpt2")
@@ -45,16 +45,6 @@ BUILD_ARGS = {
     "gpt2": ["--family", "gpt2"],
 }
 BEAMS = GenerationConfig(num_beams=4, max_new_tokens=16, early_stopping=True, do_sample=False, length_penalty=1.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: thread start-up costs more than it saves (a training step took 0.04 s on one
-    thread, 0.19-0.34 s on two, on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -468,20 +458,6 @@ def test_8bit_base_trains_lora_and_generates(tiny_dirs):
 # --------------------------------------------------------------------------- ceiling
 
 
-def memorization_pairs() -> list[tuple[str, str]]:
-    """8 short dialogue -> summary pairs in DialogSum's style (speaker tags, names, times)."""
-    names = [("Tom", "Mary"), ("John", "Linda"), ("David", "Susan"), ("Mike", "Anna")]
-    places = ["the bank", "the airport", "the library", "the hotel"]
-    pairs = []
-    for i in range(8):
-        a, b = names[i % 4]
-        place = places[(i // 2) % 4]
-        dialogue = f"#Person1#: Hi {b}, are you going to {place}?\n#Person2#: Yes, {a}. See you at {i + 2} o'clock."
-        summary = f"#Person2# tells #Person1# they will meet at {place} at {i + 2}."
-        pairs.append((dialogue, summary))
-    return pairs
-
-
 # Full-batch training of the 64-wide Llama; seeded, so the run is the same each time. LoRA adapts
 # every linear layer and the output head (the embedding stays frozen and random), rank 32, no
 # dropout: enough capacity to memorize. Measured: full 98.9, LoRA 100 ROUGE-L.
@@ -489,7 +465,6 @@ CEILING = {
     "full": dict(steps=200, learning_rate=3.0e-3),
     "lora": dict(steps=200, learning_rate=5.0e-3),
 }
-CEILING_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
 @pytest.mark.parametrize("method", CEILING)
@@ -504,10 +479,14 @@ def test_memorized_llama_reaches_the_rouge_ceiling_under_default_generation(tiny
     torch.manual_seed(0)
     if method == "lora":
         lora = LoraConfig(
-            task_type=F.task_type("causal"), r=32, lora_alpha=32, lora_dropout=0.0, target_modules=CEILING_LORA_TARGETS
+            task_type=F.task_type("causal"),
+            r=32,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules=MEMORIZATION_LORA_TARGETS,
         )
         model = get_peft_model(model, lora)
-    pairs = memorization_pairs()
+    pairs = [(row["dialogue"], row["summary"]) for row in memorization_rows()]
     prompt_ids = [text_ids(tokenizer, template.replace("{dialogue}", d)) for d, _ in pairs]
     rows = [F.training_example("causal", p, text_ids(tokenizer, s), tokenizer) for p, (_, s) in zip(prompt_ids, pairs)]
     batch = F.data_collator("causal", tokenizer, model)(rows)

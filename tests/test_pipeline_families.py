@@ -11,14 +11,12 @@ Needs ../shared (real DialogSum): runs in CI, skips elsewhere.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_tiny_model, require_shared
+from tests.conftest import REPO, copy_project, make_tiny_model, require_shared
 from tests.test_pipeline import git_commit, run, smoke_params, stages_run
 
 VARIANTS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["variants"])  # the committed list
@@ -39,10 +37,7 @@ def reproduced(request, tmp_path_factory) -> tuple[str, Path]:
     root = tmp_path_factory.mktemp(f"pipeline_{name}")
     model_dir = make_tiny_model(root / "tiny", *FAMILIES[name][0])
     repo = root / "repo"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for path in tracked.splitlines():
-        (repo / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / path, repo / path)
+    copy_project(repo)
     params = smoke_params(yaml.safe_load((repo / "params.yaml").read_text()), model_dir)
     params["data"]["limit"] = 12
     params["generate"].update(max_new_tokens=8)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from stages import family
 from stages.generate import generate_summaries, load_variant
 from stages.params import ModelParams, load_params
 from stages.report import quantization_notes
-from tests.conftest import REPO, dialogsum_rows, make_tiny_model, tiny_train_params
+from tests.conftest import copy_project, dialogsum_rows, make_tiny_model, tiny_train_params
 from tests.test_ceiling import run_stage
 
 
@@ -32,10 +30,7 @@ def qlora(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("qlora")
     model_dir = make_tiny_model(root / "tiny", "--family", "llama", "--width", "128")
     work = root / "work"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, work / name)
+    copy_project(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
     params["variants"] = ["lora"]

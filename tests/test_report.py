@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import numpy as np
 import pytest
 
@@ -15,8 +18,11 @@ from stages.report import (
     pareto_optimal,
     render,
     runs_table,
+    selection_table,
+    tuning_sentence,
 )
 from stages.rouge import ROUGE_TYPES, paired_test
+from tests.conftest import REPO
 
 RESAMPLES = 4000
 VARIANTS = ["base", "full", "lora", "lead"]
@@ -129,6 +135,8 @@ def test_report_says_p_values_are_holm_adjusted() -> None:
         }
         for v in VARIANTS
     }
+    for v in ("full", "lora"):
+        cost[v].update(SELECTION)
     base_model = {"base_model_name": "tiny", "base_model_revision": "main", "base_model_resolved_revision": "abc"}
     report = render(
         VARIANTS,
@@ -140,6 +148,7 @@ def test_report_says_p_values_are_holm_adjusted() -> None:
         base_model,
         "",
         "knkarthick/dialogsum",
+        NOTHING_TUNED,
     )
     assert report.startswith("# tiny on knkarthick/dialogsum: ")  # the real model and data, never a fixed name
     row = next(line for line in report.splitlines() if line.startswith("| full fine-tuning ") and "RSS" in line)
@@ -157,6 +166,67 @@ def test_report_says_p_values_are_holm_adjusted() -> None:
     assert lead.strip("|").split("|")[-1].strip() == "yes"  # zero-cost variants take part in the dominance check
     assert "## Paired tests on ROUGE-L (Holm-adjusted over 4 comparisons, family-wise error rate 0.05)" in report
     assert "Holm-adjusted p = " in report
+
+
+# --- how each method was chosen ---------------------------------------------
+
+SELECTION = {  # a trained variant's cost row carries its metrics/train/<method>.json selection keys
+    "select_by": "rougeL",
+    "selected_step": 120,
+    "last_step": 180,
+    "planned_steps": 180,
+    "selected_val_rougeL": 31.25,
+    "validation_dialogues": 100,
+}
+NOTHING_TUNED = {"selected_by": "validation ROUGE-L of the saved checkpoint", "test_used": False, "methods": {}}
+
+
+def table_cells(table: str, first_cell: str) -> list[str]:
+    row = next(line for line in table.splitlines() if line.startswith(f"| {first_cell} "))
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def test_report_states_the_kept_checkpoint_the_grid_and_that_test_was_not_used() -> None:
+    cost = {
+        "base": {"trainable_params": 0},
+        "full": {**SELECTION, "select_by": "loss", "last_step": 150},  # early stopping ended it at 150 of 180
+        "lora": SELECTION,
+    }
+    tuning = {
+        **NOTHING_TUNED,
+        "methods": {
+            "lora": {
+                "settings": {"train_lora.learning_rate": 0.001, "lora.r": 16},
+                "grid": {"train_lora.learning_rate": [0.0003, 0.001, 0.003], "lora.r": [8, 16, 32]},
+                "runs_compared": 9,
+            }
+        },
+    }
+    table = selection_table(["base", "full", "lora"], cost, tuning)
+    assert "original" not in table  # nothing trained, nothing chosen
+    assert table_cells(table, "full fine-tuning") == [
+        "full fine-tuning",
+        "step 120 of 180 (lowest validation loss); stopped early at step 150",
+        "31.25 (100 dialogues)",
+        "no: params.yaml's recipe",
+    ]
+    assert table_cells(table, "LoRA") == [
+        "LoRA",
+        "step 120 of 180 (best validation ROUGE-L)",
+        "31.25 (100 dialogues)",
+        "train_lora.learning_rate in [0.0003, 0.001, 0.003] -> 0.001; lora.r in [8, 16, 32] -> 16 (9 runs)",
+    ]
+    assert tuning_sentence(tuning).startswith("The test split was not used to choose anything")
+    assert tuning_sentence(NOTHING_TUNED).startswith("Nothing was tuned: each method ran at its params.yaml recipe")
+    assert "WAS used" in tuning_sentence({**NOTHING_TUNED, "test_used": True})
+
+
+def test_the_committed_tuning_file_says_nothing_was_tuned_in_tune_py_s_format() -> None:
+    """metrics/tuning.json is the report's dep: committed as tune.py writes it for an empty grid."""
+    spec = importlib.util.spec_from_file_location("tune", REPO / "scripts" / "tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    assert json.loads((REPO / "metrics" / "tuning.json").read_text()) == tune.tuning([], list(tune.METHODS))
 
 
 # --- pairing ------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, dialogsum_rows, write_jsonl
+from tests.conftest import REPO, copy_project, dialogsum_rows, write_jsonl
 
 NOISY = {
     "train_runtime_s",
@@ -62,10 +61,7 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
     for split in ("train", "validation", "test"):
         write_jsonl(root / "source" / f"{split}.jsonl", dialogsum_rows(split, 30 if split == "train" else 4))
     repo = root / "repo"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, repo / name)
+    copy_project(repo)
     slow = {
         "epochs": 2,
         "batch_size": 1,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -297,13 +299,42 @@ def test_launch_pins_a_one_process_run_to_one_gpu(capsys):
 def test_launch_main_uses_the_device_count(monkeypatch, tmp_path):
     # launch.main with 2 (mocked) GPUs and processes: 1 execs the stage with one GPU visible
     seen = {}
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 2)
     params = dataclasses.replace(load_params(REPO / "params.yaml"), train_full=TRAIN)
     monkeypatch.setattr(launch, "load_params", lambda: params)
     monkeypatch.setattr(launch.os, "execve", lambda path, argv, env: seen.update(argv=argv, env=env))
     launch.main("train_full")
     assert seen["argv"][-2:] == ["-m", "stages.train_full"]
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+class FakeDriver:
+    """libcuda's two calls launch makes: cuInit(0) and cuDeviceGetCount(&count), CUDA_SUCCESS = 0."""
+
+    def __init__(self, devices: int, init_error: int = 0):
+        self.devices, self.init_error = devices, init_error
+
+    def cuInit(self, flags: int) -> int:
+        return self.init_error
+
+    def cuDeviceGetCount(self, count) -> int:
+        count._obj.value = self.devices
+        return 0
+
+
+def test_launch_counts_gpus_with_the_driver_without_importing_torch(monkeypatch):
+    def no_driver(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(launch.ctypes, "CDLL", no_driver)
+    assert launch.visible_gpus() == 0  # a CPU machine
+    monkeypatch.setattr(launch.ctypes, "CDLL", lambda name: FakeDriver(devices=4))
+    assert launch.visible_gpus() == 4
+    monkeypatch.setattr(launch.ctypes, "CDLL", lambda name: FakeDriver(devices=4, init_error=100))
+    assert launch.visible_gpus() == 0  # CUDA_ERROR_NO_DEVICE
+    code = "import sys; from stages import launch; launch.visible_gpus(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_token_mean_loss_of_a_causal_model_is_the_models_own_loss():

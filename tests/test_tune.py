@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.conftest import REPO, dialogsum_rows, write_jsonl
+from tests.conftest import REPO, copy_project, dialogsum_rows, write_jsonl
 from tests.test_training import env, git_commit, run, set_params
 
 # full fine-tuning of the tiny model, 30 rows x 10 epochs / 8 per step = 40 steps, validated twice
@@ -48,10 +49,7 @@ def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
     for split in ("train", "validation", "test"):
         write_jsonl(tmp_path / "source" / f"{split}.jsonl", dialogsum_rows(split, 30 if split == "train" else 4))
     repo = tmp_path / "repo"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, repo / name)
+    copy_project(repo)
     set_params(
         repo,
         {
@@ -129,3 +127,35 @@ def test_picked_values_are_written_as_yaml_reads_them_back():
     spec.loader.exec_module(tune)
     for value in (1.0e-8, 3.0e-4, 0.3, 16, ["q", "v"], "all-linear"):
         assert yaml.safe_load(f"x: {tune.yaml_value(value)}")["x"] == value
+
+
+def test_runs_that_differ_in_a_shared_param_are_refused_with_what_differs():
+    """A grid whose runs validated on different subsets (or other data, model, seed) cannot be ranked
+    by validation ROUGE-L: tune.py names the differing params instead of picking."""
+    spec = importlib.util.spec_from_file_location("tune", REPO / "scripts" / "tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def row(name: str, rouge_l: float, **changes) -> dict:
+        changed = json.loads(json.dumps(params))
+        for key, value in changes.items():
+            section, field = key.split("__")
+            changed[section][field] = value
+        return {
+            "name": name,
+            "rev": name,
+            "params": changed,
+            "metrics": {"metrics/train/lora.json": {tune.METRIC: rouge_l}},
+        }
+
+    comparable = [row("a", 30.0), row("b", 35.0, train_lora__learning_rate=3.0e-3)]
+    assert tune.pick(comparable, "lora")["settings"] == {"train_lora.learning_rate": 3.0e-3}
+    mixed = [*comparable, row("c", 40.0, validate__dialogues=10)]
+    with pytest.raises(SystemExit) as refused:
+        tune.pick(mixed, "lora")
+    assert str(refused.value) == (
+        f"lora: the runs differ in params every method shares, so their validation ROUGE-L does not compare: "
+        f"validate.dialogues in [10, {params['validate']['dialogues']}]. Compare runs that differ only in "
+        "train_lora.* / lora.* (`dvc exp remove` the others, or pass --methods without this one)."
+    )

@@ -4,6 +4,7 @@ early stopping stops, and a killed run resumes with its validation history and b
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import TrainerCallback
 from stages.modeling import load_model, load_tokenizer
 from stages.params import PrepareParams, ValidateParams
 from stages.prepare import prepare_training_split
-from stages.training import build_trainer, complete_checkpoints, training_arguments
+from stages.training import build_trainer, complete_checkpoints, training_arguments, training_costs
 from stages.validation import (
     ValidationByGeneration,
     attach_validation,
@@ -83,6 +84,25 @@ def test_peak_checkpoint_is_the_one_kept(overfit_run):
     assert scorer.score(trainer.model) == peak["rougeL"]
 
 
+def test_the_reloaded_best_checkpoint_keeps_the_embedding_aliases_and_the_warning_about_them_is_dropped(overfit_run):
+    """The Trainer reloads the best checkpoint with strict=False and lists the encoder/decoder
+    embed_tokens as missing: they are `shared.weight` itself (one tensor), so they were restored,
+    and stages/__init__.py drops that one warning; another missing key still warns."""
+    model = overfit_run[0].model
+    assert model.encoder.embed_tokens.weight is model.shared.weight is model.decoder.embed_tokens.weight
+    assert model.lm_head.weight is not model.shared.weight  # FLAN-T5's separate head stays apart
+    trainer_log = logging.getLogger("transformers.trainer")
+
+    def shown(keys: list[str]) -> bool:
+        message = f"There were missing keys in the checkpoint model loaded: {keys}."
+        return trainer_log.filter(logging.LogRecord("transformers.trainer", logging.WARNING, "", 0, message, (), None))
+
+    assert not shown(["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"])
+    assert not shown(["base_model.model.encoder.embed_tokens.weight"])
+    assert shown(["encoder.embed_tokens.weight", "lm_head.weight"])
+    assert shown(["lm_head.weight"])
+
+
 def stopping_step(history: list[dict], patience: int) -> int:
     """Where early stopping should end this history: after `patience` evaluations in a row that do
     not beat the best score so far (the first evaluation sets it)."""
@@ -106,9 +126,27 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(ove
     assert trainer.state.global_step == stop
     assert validation_history(trainer.state.log_history) == [e for e in full_history if e["step"] <= stop]
     metrics = selection_metrics(trainer, OVERFIT, subset)
-    assert metrics["stopped_early"] == 1 and metrics["planned_steps"] == 40
+    assert metrics["stopped_early"] == 1 and metrics["planned_steps"] == 40 and metrics["last_step"] == stop
+    costs = training_costs(trainer)  # throughput counts the samples of the steps that ran: 4 per step
+    assert costs["train_samples_per_second"] * costs["train_runtime_s"] == pytest.approx(4 * stop, rel=0.01)
     best_before_stop = max((e for e in full_history if e["step"] <= stop), key=lambda e: e["rougeL"])
     assert metrics["selected_step"] == best_before_stop["step"]
+
+
+def test_select_by_loss_keeps_the_lowest_validation_loss_checkpoint(overfit_run, tiny_model_dir, tmp_path):
+    """The same run selected by validation loss: the kept weights are the lowest-loss checkpoint's, which
+    is not the last one (the overfitting run's loss rises again as its steps grow)."""
+    by_loss = dataclasses.replace(OVERFIT, select_by="loss")
+    trainer, subset = trainer_for(tiny_model_dir, tmp_path, by_loss)
+    trainer.train()
+    history = validation_history(trainer.state.log_history)
+    assert [e["rougeL"] for e in history] == [e["rougeL"] for e in validation_history(overfit_run[0].state.log_history)]
+    lowest = min(history, key=lambda e: e["loss"])
+    assert lowest["step"] < 40  # the premise: the loss is lowest before the end
+    metrics = selection_metrics(trainer, by_loss, subset)
+    assert metrics["select_by"] == "loss" and metrics["selected_step"] == lowest["step"]
+    assert metrics["selected_val_loss"] == round(lowest["loss"], 6)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(lowest["loss"], rel=1e-5)  # the kept weights are its
 
 
 class KillAfterSave(TrainerCallback):
