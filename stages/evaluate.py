@@ -20,7 +20,7 @@ from pathlib import Path
 from stages.errors import StageError, run_stage
 from stages.jsonio import read_json, read_jsonl, write_json
 from stages.params import load_params
-from stages.rouge import ROUGE_TYPES, bootstrap_ci
+from stages.rouge import ROUGE_TYPES, bootstrap_ci, mean_scores, score_corpus
 
 PREDICTIONS_DIR = Path("data/predictions")
 REFERENCES_FILE = Path("data/prepared/references.jsonl")
@@ -38,31 +38,6 @@ SELECTION_KEYS = (
 )
 TIMING_DIR = Path("metrics/timing")
 COST_DIR = Path("metrics/cost")
-# the project's multi-reference ROUGE as a Hugging Face `evaluate` module: the same numbers here,
-# in a notebook (evaluate.load("stages/rouge_multiref")) and in a Trainer's compute_metrics
-ROUGE_MODULE = Path(__file__).resolve().parent / "rouge_multiref"
-
-
-def import_evaluate():
-    """The Hugging Face `evaluate` package (this module is stages.evaluate), without its pipeline evaluators.
-
-    `import evaluate` imports evaluate.evaluator, which imports transformers.pipelines and with it
-    torch: 2.9 of its 4.1 s on 2 cores, paid by every evaluate@ stage (6 in the smoke run) for code
-    this stage never runs. evaluate.evaluator guards that import with `except ImportError` and then
-    only lacks its pipeline evaluators; a None entry in sys.modules makes the import raise
-    ImportError at once. The entry lives only while `evaluate` imports, so a later
-    `import transformers.pipelines` in this process works as usual.
-    """
-    if "evaluate" in sys.modules or "transformers.pipelines" in sys.modules:
-        import evaluate
-
-        return evaluate
-    sys.modules["transformers.pipelines"] = None  # type: ignore[assignment]
-    try:
-        import evaluate
-    finally:
-        del sys.modules["transformers.pipelines"]
-    return evaluate
 
 
 def with_references(predictions: list[dict], references: list[dict]) -> list[dict]:
@@ -79,15 +54,14 @@ def with_references(predictions: list[dict], references: list[dict]) -> list[dic
 
 
 def score(predictions: list[dict]) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Corpus ROUGE (x100) and per-dialogue ROUGE (0..1), through the evaluate module."""
-    evaluate = import_evaluate()
-    rouge = evaluate.load(str(ROUGE_MODULE), keep_in_memory=True)  # a local path: never the Hub
-    scores = rouge.compute(
-        predictions=[p["prediction"] for p in predictions],
-        references=[p["references"] for p in predictions],
-        per_dialogue=True,
-    )
-    return scores, scores.pop("per_dialogue")
+    """Corpus ROUGE (x100) and per-dialogue ROUGE (0..1) with the project's scorer (stages/rouge.py).
+
+    The same numbers as its `evaluate` module (stages/rouge_multiref, for notebooks and a Trainer's
+    compute_metrics: tests/test_evaluate.py checks they are equal), without importing the `evaluate`
+    package: its evaluation suites import `datasets` and more, 1.9 s per evaluate@ stage on 2 cores.
+    """
+    per_dialogue = score_corpus([p["prediction"] for p in predictions], [p["references"] for p in predictions])
+    return mean_scores(per_dialogue), per_dialogue
 
 
 def evaluation_metrics(
