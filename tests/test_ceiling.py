@@ -22,10 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoTokenizer
 
 from stages.generate import generation_config, recorded_generation
+from stages.modeling import use_bf16
 from stages.params import load_params
 from tests.conftest import (
     DIALOGSUM,
@@ -134,6 +136,11 @@ def test_full_fine_tuning_reaches_the_ceiling(memorized):
 def test_lora_reaches_the_ceiling(memorized):
     metrics = json.loads((memorized / "metrics" / "evaluate" / "lora.json").read_text())
     assert metrics["rougeL"] >= 90, metrics
+    # under bf16 training (a GPU's default, and this CPU's where it runs bf16 natively) the frozen base
+    # was bf16 (stages/training.py frozen_base_dtype): the ceiling covers that default where it can
+    bf16 = use_bf16("auto", torch.device("cpu"))
+    trained = json.loads((memorized / "metrics" / "train" / "lora.json").read_text())
+    assert trained["train_base_dtype"] == ("bf16" if bf16 else "fp32"), trained
 
 
 def test_the_untrained_model_is_far_below_it(memorized):

@@ -307,6 +307,11 @@ def test_prompt_change_does_not_refetch_but_data_change_does(pipeline_repo, repr
     assert dry_run_with(pipeline_repo, "report", "examples", 1) == {"report"}
 
 
+def test_attention_implementation_reruns_what_runs_the_model_not_the_pin_or_tokenization(pipeline_repo, reproduced):
+    planned = dry_run_with(pipeline_repo, "model", "attn_implementation", "eager")
+    assert planned == {*(f"train_{m}" for m in TRAINED), *(f"generate@{v}" for v in VARIANTS)}
+
+
 def test_training_curves_and_model_cards(pipeline_repo, reproduced):
     repo = pipeline_repo
     for stage in ("train_full", "train_lora"):

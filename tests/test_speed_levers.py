@@ -16,7 +16,6 @@ import dataclasses
 import json
 import shutil
 import subprocess
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,10 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from stages import family, modeling, train_full, train_ia3, train_lora, train_prompt, training
+from benchmarks.gpu_parts import builder  # the stages' own build_model per method, as the GPU script trains
+from stages import family, modeling, train_full, training
 from stages.generate import load_variant
-from stages.modeling import load_model, load_tokenizer, meta_model
+from stages.modeling import load_model, load_tokenizer
 from stages.params import ModelParams, load_params
 from tests.conftest import REPO, make_tiny_model, tiny_train_params
 
@@ -61,19 +61,6 @@ def rows(model_dir: Path, count: int) -> Dataset:
         for i in range(count)
     ]
     return Dataset.from_list(examples)
-
-
-def builder(method: str, model_dir: Path):
-    """The stage's own build_model for `method`, with the committed params of its section."""
-    meta = meta_model(ModelParams(name=str(model_dir), revision="main"))
-    if method == "full":
-        return train_full.build_model
-    if method == "lora":
-        return partial(train_lora.build_model, config=train_lora.lora_config(PARAMS.lora, meta))
-    if method == "ia3":
-        return partial(train_ia3.build_model, config=train_ia3.ia3_config(PARAMS.ia3, meta))
-    config = train_prompt.prompt_config(PARAMS.prompt, family.family(meta.config))
-    return partial(train_prompt.build_model, config=config, token_ids=None)
 
 
 class Capture(TrainerCallback):
