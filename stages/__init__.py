@@ -1,6 +1,7 @@
 """The pipeline's stages. Importing the package (every `python -m stages.<name>` does, first) quiets
 log output that is known and harmless, so what a user reads in `dvc repro`'s log is the stages' own
-lines and real warnings. Only what is listed here is silenced, each for a stated reason.
+lines and real warnings. Only what is listed here is silenced, each for a stated reason. In a stage
+process whose params quantize nothing, it also keeps bitsandbytes unimported (see below).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
+
+import yaml
 
 if not sys.stderr.isatty():
     # Hub downloads, weight loading and shard writing draw tqdm bars; in a log file (dvc repro's
@@ -69,3 +73,34 @@ logging.getLogger("transformers.trainer").addFilter(_DropTiedEmbeddingAliases())
 # peft 0.21 asks transformers 5.24 for `is_gradient_checkpointing`, which transformers renamed;
 # the answer is the same, and the warning is peft's to fix (a newer peft), not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def is_stage_process(orig_argv: list[str]) -> bool:
+    """True when this process runs a stage as a program (`python -m stages.<name>`: how dvc.yaml,
+    stages.launch and torchrun start them), not a test or notebook that imports a stage module."""
+    return any(flag == "-m" and module.startswith("stages.") for flag, module in zip(orig_argv, orig_argv[1:]))
+
+
+def quantizes(params_file: Path) -> bool:
+    """Whether any section of `params_file` sets `quantization` to other than none (QLoRA).
+    An unreadable file counts as quantizing: the stage then imports as usual and reports the file."""
+    try:
+        sections = yaml.safe_load(params_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return True
+    if not isinstance(sections, dict):
+        return True
+    return any(
+        isinstance(section, dict) and section.get("quantization", "none") != "none" for section in sections.values()
+    )
+
+
+# peft imports bitsandbytes whenever it is installed, and bitsandbytes 0.50 wraps its CPU kernels in
+# torch.compile at import, which loads TorchDynamo and Inductor: ~3.5 s of a 2-core machine in each
+# of the 7 stages that import peft (the Trainer imports it too), a quarter of the smoke run. Where
+# no params section quantizes, no stage loads a quantized model, so bitsandbytes is marked absent
+# (None in sys.modules: `import` raises ImportError, and peft's, transformers' and accelerate's
+# find_spec checks answer "not installed"). stages.family.quantization_config says so if a
+# quantized load is asked for anyway. Tests and notebooks that import a stage are left as they are.
+if is_stage_process(sys.orig_argv) and not quantizes(Path("params.yaml")):
+    sys.modules.setdefault("bitsandbytes", None)

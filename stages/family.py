@@ -62,6 +62,7 @@ original one: encoder input = prompt, labels = summary + EOS (with BART's <s> in
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,6 +126,12 @@ def quantization_config(quantization: str):
         raise StageError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
     if quantization == "none":
         return None
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        raise StageError(
+            f"a {quantization} load needs bitsandbytes, which this stage keeps unimported because no "
+            "params.yaml section sets quantization (stages/__init__.py); set it where the variant "
+            "was trained (e.g. lora.quantization: 4bit) and rerun with dvc repro"
+        )
     from transformers import BitsAndBytesConfig  # imported here: only quantized loads need bitsandbytes
 
     if quantization == "8bit":

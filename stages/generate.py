@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from datasets import Dataset
 from transformers import GenerationConfig  # a settings object: importing it loads no torch
 
 from stages.errors import StageError, run_stage
 from stages.jsonio import read_json, write_json, write_jsonl
 from stages.params import GenerateParams, ModelParams, Params, load_params
+from stages.splits import read_split
 
 if TYPE_CHECKING:  # the model path imports torch where it runs: generate@lead (a rule) never loads it
     import torch
@@ -196,7 +196,7 @@ def generate_summaries(
     return Generated(list(summaries), list(lengths), list(hit_max), batch_size)
 
 
-def lead_summaries(rule_file: Path, test: Dataset) -> Generated:
+def lead_summaries(rule_file: Path, test: dict[str, list]) -> Generated:
     turns = read_json(rule_file)["turns"]
     summaries = [lead_summary(d, turns) for d in test["dialogue"]]
     return Generated(summaries, [0] * len(summaries), [False] * len(summaries), 0)
@@ -242,14 +242,14 @@ def device_name(device: torch.device) -> str:
 
 
 def timed_generation(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: Dataset, params: GenerateParams, name: str
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: dict[str, list], params: GenerateParams, name: str
 ) -> tuple[Generated, float]:
     """Generated summaries and the wall clock of generation alone (the GPU's queue drained)."""
     import torch
 
     from stages.progress import Progress  # it imports the Trainer's callbacks (torch)
 
-    with Progress(len(test), f"generate@{name}", unit="dialogues") as progress:
+    with Progress(len(test["id"]), f"generate@{name}", unit="dialogues") as progress:
         started = time.perf_counter()
         generated = generate_summaries(model, tokenizer, test["input_ids"], params, progress.as_callback())
         if model.device.type == "cuda":
@@ -283,7 +283,7 @@ def generation_timing(load: dict, generated: Generated, runtime_s: float, dialog
     }
 
 
-def write_predictions(path: Path, test: Dataset, generated: Generated) -> None:
+def write_predictions(path: Path, test: dict[str, list], generated: Generated) -> None:
     # no references: they live in data/prepared/references.jsonl, read by the evaluate stage
     rows = [
         {
@@ -301,7 +301,7 @@ def write_predictions(path: Path, test: Dataset, generated: Generated) -> None:
 
 
 def model_generation(
-    model_dir: Path, test: Dataset, params: Params, variant: str
+    model_dir: Path, test: dict[str, list], params: Params, variant: str
 ) -> tuple[Generated, float, dict[str, float | str], str]:
     """A model variant's summaries, generation time, load record and the precision it ran in."""
     import torch
@@ -320,7 +320,7 @@ def main(variant: str) -> None:
     params = load_params()
     if variant not in params.variants:
         raise StageError(f"unknown variant {variant!r}; params.yaml variants are {', '.join(params.variants)}")
-    test = Dataset.load_from_disk(str(TEST_DIR))
+    test = read_split(TEST_DIR)  # columns id, dialogue, input_ids
     model_dir = MODELS_DIR / variant
     if (model_dir / LEAD_FILE).is_file():  # a rule, not a model: nothing to load, no precision, no torch
         started, load, precision = time.perf_counter(), {"load_runtime_s": 0.0, "device": "none"}, "none"
@@ -330,7 +330,7 @@ def main(variant: str) -> None:
     write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, generated)
     metrics = generation_metrics(params.generate, generated, precision, base_quantization(model_dir))
     write_json(metrics, METRICS_DIR / f"{variant}.json")
-    write_json(generation_timing(load, generated, runtime, len(test)), TIMING_DIR / f"generate_{variant}.json")
+    write_json(generation_timing(load, generated, runtime, len(test["id"])), TIMING_DIR / f"generate_{variant}.json")
 
 
 if __name__ == "__main__":

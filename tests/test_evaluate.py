@@ -19,6 +19,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from stages.generate import generate_summaries, lead_summary
 from stages.modeling import use_bf16
 from stages.params import GenerateParams, load_params
+from stages.splits import read_split
 from tests.conftest import FLAN_SMALL, REPO, dialogsum_rows, require_shared, write_jsonl
 
 
@@ -338,7 +339,7 @@ def test_stage_scores_equal_the_evaluate_module_and_the_plain_scorer(workdir):
 def test_a_stage_without_a_model_runs_without_torch(workdir, module, args):
     """Each stage is its own process and `import torch` alone costs 2 s on 2 cores: the stages that
     need no model (lead, generate@lead, every evaluate@) never import it, nor the Trainer, nor the
-    `evaluate` package (its suites import `datasets`: 1.9 s)."""
+    `evaluate` package (its suites import `datasets`: 1.9 s), nor `datasets` (stages/splits.py)."""
     code = (
         "import runpy, sys\n"
         f"sys.argv = ['{module}', *{args!r}]\n"
@@ -346,7 +347,7 @@ def test_a_stage_without_a_model_runs_without_torch(workdir, module, args):
         f"    runpy.run_module('{module}', run_name='__main__')\n"
         "except SystemExit as stop:\n"
         "    assert not stop.code, stop.code\n"
-        "print(sorted(m for m in ('torch', 'transformers.trainer', 'peft', 'evaluate') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'transformers.trainer', 'peft', 'evaluate', 'datasets') if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, env=env)
@@ -360,3 +361,17 @@ def test_a_stage_log_holds_its_own_lines_only(workdir):
     result = run_stage_module("stages.generate", "base", cwd=workdir)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("generate@base: ") for line in lines), result.stderr
+
+
+def test_the_test_split_reads_as_datasets_reads_it(workdir, tmp_path):
+    """generate@ reads the prepared test split with pyarrow (stages/splits.py: no `datasets` import
+    in six processes); its columns equal `Dataset.load_from_disk`'s, for a split saved in one file
+    (as prepare saves it) and in several."""
+    from datasets import Dataset
+
+    prepared = workdir / "data" / "prepared" / "test"
+    test = Dataset.load_from_disk(str(prepared))
+    assert read_split(prepared) == test.to_dict() and set(test.column_names) == {"id", "dialogue", "input_ids"}
+    test.save_to_disk(str(tmp_path / "sharded"), num_shards=3)
+    assert len(list((tmp_path / "sharded").glob("*.arrow"))) == 3
+    assert read_split(tmp_path / "sharded") == test.to_dict()

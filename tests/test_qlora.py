@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +21,12 @@ import torch
 import yaml
 from datasets import Dataset
 
+import stages
 from stages import family
 from stages.generate import generate_summaries, load_variant
 from stages.params import ModelParams, load_params
 from stages.report import quantization_notes
-from tests.conftest import copy_project, dialogsum_rows, make_tiny_model, tiny_train_params
+from tests.conftest import REPO, copy_project, dialogsum_rows, make_tiny_model, tiny_train_params
 from tests.test_ceiling import run_stage
 
 
@@ -86,3 +91,64 @@ def test_the_report_notes_a_quantized_base():
         "Note: **LoRA** was trained and evaluated on a 4bit-quantized base (QLoRA), not the base the other "
         "variants use; its training memory in the cost table is what quantization saves."
     ]
+
+
+def imported_modules(module: str, *args: str, cwd: Path) -> tuple[set[str], subprocess.CompletedProcess]:
+    """The modules a stage process imported (python -X importtime lists each on stderr) and its result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    names = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    return names, result
+
+
+def test_a_stage_imports_bitsandbytes_only_where_params_quantize(qlora, tmp_path):
+    """bitsandbytes' import compiles kernels (~3.5 s per stage on 2 cores), and peft imports it
+    whenever installed: a stage process loads it only when a params section quantizes, and a
+    quantized load asked for anyway says why it cannot run instead of "pip install bitsandbytes"."""
+    quantized, result = imported_modules("stages.generate", "lora", cwd=qlora)
+    assert result.returncode == 0, result.stderr
+    assert {"peft", "bitsandbytes.nn"} <= quantized
+
+    work = tmp_path / "work"
+    shutil.copytree(qlora, work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["lora"]["quantization"] = "none"
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    plain, result = imported_modules("stages.train_lora", cwd=work)  # trains on the unquantized base
+    assert result.returncode == 0, result.stderr
+    assert "peft" in plain and "bitsandbytes.nn" not in plain
+    (work / "models" / "lora" / "quantization.json").write_text('{"quantization": "4bit"}')  # a 4-bit adapter
+    _, result = imported_modules("stages.generate", "lora", cwd=work)
+    assert result.returncode == 2  # a StageError (stages/errors.py)
+    assert [line for line in result.stderr.splitlines() if not line.startswith("import time:")] == [
+        "error: a 4bit load needs bitsandbytes, which this stage keeps unimported because no params.yaml "
+        "section sets quantization (stages/__init__.py); set it where the variant was trained (e.g. "
+        "lora.quantization: 4bit) and rerun with dvc repro"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["python", "-m", "stages.generate", "lora"], True),
+        (["python", "-X", "importtime", "-m", "stages.train_lora"], True),
+        (["/venv/bin/python", "-u", "-m", "stages.train_full"], True),  # a torchrun worker
+        (["python", "-m", "pytest", "tests"], False),
+        (["python", "-c", "import stages.generate"], False),
+    ],
+)
+def test_only_a_stage_run_as_a_program_counts_as_a_stage_process(argv, expected):
+    assert stages.is_stage_process(argv) is expected
+
+
+def test_any_section_that_quantizes_keeps_bitsandbytes_importable(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("lora:\n  quantization: none\nqlora:\n  quantization: 4bit\n")
+    assert stages.quantizes(params)
+    params.write_text("lora:\n  quantization: none\nvariants: [base, lora]\n")
+    assert not stages.quantizes(params)
+    params.write_text("lora: [unclosed\n")  # unreadable: import as usual, the stage reports the file
+    assert stages.quantizes(params)
+    assert stages.quantizes(tmp_path / "missing.yaml")
