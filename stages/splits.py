@@ -18,8 +18,9 @@ import pyarrow as pa
 def read_split(split_dir: Path) -> dict[str, list]:
     """Every column of a split saved by `Dataset.save_to_disk`, as lists, in row order."""
     state = json.loads((split_dir / "state.json").read_text())
-    tables = []
-    for data_file in state["_data_files"]:
-        with pa.memory_map(str(split_dir / data_file["filename"])) as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
-    return pa.concat_tables(tables).to_pydict()
+    columns: dict[str, list] = {}
+    for data_file in state["_data_files"]:  # one file per shard, in order
+        with pa.OSFile(str(split_dir / data_file["filename"])) as source:
+            for name, values in pa.ipc.open_stream(source).read_all().to_pydict().items():
+                columns.setdefault(name, []).extend(values)
+    return columns
