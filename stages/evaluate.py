@@ -79,11 +79,13 @@ def evaluation_metrics(
 def cost_row(train: dict, train_timing: dict, generate_timing: dict) -> dict[str, float | str]:
     """One variant's cost, flat: deterministic counts beside the noisy wall-clock figures, and what
     each run resolved to (precision, device, batch after out-of-memory retries)."""
-    # peak_gpu_memory_mb or peak_rss_mb, the attempts that ran out of memory, device and precision
+    # peak_gpu_memory_mb or peak_rss_mb, the attempts that ran out of memory, device, precision and
+    # the dtype the base's weights were held in (a PEFT method's frozen base: bf16 under bf16, QLoRA 4bit)
     training = {
         k: v
         for k, v in {**train, **train_timing}.items()
-        if k.startswith("peak_") or k in ("train_oom_retries", "train_device", "train_precision", "train_tf32")
+        if k.startswith("peak_")
+        or k in ("train_oom_retries", "train_device", "train_precision", "train_tf32", "train_base_dtype")
     }
     # how the kept checkpoint was chosen on validation (trained variants only), for the report
     selection = {k: v for k, v in train.items() if k in SELECTION_KEYS}

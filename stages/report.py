@@ -235,7 +235,10 @@ def diagnostics_table(variants: list[str], generation: dict[str, dict], evaluati
 
 def runs_table(variants: list[str], generation: dict[str, dict], cost: dict[str, dict]) -> str:
     """What `precision: auto` and the out-of-memory retries resolved to, per variant: a bf16 run and
-    an fp32 run give different numbers, so a reader must see which ran."""
+    an fp32 run give different numbers, so a reader must see which ran. "base weights held in" is
+    the dtype of the weights a method did not train (a PEFT method's frozen base: bf16 under bf16
+    training, 4bit for QLoRA) or, for full fine-tuning, of the trained weights: part of what a
+    method's peak memory reflects."""
     rows = []
     for v in variants:
         c, g = cost[v], generation[v]
@@ -244,6 +247,7 @@ def runs_table(variants: list[str], generation: dict[str, dict], cost: dict[str,
             [
                 label(v),
                 f"{c['train_precision']}{' + TF32' if c.get('train_tf32') else ''}" if trained else "-",
+                c.get("train_base_dtype", "-") if trained else "-",
                 c.get("train_device", "-") if trained else "-",
                 c.get("train_oom_retries", "-") if trained else "-",
                 g.get("generation_precision", "-"),
@@ -254,6 +258,7 @@ def runs_table(variants: list[str], generation: dict[str, dict], cost: dict[str,
     headers = [
         "model",
         "train precision",
+        "base weights held in",
         "train device",
         "out-of-memory restarts",
         "generation precision",

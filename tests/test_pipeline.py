@@ -241,6 +241,12 @@ def test_frontier_plot_renders_every_trained_variant(pipeline_repo, reproduced):
     }
     report = (pipeline_repo / "metrics" / "report.md").read_text()
     assert "## Quality and cost" in report and all(f"| {label} " in report for label in ("LoRA", "full fine-tuning"))
+    # the cost rows carry the dtype each trained method's base weights were held in (the runs table shows it)
+    for method in TRAINED:
+        trained = json.loads((pipeline_repo / "metrics" / "train" / f"{method}.json").read_text())
+        cost = json.loads((pipeline_repo / "metrics" / "cost" / f"{method}.json").read_text())
+        assert cost["train_base_dtype"] == trained["train_base_dtype"]
+    assert "base weights held in" in report
 
 
 def test_noop_repro_runs_nothing(pipeline_repo, reproduced):

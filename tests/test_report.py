@@ -358,6 +358,7 @@ def test_the_report_shows_what_each_variant_ran_with():
         "lora": {
             "train_precision": "bf16",
             "train_tf32": 1,
+            "train_base_dtype": "bf16",
             "train_device": "NVIDIA H100 80GB HBM3",
             "train_oom_retries": 1,
             "generation_device": "NVIDIA H100 80GB HBM3",
@@ -372,6 +373,7 @@ def test_the_report_shows_what_each_variant_ran_with():
         "-",
         "-",
         "-",
+        "-",
         "bf16",
         "NVIDIA H100 80GB HBM3",
         "16",
@@ -379,6 +381,7 @@ def test_the_report_shows_what_each_variant_ran_with():
     assert [cell.strip() for cell in table[3].strip("|").split("|")] == [
         "LoRA",
         "bf16 + TF32",
+        "bf16",
         "NVIDIA H100 80GB HBM3",
         "1",
         "bf16",
@@ -387,6 +390,7 @@ def test_the_report_shows_what_each_variant_ran_with():
     ]
     assert [cell.strip() for cell in table[4].strip("|").split("|")] == [
         "lead baseline",
+        "-",
         "-",
         "-",
         "-",
