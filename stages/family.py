@@ -64,7 +64,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -74,12 +74,14 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     GenerationConfig,
     PretrainedConfig,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from stages.errors import StageError
 from stages.modeling import hub_revision, load_error
+
+if TYPE_CHECKING:  # importing it loads transformers' modeling code (~1.7 s), which prepare never runs
+    from transformers import PreTrainedModel
 
 Family = Literal["seq2seq", "causal"]
 SEQ2SEQ: Family = "seq2seq"

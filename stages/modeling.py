@@ -16,12 +16,16 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from stages.errors import StageError
 from stages.params import ModelParams
+
+if TYPE_CHECKING:  # importing it loads transformers' modeling code (~1.7 s), which prepare never runs
+    from transformers import PreTrainedModel
 
 
 class ModelLoadError(StageError):

@@ -355,6 +355,32 @@ def test_a_stage_without_a_model_runs_without_torch(workdir, module, args):
     assert result.stdout.splitlines()[-1] == "[]"
 
 
+def test_prepare_runs_without_transformers_modeling_code(workdir, tmp_path):
+    """prepare only tokenizes: it never imports transformers' modeling code (~1.7 s on 2 cores;
+    stages/family.py and stages/modeling.py import PreTrainedModel for annotations only), and what it
+    writes is what it wrote before."""
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    shutil.rmtree(work / "data" / "prepared")
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['stages.prepare']\n"
+        "try:\n"
+        "    runpy.run_module('stages.prepare', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert not stop.code, stop.code\n"
+        "print('transformers.modeling_utils' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
+    for written in ("references.jsonl", "test/data-00000-of-00001.arrow", "train/data-00000-of-00001.arrow"):
+        assert (work / "data" / "prepared" / written).read_bytes() == (
+            workdir / "data" / "prepared" / written
+        ).read_bytes()
+
+
 def test_a_stage_log_holds_its_own_lines_only(workdir):
     """What a user reads in `dvc repro`'s log (stderr is not a terminal there): the stage's progress,
     no tied-weights notice, no FutureWarning, no weight-loading bars (stages/__init__.py)."""
