@@ -3,6 +3,7 @@ generation fully set by params, LoRA scored unmerged, and the generate/evaluate 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -333,13 +334,8 @@ def test_stage_scores_equal_the_evaluate_module_and_the_plain_scorer(workdir):
     assert {k: stage[k] for k in plain} == plain
 
 
-@pytest.mark.parametrize(
-    ("module", "args"), [("stages.lead", []), ("stages.generate", ["lead"]), ("stages.evaluate", ["lead"])]
-)
-def test_a_stage_without_a_model_runs_without_torch(workdir, module, args):
-    """Each stage is its own process and `import torch` alone costs 2 s on 2 cores: the stages that
-    need no model (lead, generate@lead, every evaluate@) never import it, nor the Trainer, nor the
-    `evaluate` package (its suites import `datasets`: 1.9 s), nor `datasets` (stages/splits.py)."""
+def imported_by_stage(module: str, args: list[str], cwd: Path, names: tuple[str, ...]) -> list[str]:
+    """Which of `names` a stage's process had imported when it finished (it must succeed)."""
     code = (
         "import runpy, sys\n"
         f"sys.argv = ['{module}', *{args!r}]\n"
@@ -347,12 +343,23 @@ def test_a_stage_without_a_model_runs_without_torch(workdir, module, args):
         f"    runpy.run_module('{module}', run_name='__main__')\n"
         "except SystemExit as stop:\n"
         "    assert not stop.code, stop.code\n"
-        "print(sorted(m for m in ('torch', 'transformers.trainer', 'peft', 'evaluate', 'datasets') if m in sys.modules))\n"
+        f"print(sorted(m for m in {names!r} if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "[]"
+    return ast.literal_eval(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("module", "args"), [("stages.lead", []), ("stages.generate", ["lead"]), ("stages.evaluate", ["lead"])]
+)
+def test_a_stage_without_a_model_runs_without_torch(workdir, module, args):
+    """Each stage is its own process and `import torch` alone costs 2 s on 2 cores: the stages that
+    need no model (lead, generate@lead, every evaluate@) never import it, nor the Trainer, nor the
+    `evaluate` package (its suites import `datasets`: 1.9 s), nor `datasets` (stages/splits.py)."""
+    heavy = ("torch", "transformers.trainer", "peft", "evaluate", "datasets")
+    assert imported_by_stage(module, args, workdir, heavy) == []
 
 
 def test_prepare_runs_without_transformers_modeling_code(workdir, tmp_path):
@@ -362,19 +369,7 @@ def test_prepare_runs_without_transformers_modeling_code(workdir, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(workdir, work)
     shutil.rmtree(work / "data" / "prepared")
-    code = (
-        "import runpy, sys\n"
-        "sys.argv = ['stages.prepare']\n"
-        "try:\n"
-        "    runpy.run_module('stages.prepare', run_name='__main__')\n"
-        "except SystemExit as stop:\n"
-        "    assert not stop.code, stop.code\n"
-        "print('transformers.modeling_utils' in sys.modules)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "False"
+    assert imported_by_stage("stages.prepare", [], work, ("transformers.modeling_utils",)) == []
     for written in ("references.jsonl", "test/data-00000-of-00001.arrow", "train/data-00000-of-00001.arrow"):
         assert (work / "data" / "prepared" / written).read_bytes() == (
             workdir / "data" / "prepared" / written
