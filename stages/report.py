@@ -310,8 +310,8 @@ def tuning_sentence(tuning: dict) -> str:
     )
     return (
         f"{untuned}The test split {test} used to choose anything: checkpoints, early stopping and the tuned "
-        f"settings were chosen on the validation split (tuning: {tuning['selected_by']}; `metrics/tuning.json`, "
-        f"written by `scripts/tune.py`)."
+        f"settings were chosen on the validation split. Tuning compares runs by {tuning['selected_by']}: see "
+        f"`metrics/tuning.json`, written by `scripts/tune.py`."
     )
 
 
@@ -426,8 +426,10 @@ def render(
                 diagnostics_table(variants, generation, evaluation),
                 "## How each variant ran",
                 "The precision `auto` resolved to (bf16 where the hardware runs it natively, else fp32), the "
-                "devices, how often training restarted at half the batch after running out of memory (the same "
-                "samples per step), and the generation batch after any out-of-memory halving.",
+                "dtype of the weights a method did not train (a PEFT method's frozen base: bf16 under bf16 "
+                "training, 4bit for QLoRA; for full fine-tuning, its trained weights), which is part of what its "
+                "peak memory reflects, the devices, how often training restarted at half the batch after running "
+                "out of memory (the same samples per step), and the generation batch after any out-of-memory halving.",
                 runs_table(variants, generation, cost),
                 "## How each method was chosen on validation",
                 selection_table(variants, cost, tuning),

@@ -7,6 +7,7 @@ Needs ../shared (real data and the FLAN-T5 tokenizer): runs in CI, skips elsewhe
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -414,3 +415,39 @@ def test_training_only_prepare_change_regenerates_no_untrained_variant(pipeline_
         run(["dvc", "repro", "prepare"], pipeline_repo)  # the reproduced state back (DVC's run cache)
     assert changed == {f"train_{v}" for v in VARIANTS if v not in ("base", "lead")}
     assert "Data and pipelines are up to date" in run(["dvc", "status"], pipeline_repo)
+
+
+def stage_imports(module: str) -> set[str]:
+    """The stages/ modules `module` imports, at the top or inside a function, and theirs in turn."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = REPO / "stages" / f"{name}.py"
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "stages":
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
+                todo.append(node.module.removeprefix("stages."))
+            elif isinstance(node, ast.Import):
+                todo += [a.name.removeprefix("stages.") for a in node.names if a.name.startswith("stages.")]
+    return seen
+
+
+def test_every_stage_lists_the_modules_it_imports_as_deps():
+    """Editing a module must rerun every stage that runs it: dvc.yaml lists each stages/ module a
+    stage's command imports, directly or through another module (a training stage's launcher execs
+    the stage module itself), and the package's __init__.py that every stage imports first."""
+    missing = {}
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        body = stage.get("do", stage)
+        modules = set().union(*(stage_imports(m) for m in re.findall(r"stages\.(\w+)", body["cmd"])))
+        if "launch" in modules:
+            modules |= stage_imports(body["cmd"].split()[-1])
+        needed = {f"stages/{m}.py" for m in modules} | {"stages/__init__.py"}
+        deps = {dep if isinstance(dep, str) else next(iter(dep)) for dep in body["deps"]}
+        if needed - deps:
+            missing[name] = sorted(needed - deps)
+    assert missing == {}
