@@ -7,7 +7,6 @@ the script trains (GPT-2's and Llama's have no pad token; Llama's adds BOS, BART
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from stages.generate import generation_config
 from stages.modeling import head_is_tied, save_seq2seq
 from stages.params import parse_params
 from stages.rouge import mean_scores, score_corpus
-from tests.conftest import MEMORIZATION_LORA_TARGETS, REPO, memorization_rows
+from tests.conftest import MEMORIZATION_LORA_TARGETS, REPO, load_script, memorization_rows
 
 FAMILIES = ("t5", "t5_tied", "bart", "llama", "gpt2")
 CAUSAL = ("llama", "gpt2")
@@ -50,10 +49,7 @@ BEAMS = GenerationConfig(num_beams=4, max_new_tokens=16, early_stopping=True, do
 @pytest.fixture(scope="module")
 def script():
     """scripts/make_tiny_model.py as a module: main(argv) runs in-process (one interpreter start)."""
-    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "scripts" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_tiny_model")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ output is checked for the FLAN-T5 properties the pipeline depends on.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,9 +14,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from tests.conftest import FLAN_SMALL, REPO, make_tiny_model, require_shared
-
-SCRIPT = REPO / "scripts" / "make_tiny_model.py"
+from tests.conftest import FLAN_SMALL, load_script, make_tiny_model, require_shared
 
 SENTENCE = "#Person1#: Hello, how are you? #Person2#: I'm fine, thanks. Let's meet at 9:30 a.m."
 
@@ -106,9 +103,7 @@ def test_same_seed_gives_identical_output(tiny_dir, tmp_path):
 
 def test_other_seed_gives_other_weights(tiny_dir, tmp_path):
     # In-process through main(argv), which is cheap once transformers is imported.
-    spec = importlib.util.spec_from_file_location("make_tiny_model", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_tiny_model")
     assert script.main([str(tmp_path / "seed1"), "--seed", "1"]) == 0
 
     seed0, seed1 = load_tensors(tiny_dir), load_tensors(tmp_path / "seed1")

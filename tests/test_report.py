@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -22,7 +21,7 @@ from stages.report import (
     tuning_sentence,
 )
 from stages.rouge import ROUGE_TYPES, paired_test
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 RESAMPLES = 4000
 VARIANTS = ["base", "full", "lora", "lead"]
@@ -223,9 +222,7 @@ def test_report_states_the_kept_checkpoint_the_grid_and_that_test_was_not_used()
 
 def test_the_committed_tuning_file_says_nothing_was_tuned_in_tune_py_s_format() -> None:
     """metrics/tuning.json is the report's dep: committed as tune.py writes it for an empty grid."""
-    spec = importlib.util.spec_from_file_location("tune", REPO / "scripts" / "tune.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = load_script("tune")
     assert json.loads((REPO / "metrics" / "tuning.json").read_text()) == tune.tuning([], list(tune.METHODS))
 
 

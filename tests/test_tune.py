@@ -3,7 +3,6 @@ never by test, even when the test scores point the other way."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_project, dialogsum_rows, write_jsonl
+from tests.conftest import REPO, copy_project, dialogsum_rows, load_script, write_jsonl
 from tests.test_training import env, git_commit, run, set_params
 
 # full fine-tuning of the tiny model, 30 rows x 10 epochs / 8 per step = 40 steps, validated twice
@@ -122,9 +121,7 @@ def test_a_small_learning_rate_set_by_dvc_loads_as_a_number(tmp_path):
 
 
 def test_picked_values_are_written_as_yaml_reads_them_back():
-    spec = importlib.util.spec_from_file_location("tune", REPO / "scripts" / "tune.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = load_script("tune")
     for value in (1.0e-8, 3.0e-4, 0.3, 16, ["q", "v"], "all-linear"):
         assert yaml.safe_load(f"x: {tune.yaml_value(value)}")["x"] == value
 
@@ -132,9 +129,7 @@ def test_picked_values_are_written_as_yaml_reads_them_back():
 def test_runs_that_differ_in_a_shared_param_are_refused_with_what_differs():
     """A grid whose runs validated on different subsets (or other data, model, seed) cannot be ranked
     by validation ROUGE-L: tune.py names the differing params instead of picking."""
-    spec = importlib.util.spec_from_file_location("tune", REPO / "scripts" / "tune.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = load_script("tune")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
 
     def row(name: str, rouge_l: float, **changes) -> dict:
