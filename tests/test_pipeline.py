@@ -451,3 +451,17 @@ def test_every_stage_lists_the_modules_it_imports_as_deps():
         if needed - deps:
             missing[name] = sorted(needed - deps)
     assert missing == {}
+
+
+@pytest.mark.parametrize(("family", "heading"), [("t5", "## Offline smoke run"), ("llama", "decoder-only smoke run")])
+def test_the_smoke_benchmark_runs_the_readme_s_commands(family, heading):
+    """The README's smoke-run timings come from benchmarks/smoke_run.sh: it must run what the README
+    tells a new user to run (each command line of the README's block, with its model directory)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
+    model = f"/tmp/tiny-{family}"
+    script = (REPO / "benchmarks" / "smoke_run.sh").read_text().replace("model.name=$model", f"model.name={model}")
+    lines = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+    assert "dvc repro" in lines and "dvc repro" in script
+    commands = [line for line in lines if line not in ("dvc repro", "git checkout params.yaml")]
+    assert len(commands) == 5 and all(command in script for command in commands), commands
