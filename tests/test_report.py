@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -395,3 +397,10 @@ def test_the_report_shows_what_each_variant_ran_with():
         "none",
         "-",
     ]
+
+
+def test_the_report_stage_imports_no_torch() -> None:
+    """The report reads files only: its process (a stage of every run) never pays torch's import."""
+    code = "import sys, stages.report, stages.plots; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
