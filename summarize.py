@@ -235,7 +235,7 @@ def load_adapter(
         revision = pin.revision
     else:
         revision = config.get("revision") or (defaults.revision if base_name == defaults.name else "main")
-    # train_lora saves the tokenizer beside the adapter; other adapters may not have one
+    # train@<method> saves the tokenizer beside the adapter; adapters from elsewhere may not have one
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(directory) if has_tokenizer else base_name, revision)
     model = load_model(base_name, revision, dtype, base_quantization(directory))  # QLoRA: the same 4-bit base

@@ -1,6 +1,6 @@
 """Issue 19's GPU measurements, in parts that benchmarks/gpu.sh runs one by one under a time budget each.
 
-Every part measures the pipeline's own code path (stages/training.py's training_arguments and
+Every part measures the pipeline's own code path (stages/recipe.py's training_arguments and
 build_trainer, the stages' build_model, generate_summaries) on a random-weight model of the real
 shape and real DialogSum rows, and rewrites its JSON file after every measurement, so a part cut by
 its budget keeps what it finished.
@@ -37,7 +37,6 @@ import math
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,14 +45,16 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (also puts the repo root on sys.path)
 
-from stages import family, train_full, train_ia3, train_lora, train_prompt, training  # noqa: E402
+from stages import family, methods, training  # noqa: E402
 from stages.generate import generate_summaries  # noqa: E402
-from stages.modeling import load_model, load_tokenizer, meta_model, use_bf16  # noqa: E402
+from stages.ledger import base_dtype, count_parameters  # noqa: E402
+from stages.modeling import load_model, load_tokenizer, use_bf16  # noqa: E402
 from stages.params import ModelParams, load_params  # noqa: E402
 from stages.prepare import fit_prompts, prepare_training_split  # noqa: E402
+from stages.recipe import build_trainer, training_arguments  # noqa: E402
 
 PARAMS = load_params(speed.REPO / "params.yaml")
-METHODS = ("full", "lora", "ia3", "prompt")
+METHODS = tuple(PARAMS.methods)
 TRAIN_ROWS, TEST_DIALOGUES, VALIDATION_DIALOGUES = 12460, 500, 500  # DialogSum's exact counts (data.limit: null)
 # Llama-3.2-1B's dimensions (its config.json), random weights
 LLAMA_1B = dict(
@@ -129,17 +130,9 @@ class StepClock(TrainerCallback):
         self.ends.append(time.perf_counter())
 
 
-def builder(method: str, model_dir: Path):
-    """The training stage's own build_model for `method`, with the committed params."""
-    meta = meta_model(ModelParams(name=str(model_dir), revision="main"))
-    if method == "full":
-        return train_full.build_model
-    if method == "lora":
-        return partial(train_lora.build_model, config=train_lora.lora_config(PARAMS.lora, meta))
-    if method == "ia3":
-        return partial(train_ia3.build_model, config=train_ia3.ia3_config(PARAMS.ia3, meta))
-    config = train_prompt.prompt_config(PARAMS.prompt, family.family(meta.config))
-    return partial(train_prompt.build_model, config=config, token_ids=None)
+def plan(method: str, model_dir: Path):
+    """The training stage's own Plan for `method` (stages/methods), with the committed params."""
+    return methods.plan(PARAMS.method(method), ModelParams(name=str(model_dir), revision="main"), PARAMS.seed)
 
 
 def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> int:
@@ -156,18 +149,19 @@ def run_steps(
     model_dir: Path, method: str, data, steps: int, device: torch.device, count_flops: bool = False, **changes
 ) -> dict:
     """`steps` optimizer steps of `method` through the pipeline's Trainer setup, with the committed
-    train_<method> recipe changed by `changes` (batch, compile, padding, checkpointing)."""
-    recipe = dataclasses.replace(getattr(PARAMS, f"train_{method}"), logging_steps=10**6, save_steps=10**6, **changes)
+    recipe of `method` changed by `changes` (batch, compile, padding, checkpointing)."""
+    recipe = dataclasses.replace(PARAMS.recipe(method), logging_steps=10**6, save_steps=10**6, **changes)
     tokenizer = load_tokenizer(str(model_dir))
     family.ensure_pad_token(tokenizer)
     free(device)
-    dtype = training.frozen_base_dtype(recipe.precision, device) if method != "full" else torch.float32
-    model = builder(method, model_dir)(load_model(str(model_dir), dtype=dtype)).to(device)
+    method_plan = plan(method, model_dir)
+    dtype = training.frozen_base_dtype(recipe.precision, device) if method_plan.frozen_base else torch.float32
+    model = method_plan.build(load_model(str(model_dir), dtype=dtype)).to(device)
     with tempfile.TemporaryDirectory() as out:
-        args = training.training_arguments(recipe, PARAMS.seed, Path(out), device, f"train_{method}")
+        args = training_arguments(recipe, PARAMS.seed, Path(out), device, method)
         args.max_steps, args.eval_strategy, args.save_strategy = steps, "no", "no"
         args.load_best_model_at_end = False
-        trainer = training.build_trainer(model, tokenizer, data, data, args, recipe.pad_to_multiple_of)
+        trainer = build_trainer(model, tokenizer, data, data, args, recipe.pad_to_multiple_of)
         clock = StepClock(device)
         trainer.add_callback(clock)
         # the batches as the collator made them (not a forward hook: that would be traced into a compiled model)
@@ -185,7 +179,7 @@ def run_steps(
         "samples_per_s": round((steps - 1) * recipe.batch_size / timed, 2) if steps > 1 else None,
         "wall_s": round(wall, 2),
         "peak_mb": peak_mb(device),
-        "base_dtype": training.base_dtype(trainer.model),
+        "base_dtype": base_dtype(trainer.model),
         "attn_implementation": family.resolved_attn_implementation(trainer.model),
         **{k: getattr(recipe, k) for k in ("compile", "pad_to_multiple_of", "gradient_checkpointing", "precision")},
     }
@@ -224,7 +218,7 @@ def part_attention(args, device: torch.device, results: Results) -> None:
     tokenizer = load_tokenizer(str(args.model))
     data = training_rows(tokenizer, 4 if args.dry_run else 32)
     for method in ("full", "lora"):
-        model = builder(method, args.model)(load_model(str(args.model))).to(device).train()
+        model = plan(method, args.model).build(load_model(str(args.model))).to(device).train()
         collated = family.data_collator(family.SEQ2SEQ, tokenizer, model)([dict(r) for r in data])
         batch_on = {key: value.to(device) for key, value in collated.items()}
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -304,7 +298,7 @@ def generation_rate(model, tokenizer, prompts: list[list[int]], device: torch.de
 def part_stages(args, device: torch.device, results: Results) -> None:
     tokenizer = load_tokenizer(str(args.model))
     steps = args.steps
-    batch = PARAMS.train_full.batch_size if not args.dry_run else args.batch
+    batch = PARAMS.recipe("full").batch_size if not args.dry_run else args.batch
     data = training_rows(tokenizer, batch * (steps + 1))
     training_s = {}
     for method in METHODS:
@@ -314,7 +308,7 @@ def part_stages(args, device: torch.device, results: Results) -> None:
             result = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
         results.add(f"train_{method}", result)
         if result.get("s_per_step"):
-            recipe = getattr(PARAMS, f"train_{method}")
+            recipe = PARAMS.recipe(method)
             total_steps = math.ceil(TRAIN_ROWS / recipe.batch_size) * recipe.epochs
             training_s[method] = round(result["s_per_step"] * total_steps + result["first_step_s"], 1)
 
@@ -356,7 +350,7 @@ def part_stages(args, device: torch.device, results: Results) -> None:
 def project(results: Results, training_s: dict, generation: dict, validation: dict) -> None:
     """The default dvc repro from the exact row counts: every variant, 3 epochs with their validations,
     the 500 test dialogues at 4 beams per model variant."""
-    validations = math.ceil(math.ceil(TRAIN_ROWS / PARAMS.train_full.batch_size) * 3 / PARAMS.train_full.save_steps)
+    validations = math.ceil(math.ceil(TRAIN_ROWS / PARAMS.recipe("full").batch_size) * 3 / PARAMS.recipe("full").save_steps)
     validation_s = validation["seconds"] * PARAMS.validate.dialogues / max(validation["dialogues"], 1)
     models = [v for v in PARAMS.variants if v != "lead"]
     generate_s = TEST_DIALOGUES / generation["dialogues_per_s"]
@@ -409,21 +403,20 @@ def part_decoder(args, device: torch.device, results: Results) -> None:
 
 
 def decoder_steps(model_dir: Path, quantization: str, data, args, device: torch.device) -> dict:
-    recipe = dataclasses.replace(PARAMS.train_lora, batch_size=args.decoder_batch, logging_steps=10**6,
+    recipe = dataclasses.replace(PARAMS.recipe("lora"), batch_size=args.decoder_batch, logging_steps=10**6,
                                  save_steps=10**6)  # fmt: skip
     tokenizer = load_tokenizer(str(model_dir))
     free(device)
     dtype = training.frozen_base_dtype(recipe.precision, device, quantization)
     base = load_model(str(model_dir), dtype=dtype, quantization=quantization)
-    config = train_lora.lora_config(PARAMS.lora, meta_model(ModelParams(name=str(model_dir), revision="main")))
-    model = train_lora.build_model(base, config)
+    model = plan("lora", model_dir).build(base)
     if quantization == "none":
         model = model.to(device)
     with tempfile.TemporaryDirectory() as out:
-        targs = training.training_arguments(recipe, PARAMS.seed, Path(out), device, "train_lora")
+        targs = training_arguments(recipe, PARAMS.seed, Path(out), device, "lora")
         targs.max_steps, targs.eval_strategy, targs.save_strategy = args.decoder_steps, "no", "no"
         targs.load_best_model_at_end = False
-        trainer = training.build_trainer(model, tokenizer, data, data, targs, recipe.pad_to_multiple_of)
+        trainer = build_trainer(model, tokenizer, data, data, targs, recipe.pad_to_multiple_of)
         clock = StepClock(device)
         trainer.add_callback(clock)
         trainer.train()
@@ -434,8 +427,8 @@ def decoder_steps(model_dir: Path, quantization: str, data, args, device: torch.
         "s_per_step": round(timed / (steps - 1), 4),
         "samples_per_s": round((steps - 1) * recipe.batch_size / timed, 2),
         "peak_mb": peak_mb(device),
-        "base_dtype": training.base_dtype(trainer.model),
-        **training.count_parameters(trainer.model),
+        "base_dtype": base_dtype(trainer.model),
+        **count_parameters(trainer.model),
     }
     del trainer, model, base
     free(device)

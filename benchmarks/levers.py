@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (also puts the repo root on sys.path)
 
-from stages.training import build_trainer, training_arguments  # noqa: E402
+from stages.recipe import build_trainer, training_arguments  # noqa: E402
 
 CONFIG = speed.SHARED / "models" / "flan-t5-small-config"
 
@@ -35,7 +35,7 @@ def training_samples_per_second(tokenizer, data, **changes) -> float:
     params = dataclasses.replace(speed.pipeline_train_params(8), **changes)
     with tempfile.TemporaryDirectory() as out:
         args = training_arguments(
-            params, seed=0, output_dir=Path(out), device=torch.device("cpu"), section="train_full"
+            params, seed=0, output_dir=Path(out), device=torch.device("cpu"), section="full"
         )
         if optim:
             args.optim = optim

@@ -48,7 +48,7 @@ from stages.generate import generate_summaries  # noqa: E402
 from stages.modeling import use_bf16  # noqa: E402
 from stages.params import PrepareParams, TrainParams, load_params  # noqa: E402
 from stages.prepare import fit_prompts, format_prompt, prepare_training_split  # noqa: E402
-from stages.training import build_trainer, training_arguments  # noqa: E402
+from stages.recipe import build_trainer, training_arguments  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -183,8 +183,8 @@ def real_tokens(dataset: Dataset, pad_id: int) -> list[int]:
 
 
 def pipeline_train_params(batch_size: int) -> TrainParams:
-    """params.yaml's train_full recipe (precision, grouping, workers...), at the benchmark's batch size."""
-    recipe = load_params(REPO / "params.yaml").train_full
+    """params.yaml's recipe for full fine-tuning (precision, grouping, workers...), at the benchmark's batch size."""
+    recipe = load_params(REPO / "params.yaml").recipe("full")
     return dataclasses.replace(
         recipe,
         batch_size=batch_size,
@@ -234,7 +234,7 @@ def seed_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path) ->
 
 def pipeline_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path, device) -> Seq2SeqTrainer:
     args = training_arguments(
-        pipeline_train_params(batch_size), seed=0, output_dir=out, device=device, section="train_full"
+        pipeline_train_params(batch_size), seed=0, output_dir=out, device=device, section="full"
     )
     return build_trainer(model, tokenizer, data, data, args)
 

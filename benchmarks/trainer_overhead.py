@@ -1,6 +1,6 @@
 """What the Trainer path costs against a plain torch loop, and what each of its parts costs when switched off.
 
-Issue 19 target: the pipeline's training path (stages/training.py: training_arguments, build_trainer, its
+Target: the pipeline's training path (stages/recipe.py: training_arguments, build_trainer, its
 callbacks, DVCLive curves, progress, logging, grad-norm clipping, token_mean_loss) at >= 0.9x the samples/s
 of a plain loop at the same batch and data order. Both run here in one process on the same random-weight
 model (a fresh copy of the same initial weights each run) and the same batches: the Trainer's own batches
@@ -32,10 +32,12 @@ from transformers import AutoTokenizer, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (also puts the repo root on sys.path)
 
-from stages import training  # noqa: E402
+from stages.curves import attach_curves  # noqa: E402
+from stages.ledger import RunLedger  # noqa: E402
 from stages.modeling import use_bf16  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.progress import TrainerProgress  # noqa: E402
+from stages.recipe import build_trainer, training_arguments  # noqa: E402
 
 
 class StepClock(TrainerCallback):
@@ -51,7 +53,7 @@ class StepClock(TrainerCallback):
 # the candidates, each a change to the pipeline path: (row name, recipe changes, what to do to the trainer)
 def no_callbacks(trainer) -> None:
     for callback in [
-        c for c in trainer.callback_handler.callbacks if isinstance(c, (training.RunLedger, TrainerProgress))
+        c for c in trainer.callback_handler.callbacks if isinstance(c, (RunLedger, TrainerProgress))
     ]:
         trainer.remove_callback(callback)
 
@@ -82,11 +84,11 @@ CANDIDATES = (
 
 def pipeline_run(model, tokenizer, data, recipe, device, change, curves: bool, steps: int, out: Path):
     """`steps` optimizer steps of the pipeline's Trainer path; returns (seconds for steps 2.., the batches)."""
-    args = training.training_arguments(recipe, 0, out / "ckpt", device, "train_full")
+    args = training_arguments(recipe, 0, out / "ckpt", device, "full")
     args.max_steps, args.eval_strategy, args.save_strategy, args.load_best_model_at_end = steps, "no", "no", False
-    trainer = training.build_trainer(model, tokenizer, data, data, args, recipe.pad_to_multiple_of)
+    trainer = build_trainer(model, tokenizer, data, data, args, recipe.pad_to_multiple_of)
     if curves:
-        training.attach_curves(trainer, out / "curves", resume=None)
+        attach_curves(trainer, out / "curves", resume=None)
     if change is not None:
         change(trainer)
     if recipe.max_grad_norm < 1.0e-6:  # "off": a norm that clips nothing is still computed; skip the clip too
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config_dir)
     initial = speed.random_model(config_dir, torch.device("cpu")).state_dict()
     recipe = dataclasses.replace(
-        load_params(speed.REPO / "params.yaml").train_full,
+        load_params(speed.REPO / "params.yaml").recipe("full"),
         batch_size=args.batch,
         gradient_accumulation_steps=1,
         auto_find_batch_size=False,

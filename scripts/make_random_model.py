@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
 # run as `python scripts/make_random_model.py`: make the repo root importable for stages.modeling
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.modeling import head_is_tied, load_model, save_seq2seq, untie_lm_head  # noqa: E402
+from stages.modeling import head_is_tied, load_model, save_model, untie_lm_head  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "models" / "flan-t5-base-config"
 LM_HEAD_SEED_OFFSET = 1_000_003  # the head gets its own random stream, as in make_tiny_model.py
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # std d_model**-0.5 keeps the logits of order one (T5 v1.1 does not rescale the decoder output)
     head = torch.randn(shared.shape, generator=generator, dtype=shared.dtype) * shared.shape[1] ** -0.5
     untie_lm_head(model, head)
-    save_seq2seq(model, tokenizer, args.out_dir)
+    save_model(model, tokenizer, args.out_dir)
 
     # the checkpoint must load as the pipeline loads it, with the head apart and unchanged
     loaded = load_model(str(args.out_dir))

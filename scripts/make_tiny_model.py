@@ -71,7 +71,7 @@ from transformers import (
 
 # run as `python scripts/make_tiny_model.py`: make the repo root importable for stages.modeling
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.modeling import save_seq2seq, untie_lm_head  # noqa: E402
+from stages.modeling import save_model, untie_lm_head  # noqa: E402
 
 # Architecture of the stand-in: FLAN-T5's shape, shrunk to a few hundred
 # kilobytes so that building, saving and generating take well under a second.
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = build_family_model(args.family, tokenizer, seed=args.seed, width=args.width)
     # safetensors; a config whose head is apart says tie_word_embeddings: false
-    save_seq2seq(model, tokenizer, out_dir)
+    save_model(model, tokenizer, out_dir)
 
     kind = (
         "T5 v1.0 (tied)" if args.tied else {"t5": "T5", "bart": "BART", "llama": "Llama", "gpt2": "GPT-2"}[args.family]

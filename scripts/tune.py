@@ -1,6 +1,6 @@
 """Pick each method's settings by validation ROUGE-L from DVC experiments, never by test.
 
-    dvc exp run --queue -S 'train_lora.learning_rate=3.0e-4,1.0e-3,3.0e-3' -S 'lora.r=8,16,32' train_lora
+    dvc exp run --queue -S 'lora.learning_rate=3.0e-4,1.0e-3,3.0e-3' -S 'lora.r=8,16,32' train@lora
     dvc queue start --jobs 1          # one at a time on one GPU; wait for `dvc queue status`
     python scripts/tune.py            # writes metrics/tuning.json, prints the winners
     python scripts/tune.py --run      # then runs the whole pipeline (test generation, report) with them
@@ -9,7 +9,7 @@ It reads `dvc exp show --json` (the committed baseline and its experiments) and,
 the experiment whose metrics/train/<method>.json has the highest `selected_val_rougeL`: the
 validation ROUGE-L of the checkpoint that stage saved (stages/validation.py). Only
 metrics/train/* files are read: test scores (metrics/evaluate/*) never enter the choice. The
-settings reported as tuned are the method's params (train_<method>.*, <method>.*) that differ
+settings reported as tuned are the method's params (its section, <method>.*) that differ
 between the experiments, with every value tried (the grid). `--run` runs `dvc exp run -S` with
 every method's winning settings in the workspace: the training stages come back from DVC's run
 cache when an experiment already trained them, then generation, scoring and the report run.
@@ -23,12 +23,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 TUNING_FILE = Path("metrics/tuning.json")
 METRIC = "selected_val_rougeL"  # validation ROUGE-L (x100) of the checkpoint the stage saved
-METHODS = ("full", "lora", "ia3", "prompt")
-# what every training stage reads besides its own sections: runs that differ here were trained on other
-# data, another model or scored on another validation subset, so their validation scores do not compare
-SHARED = ("seed", "deterministic", "model", "data", "prepare", "validate")
+PARAMS_FILE = Path("params.yaml")
+# what every training stage reads besides its own section: runs that differ here were trained on other
+# data, another model, another shared recipe or scored on another validation subset, so their
+# validation scores do not compare
+SHARED = ("seed", "deterministic", "model", "data", "prepare", "train", "validate")
+
+
+def declared_methods(params_file: Path = PARAMS_FILE) -> list[str]:
+    """The trained methods, as params.yaml declares them (`methods`)."""
+    return list(yaml.safe_load(params_file.read_text())["methods"])
 
 
 def experiment_rows(shown: list[dict]) -> list[dict]:
@@ -65,11 +73,8 @@ def flat(section: dict, prefix: str) -> dict:
 
 
 def method_settings(params: dict, method: str) -> dict:
-    """Every param of one method: its training recipe and, for PEFT methods, its adapter section."""
-    return {
-        **flat(params.get(f"train_{method}", {}), f"train_{method}"),
-        **flat(params.get(method, {}) if method != "full" else {}, method),
-    }
+    """Every param of one method: its section (what its recipe changes of `train`, its arguments)."""
+    return flat(params.get(method, {}), method)
 
 
 def shared_differences(rows: list[dict]) -> dict[str, list]:
@@ -98,7 +103,7 @@ def pick(rows: list[dict], method: str) -> dict | None:
             f"{method}: the runs differ in params every method shares, so their validation ROUGE-L does not "
             "compare: "
             + "; ".join(f"{k} in {v}" for k, v in differing.items())
-            + f". Compare runs that differ only in train_{method}.* / {method}.* "
+            + f". Compare runs that differ only in {method}.* "
             "(`dvc exp remove` the others, or pass --methods without this one)."
         )
     settings = [method_settings(r["params"], method) for r in scored]
@@ -150,7 +155,8 @@ def run_command(result: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    methods = declared_methods()
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
     parser.add_argument("--run", action="store_true", help="then run the pipeline with the picked settings")
     args = parser.parse_args()
     shown = json.loads(

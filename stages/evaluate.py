@@ -8,7 +8,9 @@ Outputs: metrics/evaluate/<variant>.json (flat ROUGE means with 95% bootstrap in
 seeded function of the predictions, bit-identical for the same predictions),
 data/scores/<variant>.jsonl (per-dialogue ROUGE, for paired tests and worst-case reading) and
 metrics/cost/<variant>.json (what the variant cost: trainable params, size, train time, peak
-memory, generation throughput; noisy by nature, kept apart).
+memory, generation throughput; noisy by nature, kept apart) and metrics/curves/<variant>.json (its
+training curves, from metrics/validation/<variant>.json). The last two only carry what training
+recorded to the report, so the report depends on the listed variants' stages alone.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ SELECTION_KEYS = (
 )
 TIMING_DIR = Path("metrics/timing")
 COST_DIR = Path("metrics/cost")
+VALIDATION_DIR = Path("metrics/validation")  # every variant's (empty for base and lead)
+CURVES_DIR = Path("metrics/curves")
 
 
 def with_references(predictions: list[dict], references: list[dict]) -> list[dict]:
@@ -90,6 +94,7 @@ def cost_row(train: dict, train_timing: dict, generate_timing: dict) -> dict[str
     # how the kept checkpoint was chosen on validation (trained variants only), for the report
     selection = {k: v for k, v in train.items() if k in SELECTION_KEYS}
     return {
+        **({"method_type": train["method_type"]} if "method_type" in train else {}),  # what the report calls it
         "trainable_params": train["trainable_params"],
         "trainable_percent": train["trainable_percent"],
         "total_params": train["total_params"],
@@ -129,6 +134,8 @@ def main(variant: str) -> None:
         ),
         COST_DIR / f"{variant}.json",
     )
+    record = read_json(VALIDATION_DIR / f"{variant}.json")
+    write_json({"validation": record["history"], "training": record["training"]}, CURVES_DIR / f"{variant}.json")
 
 
 if __name__ == "__main__":

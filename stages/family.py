@@ -78,7 +78,7 @@ from transformers import (
 )
 
 from stages.errors import StageError
-from stages.modeling import hub_revision, load_error
+from stages.hub import hub_revision, load_error
 
 if TYPE_CHECKING:  # importing it loads transformers' modeling code (~1.7 s), which prepare never runs
     from transformers import PreTrainedModel

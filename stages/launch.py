@@ -1,9 +1,10 @@
-"""Start a training stage: in this process, or under torchrun (DDP) when train_*.processes > 1.
+"""Start a method's training stage: in this process, or under torchrun (DDP) when its recipe's
+`processes` > 1 (train.processes, or the method section's own).
 
-`python -m stages.launch train_full` replaces itself (exec) with `python -m stages.train_full`,
+`python -m stages.launch lora` replaces itself (exec) with `python -m stages.train lora`,
 so killing `dvc repro` kills the training too; torchrun is used only when asked for, because it
 starts its workers in their own session, where a SIGKILL to DVC does not reach them (the
-workers watch for that themselves: see training.exit_with_launcher).
+workers watch for that themselves: see stages/training.py exit_with_launcher).
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ import os
 import shutil
 import sys
 
-from stages.errors import StageError, run_stage
-from stages.params import load_params, trained_methods
+from stages.errors import run_stage
+from stages.params import load_params
 
 
-def command(stage: str, processes: int) -> list[str]:
+def command(method: str, processes: int) -> list[str]:
     if processes == 1:
-        return [sys.executable, "-m", f"stages.{stage}"]
+        return [sys.executable, "-m", "stages.train", method]
     torchrun = shutil.which("torchrun") or "torchrun"
-    return [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m", f"stages.{stage}"]
+    return [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m", "stages.train", method]
 
 
-def one_gpu_env(environ: dict[str, str], visible_gpus: int, stage: str) -> dict[str, str]:
+def one_gpu_env(environ: dict[str, str], visible_gpus: int, method: str) -> dict[str, str]:
     """For a one-process run, the environment restricted to the first visible GPU.
 
     With several GPUs visible, the Trainer would wrap the model in nn.DataParallel: the batch
@@ -35,8 +36,9 @@ def one_gpu_env(environ: dict[str, str], visible_gpus: int, stage: str) -> dict[
         return environ
     first = environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     print(
-        f"{visible_gpus} GPUs visible and {stage}.processes is 1: training on one GPU "
-        f"(CUDA_VISIBLE_DEVICES={first}); set {stage}.processes={visible_gpus} to use all of them (DDP)"
+        f"{visible_gpus} GPUs visible and {method}'s processes is 1: training on one GPU "
+        f"(CUDA_VISIBLE_DEVICES={first}); set train.processes={visible_gpus} (or {method}.processes) to use "
+        "all of them (DDP)"
     )
     return {**environ, "CUDA_VISIBLE_DEVICES": first}
 
@@ -60,16 +62,13 @@ def visible_gpus() -> int:
     return count.value
 
 
-def main(stage: str) -> None:
+def main(method: str) -> None:
     params = load_params()
-    stages = [f"train_{method}" for method in trained_methods(params)]
-    if stage not in stages:
-        raise StageError(f"unknown training stage {stage!r}; expected one of {', '.join(stages)}")
-    processes = getattr(params, stage).processes
-    argv = command(stage, processes)
+    processes = params.recipe(method).processes  # an unknown method fails here, naming the ones there are
+    argv = command(method, processes)
     environ = dict(os.environ)
     if processes == 1:
-        environ = one_gpu_env(environ, visible_gpus(), stage)
+        environ = one_gpu_env(environ, visible_gpus(), method)
     sys.stdout.flush()
     os.execve(argv[0], argv, environ)
 

@@ -1,7 +1,7 @@
 """Loading and saving models and tokenizers of any tested family, safely and with the output head intact.
 
 Which model class loads a checkpoint (seq2seq or causal) is stages/family.py's decision; this
-module wraps it for the stages. FLAN-T5 (T5 v1.1) keeps `lm_head` apart from the shared embedding. transformers 5.x keeps
+module wraps it for the stages, and saves what they trained (a whole model or a peft adapter). FLAN-T5 (T5 v1.1) keeps `lm_head` apart from the shared embedding. transformers 5.x keeps
 them apart on `from_pretrained` when the checkpoint has both, but its T5Config always *says*
 `tie_word_embeddings: true`, and a plain `tie_weights()` / `resize_token_embeddings()` /
 `from_config` silently ties them. So: load only with `from_pretrained`, never call those,
@@ -21,32 +21,13 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from stages import family
 from stages.errors import StageError
+from stages.hub import ModelLoadError, hub_revision, load_error
 from stages.params import ModelParams
 
 if TYPE_CHECKING:  # importing it loads transformers' modeling code (~1.7 s), which prepare never runs
     from transformers import PreTrainedModel
-
-
-class ModelLoadError(StageError):
-    """A model or tokenizer could not be loaded; the message says how to fix it."""
-
-
-def load_error(name: str, revision: str, error: Exception) -> ModelLoadError:
-    """One clear line for a model or tokenizer that would not load, with what to check."""
-    first_line = str(error).splitlines()[0] if str(error) else ""
-    return ModelLoadError(
-        f"could not load {name!r} (revision {revision!r}): {type(error).__name__}: {first_line}\n"
-        "If the Hugging Face Hub is unreachable or the id is wrong, point model.name at a local "
-        "directory with config.json, tokenizer files and model.safetensors, e.g. "
-        "dvc exp run -S model.name=path/to/model (scripts/make_tiny_model.py writes a tiny one)."
-    )
-
-
-def hub_revision(name: str, revision: str) -> str | None:
-    """The revision to pass to from_pretrained: none for a local directory (it has no revisions;
-    passing one would be ignored anyway, so be explicit)."""
-    return None if Path(name).is_dir() else revision
 
 
 def load_tokenizer(name: str, revision: str = "main") -> PreTrainedTokenizerBase:
@@ -66,8 +47,6 @@ def load_model(
     """The model of its family (stages/family.py) from safetensors, head untied exactly when the
     checkpoint stores it apart; `quantization` 4bit/8bit loads the frozen base through bitsandbytes;
     `attn_implementation` (model.attn_implementation) auto leaves the choice to transformers."""
-    from stages import family  # imported here: family.py imports this module's load hints
-
     return family.load_model(
         name, revision, dtype=dtype, quantization=quantization, attn_implementation=attn_implementation
     )
@@ -83,8 +62,6 @@ def load_base(
 def meta_model(params: ModelParams) -> PreTrainedModel:
     """The model of its family built from its config alone on the meta device: shapes and names,
     no weights downloaded or allocated, so checks against it fail in a second instead of after a load."""
-    from stages import family
-
     config = family.load_config(params.name, params.revision)
     with torch.device("meta"):
         return family.auto_model_class(family.family(config)).from_config(config)
@@ -107,9 +84,7 @@ def check_target_modules(section: str, targets: list[str], model: torch.nn.Modul
     """Refuse target modules that match no module of `model` (a meta model will do), matched as
     peft matches them, naming the linear layers it has (a name that matches nothing would
     otherwise fail inside peft, after the weights have loaded)."""
-    from stages.family import missing_target_modules
-
-    unknown = missing_target_modules(model, targets)
+    unknown = family.missing_target_modules(model, targets)
     if unknown:
         raise StageError(
             f"{section}.target_modules: {', '.join(unknown)} not found in the model; "
@@ -187,8 +162,9 @@ def untie_lm_head(model: PreTrainedModel, head: torch.Tensor) -> None:
     model.all_tied_weights_keys.pop("lm_head.weight", None)
 
 
-def save_seq2seq(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer, with a config that cannot be misread as tied."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """A whole model (full fine-tuning, either family): save_pretrained (safetensors) + tokenizer, with a
+    config that cannot be misread as tied."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -197,6 +173,22 @@ def save_seq2seq(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
         config = json.loads(config_path.read_text())
         config["tie_word_embeddings"] = False
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_adapter(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, initial_adapter: Path | None = None) -> None:
+    """A PEFT method's output: only the adapter weights (kB to MB) and the tokenizer; the base
+    model comes from its pin (stages/training.py finish_run writes pin.json beside them).
+
+    `initial_adapter` (LoRA's PiSSA/OLoRA only): peft then saves the trained adapter minus the
+    initial one as a plain LoRA adapter of rank 2r ([B | -B0] [A ; A0]) that applies to the
+    untouched base model.
+    """
+    model.save_pretrained(
+        out_dir,
+        safe_serialization=True,
+        path_initial_model_for_weight_conversion=None if initial_adapter is None else str(initial_adapter),
+    )
+    tokenizer.save_pretrained(out_dir)
 
 
 def pick_device() -> torch.device:

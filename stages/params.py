@@ -102,7 +102,8 @@ LR_SCHEDULERS = Literal[
 
 @dataclass(frozen=True)
 class TrainParams:
-    """One training recipe; every `train_<method>` section (full, lora, ia3, prompt) has its own."""
+    """One training recipe: the shared `train` section, or a method's resolved recipe (`train` with the
+    differences its own section lists, see `MethodParams.recipe`)."""
 
     epochs: float
     learning_rate: float
@@ -122,8 +123,8 @@ class TrainParams:
     processes: int
     select_by: Literal["rougeL", "loss", "last"]  # which evaluated checkpoint is saved (stages/validation.py)
     patience: int  # evaluations without improvement before stopping; 0 = never stop early
-    # Speed and memory levers (issue 19). The defaults serve code that builds a recipe directly, and
-    # are the recipe without them; params.yaml always sets them.
+    # Speed and memory levers. The defaults serve code that builds a recipe directly, and are the
+    # recipe without them; params.yaml always sets them.
     gradient_checkpointing: bool = False  # recompute activations in backward instead of keeping them
     compile: bool = False  # torch.compile the model (the Trainer's torch_compile, inductor)
     pad_to_multiple_of: int = 8  # pad each batch's lengths up to a multiple of this (compile: shapes repeat)
@@ -321,25 +322,118 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class FullParams:
+    """Method type `full`: every weight trains; nothing to configure beyond the recipe."""
+
+    def problems(self, section: str) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class PeftArgs:
+    """Any other method type: a peft config type by name (`type: loha`), its arguments as peft names
+    them. peft itself is imported only by the training stage, which checks them against peft's config
+    class before any weights load (stages/methods/peft_any.py)."""
+
+    args: dict
+
+    def problems(self, section: str) -> list[str]:
+        return []
+
+
+# The method types with code and a schema of their own in this project (stages/methods/<module>.py);
+# every other `type` is a peft config type by name (PeftArgs). What the report calls each type.
+METHOD_TYPES: dict[str, type] = {
+    "full": FullParams,
+    "lora": LoraParams,
+    "ia3": Ia3Params,
+    "prompt_tuning": PromptParams,
+}
+TYPE_LABELS = {
+    "full": "full fine-tuning",
+    "lora": "LoRA",
+    "ia3": "IA3",
+    "prompt_tuning": "prompt tuning",
+    "prefix_tuning": "prefix tuning",
+    "p_tuning": "P-tuning",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "vera": "VeRA",
+    "adalora": "AdaLoRA",
+    "oft": "OFT",
+    "boft": "BOFT",
+}  # any other peft type is shown by its name
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
+METHOD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a stage name (train@<name>), a folder and a params section
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """One method section of params.yaml: its type, what its recipe changes of the shared `train`
+    section (`overrides`, as written) with the result (`recipe`), and its own arguments (`config`)."""
+
+    name: str
+    type: str
+    overrides: dict
+    recipe: TrainParams
+    config: Any  # FullParams, LoraParams, Ia3Params, PromptParams or PeftArgs
+
+    @property
+    def label(self) -> str:
+        return method_label(self.name, self.type)
+
+
+def method_label(name: str, kind: str) -> str:
+    """What the report calls a method: its type's name for the type's usual section (lora: LoRA, prompt:
+    prompt tuning), else the section's name with its type's (lora_r8 (LoRA))."""
+    type_label = TYPE_LABELS.get(kind, kind)
+    usual = {"prompt_tuning": "prompt"}.get(kind, kind)
+    return type_label if name == usual else f"{name} ({type_label})"
+
+
+# Sections that are not methods; every other top-level mapping of params.yaml is a method section.
+FIXED_SECTIONS = (
+    "seed",
+    "deterministic",
+    "methods",
+    "variants",
+    "model",
+    "data",
+    "prepare",
+    "train",
+    "validate",
+    "generate",
+    "evaluate",
+    "lead",
+    "report",
+)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     deterministic: bool
+    methods: list[str]  # the trained methods, each a section of its own (`sections`)
     variants: list[str]
     model: ModelParams
     data: DataParams
     prepare: PrepareParams
-    train_full: TrainParams
-    train_lora: TrainParams
-    lora: LoraParams
-    train_ia3: TrainParams
-    ia3: Ia3Params
-    train_prompt: TrainParams
-    prompt: PromptParams
+    train: TrainParams  # the recipe every method shares
     validate: ValidateParams
     generate: GenerateParams
     evaluate: EvaluateParams
     lead: LeadParams
     report: ReportParams
+    # every method section in the file, trained (in `methods`) or not; set by parse_params
+    sections: dict[str, MethodParams] = dataclasses.field(default_factory=dict)
+
+    def method(self, name: str) -> MethodParams:
+        if name not in self.methods:
+            raise ParamsError(f"unknown method {name!r}; params.yaml methods are {', '.join(self.methods)}")
+        return self.sections[name]
+
+    def recipe(self, name: str) -> TrainParams:
+        return self.method(name).recipe
 
 
 def _type_name(annotation: Any) -> str:
@@ -395,13 +489,14 @@ def _float_hint(value: Any) -> str:
     return ""
 
 
-def _build(cls: type, raw: Any, section: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from a mapping, appending every problem found to `problems`."""
+def _build(cls: type, raw: Any, section: str, problems: list[str], skip: tuple[str, ...] = ()) -> Any:
+    """Build dataclass `cls` from a mapping, appending every problem found to `problems`; fields in
+    `skip` are left to their defaults (set by the caller)."""
     if not isinstance(raw, dict):
         problems.append(f"{section}: must be a mapping of keys to values, got {type(raw).__name__}")
         return None
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)} - set(skip)
     for key in sorted(set(raw) - fields):
         problems.append(f"{section}.{key}: unknown key; valid keys are {', '.join(sorted(fields))}")
     values, ok_all = {}, True
@@ -435,19 +530,82 @@ def _leaf_types(annotation: Any) -> tuple:
     return args if args else (annotation,)
 
 
-UNTRAINED = ("base", "lead")  # the original model and the lead-N rule: written by the baselines stage
+UNTRAINED = ("base", "lead")  # the original model and the lead-N rule: written by their own stages
 
 
 def trained_methods(params: Params) -> list[str]:
-    """Methods with a training stage: every `train_<method>` section of params.yaml."""
-    return [f.name.removeprefix("train_") for f in dataclasses.fields(params) if f.name.startswith("train_")]
+    """The methods with a training stage (train@<method>): params.yaml `methods`."""
+    return list(params.methods)
 
 
-def variant_problems(variants: list[str], methods: list[str]) -> list[str]:
+def method_section(name: str, raw: Any, shared: TrainParams | None, problems: list[str]) -> MethodParams | None:
+    """One method section: `type`, recipe keys (what differs from `train`) and the type's arguments."""
+    if not isinstance(raw, dict) or "type" not in raw:
+        legacy = name.removeprefix("train_")
+        if name.startswith("train_") and isinstance(raw, dict):
+            problems.append(
+                f"{name}: per-method recipe sections are gone; put what differs from the shared `train` "
+                f"section in the method's own section (e.g. {legacy}.learning_rate: ...; -S {legacy}.learning_rate=...)"
+            )
+        else:
+            problems.append(
+                f"{name}: unknown section; a method section is a mapping with a type (e.g. {name}: {{type: lora, ...}}), "
+                f"the other sections are {', '.join(FIXED_SECTIONS)}"
+            )
+        return None
+    kind = raw["type"]
+    if not isinstance(kind, str) or not METHOD_NAME.match(kind.lower()):
+        problems.append(f"{name}.type: expected a method type such as full, lora or loha, got {kind!r}")
+        return None
+    kind = kind.lower()
+    overrides = {k: v for k, v in raw.items() if k in RECIPE_KEYS}
+    rest = {k: v for k, v in raw.items() if k not in RECIPE_KEYS and k != "type"}
+    if kind in METHOD_TYPES:
+        before = len(problems)
+        config = _build(METHOD_TYPES[kind], rest, name, problems)
+        for i in range(before, len(problems)):  # the type's keys, and the recipe's the section may set too
+            if ": unknown key; valid keys are " in problems[i]:
+                keys = sorted({f.name for f in dataclasses.fields(METHOD_TYPES[kind])} | {"type", *RECIPE_KEYS})
+                problems[i] = problems[i].split(": unknown key")[0] + (
+                    f": unknown key for method type {kind}; valid keys are {', '.join(keys)}"
+                )
+    else:
+        config = PeftArgs(rest)
+    if shared is None or config is None:
+        return None
+    recipe = _build(TrainParams, {**dataclasses.asdict(shared), **overrides}, name, problems)
+    return None if recipe is None else MethodParams(name, kind, overrides, recipe, config)
+
+
+def method_problems(methods: list[str], sections: dict[str, Any]) -> list[str]:
+    bad = [m for m in methods if not METHOD_NAME.match(m) or m in (*UNTRAINED, *FIXED_SECTIONS)]
+    missing = [m for m in methods if m not in sections and m not in bad]
+    return (
+        _check(
+            not bad,
+            f"methods: {', '.join(bad)} cannot name a method; use lowercase letters, digits and _ "
+            f"(not {', '.join(UNTRAINED)} or a fixed section's name)",
+        )
+        + _check(
+            not missing,
+            f"methods: {', '.join(missing)} has no section; add one, e.g. {missing[0] if missing else ''}: "
+            "{type: loha, learning_rate: 1.0e-3, r: 8}",
+        )
+        + _check(len(set(methods)) == len(methods), f"methods: {methods} names a method twice")
+    )
+
+
+def variant_problems(variants: list[str], methods: list[str], sections: dict[str, Any] | None = None) -> list[str]:
     known = [*UNTRAINED, *methods]
-    unknown = [v for v in variants if v not in known]
+    untrained = [v for v in variants if v not in known and v in (sections or {})]
+    unknown = [v for v in variants if v not in known and v not in untrained]
     return (
         _check(not unknown, f"variants: unknown {', '.join(unknown)}; each must be one of {', '.join(known)}")
+        + _check(
+            not untrained,
+            f"variants: {', '.join(untrained)} is not trained; add it to methods too "
+            f"(-S 'methods=[{', '.join([*methods, *untrained])}]')",
+        )
         + _check(len(set(variants)) == len(variants), f"variants: {variants} names a variant twice")
         + _check(bool(variants), "variants: must name at least one variant, e.g. [base, lora]")
     )
@@ -456,17 +614,27 @@ def variant_problems(variants: list[str], methods: list[str]) -> list[str]:
 def parse_params(raw: Any) -> Params:
     """Validate a params mapping (as read from YAML); raise ParamsError listing every problem."""
     problems: list[str] = []
-    params = _build(Params, raw, "params", problems)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"1 problem(s) in params.yaml:\n  - params.yaml must be a mapping, got {type(raw).__name__}")
+    fixed = {k: v for k, v in raw.items() if k in FIXED_SECTIONS}
+    params = _build(Params, fixed, "params", problems, skip=("sections",))
+    shared = params.train if params is not None else None
+    if shared is None and isinstance(fixed.get("train"), dict) and params is None:
+        shared = _build(TrainParams, fixed["train"], "params.train", [])  # method sections still get checked
+    sections = {
+        name: method_section(name, value, shared, problems) for name, value in raw.items() if name not in FIXED_SECTIONS
+    }
     seed = getattr(params, "seed", 0)
     if params is not None and seed < 0:
         problems.append(f"seed: must be >= 0, got {seed}")
     if params is not None:
-        problems.extend(variant_problems(params.variants, trained_methods(params)))
+        problems.extend(method_problems(params.methods, sections))
+        problems.extend(variant_problems(params.variants, params.methods, sections))
     if problems:
         # "params.lora.r" reads worse than "lora.r": drop the root prefix
         lines = [p.removeprefix("params.") for p in problems]
         raise ParamsError(f"{len(lines)} problem(s) in params.yaml:\n" + "\n".join(f"  - {line}" for line in lines))
-    return params
+    return dataclasses.replace(params, sections={k: v for k, v in sections.items() if v is not None})
 
 
 class ParamsLoader(yaml.SafeLoader):

@@ -201,18 +201,18 @@ class TrainerProgress(TrainerCallback):
     rate and ETA count only the steps left), with the latest loss, learning rate and eval_loss,
     as a tqdm bar on a terminal or a line every `interval_s` seconds otherwise:
 
-        train_lora: 120/1000 steps (12%) | 0.5 steps/s | elapsed 4m00s | ETA 29m20s | loss 1.234, lr 0.000297
+        lora: 120/1000 steps (12%) | 0.5 steps/s | elapsed 4m00s | ETA 29m20s | loss 1.234, lr 0.000297
 
     Validation runs show a second bar (cleared when done) or, if long, their own periodic lines;
     each ends with one line `validation after step 200/1000: eval_loss 1.2345 (63 batches in 12s)`.
     Only the main process (state.is_world_process_zero) prints. `desc` defaults to the name of
-    the Trainer's output_dir (checkpoints/train_lora -> train_lora).
+    the Trainer's output_dir (checkpoints/lora -> lora).
 
     Use it in a stage like this (keep `disable_tqdm=True` in the TrainingArguments, so the
     Trainer adds no bar of its own, then drop the PrinterCallback it adds instead):
 
         from transformers import PrinterCallback, ProgressCallback
-        trainer = Seq2SeqTrainer(..., callbacks=[TrainerProgress()])
+        trainer = Trainer(..., callbacks=[TrainerProgress()])
         trainer.remove_callback(PrinterCallback)   # prints every log dict
         trainer.remove_callback(ProgressCallback)  # present when disable_tqdm=False
     """

@@ -18,23 +18,18 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from stages.curve_rows import curve_rows, write_curve_rows
 from stages.errors import run_stage
 from stages.jsonio import read_json, read_jsonl, write_json
-from stages.params import UNTRAINED, load_params
+from stages.params import UNTRAINED, load_params, method_label
 from stages.plots import fill, load_template, render_png
 from stages.rouge import ROUGE_TYPES, holm_adjust, paired_test
 
-LABELS = {
-    "base": "original (zero-shot)",
-    "lead": "lead baseline",
-    "full": "full fine-tuning",
-    "lora": "LoRA",
-    "ia3": "IA3",
-    "prompt": "prompt tuning",
-}  # any other variant is shown by its name
+BASELINE_LABELS = {"base": "original (zero-shot)", "lead": "lead baseline"}
 EVALUATE_DIR = Path("metrics/evaluate")
 GENERATE_DIR = Path("metrics/generate")
 COST_DIR = Path("metrics/cost")
+CURVES_DIR = Path("metrics/curves")  # each variant's training curves (stages/curve_rows.py draws them)
 PREDICTIONS_DIR = Path("data/predictions")
 REFERENCES_FILE = Path("data/prepared/references.jsonl")
 SCORES_DIR = Path("data/scores")
@@ -54,8 +49,17 @@ WITHIN_NOISE = "Pareto-optimal, but its 95% CI overlaps a cheaper variant's"  # 
 ZERO_COST = "zero-cost"
 
 
-def label(variant: str) -> str:
-    return LABELS.get(variant, variant)
+def variant_labels(variants: list[str], cost: dict[str, dict]) -> dict[str, str]:
+    """What the report calls each variant: the baselines by role, a method by its type (recorded by its
+    training stage as method_type in its cost row), with the section's name when it is not the type's own."""
+    return {v: BASELINE_LABELS.get(v) or method_label(v, cost[v].get("method_type", v)) for v in variants}
+
+
+def label(variant: str, labels: dict[str, str] | None = None) -> str:
+    """A variant's display name; without `labels`, the name read as its type's usual section (lora: LoRA)."""
+    if labels and variant in labels:
+        return labels[variant]
+    return BASELINE_LABELS.get(variant) or method_label(variant, {"prompt": "prompt_tuning"}.get(variant, variant))
 
 
 def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
@@ -85,8 +89,8 @@ def comparisons(scores: dict[str, list[dict]], pairs: list[tuple[str, str]], res
     return results
 
 
-def comparison_sentence(result: dict) -> str:
-    a, b = label(result["a"]), label(result["b"])
+def comparison_sentence(result: dict, labels: dict[str, str] | None = None) -> str:
+    a, b = label(result["a"], labels), label(result["b"], labels)
     span = (
         f"{result['diff']:+.2f} ROUGE-L points, 95% CI [{result['ci_low']:+.2f}, {result['ci_high']:+.2f}], "
         f"p = {result['p_value']:.4f}, Holm-adjusted p = {result['p_holm']:.4f}"
@@ -97,7 +101,9 @@ def comparison_sentence(result: dict) -> str:
     return f"- **{a}** vs **{b}**: no significant difference ({span})."
 
 
-def rouge_table(variants: list[str], evaluation: dict[str, dict], suffix: str) -> str:
+def rouge_table(
+    variants: list[str], evaluation: dict[str, dict], suffix: str, labels: dict[str, str] | None = None
+) -> str:
     """One row per variant: ROUGE (x100) and the change in ROUGE-L against the original model."""
     rows = []
     for variant in variants:
@@ -105,15 +111,15 @@ def rouge_table(variants: list[str], evaluation: dict[str, dict], suffix: str) -
         versus_base = (
             f"{scores[f'rougeL{suffix}'] - evaluation['base'][f'rougeL{suffix}']:+.2f}" if "base" in evaluation else "-"
         )
-        rows.append([label(variant), *(f"{scores[f'{t}{suffix}']:.2f}" for t in ROUGE_TYPES), versus_base])
+        rows.append([label(variant, labels), *(f"{scores[f'{t}{suffix}']:.2f}" for t in ROUGE_TYPES), versus_base])
     headers = ["model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "ROUGE-L vs original"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def interval_table(variants: list[str], evaluation: dict[str, dict]) -> str:
+def interval_table(variants: list[str], evaluation: dict[str, dict], labels: dict[str, str] | None = None) -> str:
     rows = [
         [
-            label(v),
+            label(v, labels),
             *(
                 f"{evaluation[v][t]:.2f} [{evaluation[v][f'{t}_ci_low']:.2f}, {evaluation[v][f'{t}_ci_high']:.2f}]"
                 for t in ROUGE_TYPES
@@ -146,7 +152,9 @@ def cheaper_overlapping(
     return min(overlapping, key=lambda v: cost[v]["trainable_params"], default=None)
 
 
-def frontier_rows(variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]) -> list[dict]:
+def frontier_rows(
+    variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict], labels: dict[str, str] | None = None
+) -> list[dict]:
     """Every variant as a point (trainable params, ROUGE-L). The ones that train nothing (the
     original model, lead) take part at 0 params, so a trained variant at or below the best of
     them is dominated. `status` says how the plot draws it: zero-cost (a reference line),
@@ -163,7 +171,7 @@ def frontier_rows(variants: list[str], evaluation: dict[str, dict], cost: dict[s
         rows.append(
             {
                 "variant": v,
-                "label": label(v),
+                "label": label(v, labels),
                 "trainable_params": params,
                 "zero_cost": params == 0,
                 "rougeL": evaluation[v]["rougeL"],
@@ -177,21 +185,27 @@ def frontier_rows(variants: list[str], evaluation: dict[str, dict], cost: dict[s
     return rows
 
 
-def pareto_cell(row: dict) -> str:
+def pareto_cell(row: dict, labels: dict[str, str] | None = None) -> str:
     if row["pareto"] != OPTIMAL:
         return "no"
-    return f"yes, but its 95% CI overlaps {label(row['overlaps'])}'s" if row["overlaps"] else "yes"
+    return f"yes, but its 95% CI overlaps {label(row['overlaps'], labels)}'s" if row["overlaps"] else "yes"
 
 
-def cost_table(variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict], frontier: list[dict]) -> str:
+def cost_table(
+    variants: list[str],
+    evaluation: dict[str, dict],
+    cost: dict[str, dict],
+    frontier: list[dict],
+    labels: dict[str, str] | None = None,
+) -> str:
     """Quality and cost side by side, one row per variant."""
-    pareto = {row["variant"]: pareto_cell(row) for row in frontier}
+    pareto = {row["variant"]: pareto_cell(row, labels) for row in frontier}
     rows = []
     for v in variants:
         c, memory = cost[v], next((k for k in cost[v] if k.startswith("peak_")), None)
         rows.append(
             [
-                label(v),
+                label(v, labels),
                 f"{evaluation[v]['rougeL']:.2f} [{evaluation[v]['rougeL_ci_low']:.2f}, {evaluation[v]['rougeL_ci_high']:.2f}]",
                 f"{c['trainable_params']:,} ({c['trainable_percent']:.2f}%)",
                 f"{c['saved_mb']:.1f}",
@@ -214,10 +228,12 @@ def cost_table(variants: list[str], evaluation: dict[str, dict], cost: dict[str,
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def diagnostics_table(variants: list[str], generation: dict[str, dict], evaluation: dict[str, dict]) -> str:
+def diagnostics_table(
+    variants: list[str], generation: dict[str, dict], evaluation: dict[str, dict], labels: dict[str, str] | None = None
+) -> str:
     rows = [
         [
-            label(v),
+            label(v, labels),
             evaluation[v]["dialogues"],
             evaluation[v]["references"],
             generation[v]["gen_mean_tokens"],
@@ -233,7 +249,9 @@ def diagnostics_table(variants: list[str], generation: dict[str, dict], evaluati
     )
 
 
-def runs_table(variants: list[str], generation: dict[str, dict], cost: dict[str, dict]) -> str:
+def runs_table(
+    variants: list[str], generation: dict[str, dict], cost: dict[str, dict], labels: dict[str, str] | None = None
+) -> str:
     """What `precision: auto` and the out-of-memory retries resolved to, per variant: a bf16 run and
     an fp32 run give different numbers, so a reader must see which ran. "base weights held in" is
     the dtype of the weights a method did not train (a PEFT method's frozen base: bf16 under bf16
@@ -245,7 +263,7 @@ def runs_table(variants: list[str], generation: dict[str, dict], cost: dict[str,
         trained = "train_precision" in c
         rows.append(
             [
-                label(v),
+                label(v, labels),
                 f"{c['train_precision']}{' + TF32' if c.get('train_tf32') else ''}" if trained else "-",
                 c.get("train_base_dtype", "-") if trained else "-",
                 c.get("train_device", "-") if trained else "-",
@@ -284,11 +302,13 @@ def tuned_cell(chosen: dict | None) -> str:
     return f"{grid or 'nothing varied'} ({chosen['runs_compared']} runs)"
 
 
-def selection_table(variants: list[str], cost: dict[str, dict], tuning: dict) -> str:
+def selection_table(
+    variants: list[str], cost: dict[str, dict], tuning: dict, labels: dict[str, str] | None = None
+) -> str:
     """Per trained variant: the checkpoint kept, its validation ROUGE-L and what was tuned over which grid."""
     rows = [
         [
-            label(v),
+            label(v, labels),
             kept_checkpoint(cost[v]),
             f"{cost[v]['selected_val_rougeL']:.2f} ({cost[v]['validation_dialogues']} dialogues)",
             tuned_cell(tuning["methods"].get(v)),
@@ -316,14 +336,18 @@ def tuning_sentence(tuning: dict) -> str:
 
 
 def examples_section(
-    variants: list[str], predictions: dict[str, list[dict]], references: dict[str, list[str]], count: int
+    variants: list[str],
+    predictions: dict[str, list[dict]],
+    references: dict[str, list[str]],
+    count: int,
+    labels: dict[str, str] | None = None,
 ) -> str:
     first = predictions[variants[0]]
     blocks = []
     for index in range(min(count, len(first))):
         row = first[index]
         lines = [f"### {row['id']}", "", "```", row["dialogue"], "```", "", f"- **human**: {references[row['id']][0]}"]
-        lines += [f"- **{label(v)}**: {predictions[v][index]['prediction']}" for v in variants]
+        lines += [f"- **{label(v, labels)}**: {predictions[v][index]['prediction']}" for v in variants]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -344,13 +368,15 @@ def per_dialogue_rows(
     return rows
 
 
-def plot_rows(variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]) -> list[dict]:
+def plot_rows(
+    variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict], labels: dict[str, str] | None = None
+) -> list[dict]:
     """ROUGE per variant for the bar chart: display name, report order, and the panel it goes in
     (the variants that train nothing apart from the trained ones)."""
     return [
         {
             "variant": v,
-            "label": label(v),
+            "label": label(v, labels),
             "order": order,
             "group": BASELINES_GROUP if cost[v]["trainable_params"] == 0 else TRAINED_GROUP,
             **{t: evaluation[v][t] for t in ROUGE_TYPES},
@@ -366,10 +392,12 @@ def image(name: str, alt: str) -> str:
     return f"![{alt}]({(PLOTS_DIR / f'{name}.png').relative_to(REPORT_FILE.parent).as_posix()})"
 
 
-def quantization_notes(variants: list[str], generation: dict[str, dict]) -> list[str]:
+def quantization_notes(
+    variants: list[str], generation: dict[str, dict], labels: dict[str, str] | None = None
+) -> list[str]:
     """One note per variant whose base was quantized (QLoRA): its base differs from the others'."""
     return [
-        f"Note: **{label(v)}** was trained and evaluated on a {q}-quantized base (QLoRA), not the base the other "
+        f"Note: **{label(v, labels)}** was trained and evaluated on a {q}-quantized base (QLoRA), not the base the other "
         "variants use; its training memory in the cost table is what quantization saves."
         for v in variants
         if (q := generation[v].get("base_quantization", "none")) != "none"
@@ -387,15 +415,17 @@ def render(
     examples: str,
     data_source: str,
     tuning: dict,
+    labels: dict[str, str] | None = None,
 ) -> str:
     return (
         "\n\n".join(
             [
-                f"# {base_model['base_model_name']} on {data_source}: " + " vs ".join(label(v) for v in variants),
+                f"# {base_model['base_model_name']} on {data_source}: "
+                + " vs ".join(label(v, labels) for v in variants),
                 f"Base model `{base_model['base_model_name']}` at revision `{base_model['base_model_revision']}` "
                 f"(resolved: `{base_model['base_model_resolved_revision']}`). ROUGE F-measures x100 on the test split, "
                 "one generated summary per unique dialogue.",
-                *quantization_notes(variants, generation),
+                *quantization_notes(variants, generation, labels),
                 "## Quality and cost",
                 "Trainable params, adapter or model size on disk, whole-run train wall time (across resumes), peak "
                 "memory while training (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS) and generation "
@@ -404,35 +434,35 @@ def render(
                 "nothing (the original model, lead) count at 0 params, so a trained variant at or below the best of them "
                 'is dominated. "But its 95% CI overlaps" names the cheapest variant whose interval reaches this one\'s: '
                 "its gain over that one is within the noise (interval overlap, not a test; the paired tests below are).",
-                cost_table(variants, evaluation, cost, frontier),
+                cost_table(variants, evaluation, cost, frontier, labels),
                 "The frontier below draws the trained variants on a log axis of trainable params; the zero-cost "
                 "variants have no place on it, so they are dashed horizontal reference lines, their 95% CI shaded.",
                 image(FRONTIER_PLOT, "ROUGE-L against trainable parameters, zero-cost variants as reference lines"),
                 "## Multi-reference ROUGE (best reference per ROUGE type)",
-                rouge_table(variants, evaluation, ""),
+                rouge_table(variants, evaluation, "", labels),
                 image(ROUGE_PLOT, "ROUGE-L by variant with 95% bootstrap intervals"),
                 "## Mean over references (comparable to per-row numbers reported elsewhere)",
-                rouge_table(variants, evaluation, "_mean_ref"),
+                rouge_table(variants, evaluation, "_mean_ref", labels),
                 "## 95% bootstrap confidence intervals (multi-reference, resampling dialogues)",
-                interval_table(variants, evaluation),
+                interval_table(variants, evaluation, labels),
                 f"## Paired tests on ROUGE-L (Holm-adjusted over {len(tests)} comparisons, family-wise error rate "
                 f"{SIGNIFICANCE})",
                 f"Paired sign-flip tests on per-dialogue multi-reference ROUGE-L. The p-values are Holm-adjusted over "
                 f"the {len(tests)} comparisons, so the chance of wrongly calling any of them significant is at "
                 f'most {SIGNIFICANCE} (family-wise error rate); "significantly" means Holm-adjusted p < {SIGNIFICANCE}. '
                 f"Each line shows the raw p too; the 95% CIs (paired bootstrap of the mean difference) are not adjusted.",
-                "\n".join(comparison_sentence(t) for t in tests) or "(fewer than two comparable variants)",
+                "\n".join(comparison_sentence(t, labels) for t in tests) or "(fewer than two comparable variants)",
                 "## Generation diagnostics",
-                diagnostics_table(variants, generation, evaluation),
+                diagnostics_table(variants, generation, evaluation, labels),
                 "## How each variant ran",
                 "The precision `auto` resolved to (bf16 where the hardware runs it natively, else fp32), the "
                 "dtype of the weights a method did not train (a PEFT method's frozen base: bf16 under bf16 "
                 "training, 4bit for QLoRA; for full fine-tuning, its trained weights), which is part of what its "
                 "peak memory reflects, the devices, how often training restarted at half the batch after running "
                 "out of memory (the same samples per step), and the generation batch after any out-of-memory halving.",
-                runs_table(variants, generation, cost),
+                runs_table(variants, generation, cost, labels),
                 "## How each method was chosen on validation",
-                selection_table(variants, cost, tuning),
+                selection_table(variants, cost, tuning, labels),
                 tuning_sentence(tuning),
                 "## Examples",
                 examples,
@@ -448,12 +478,13 @@ def main() -> None:
     evaluation = {v: read_json(EVALUATE_DIR / f"{v}.json") for v in variants}
     generation = {v: read_json(GENERATE_DIR / f"{v}.json") for v in variants}
     cost = {v: read_json(COST_DIR / f"{v}.json") for v in variants}
+    labels = variant_labels(variants, cost)
     predictions = {v: read_jsonl(PREDICTIONS_DIR / f"{v}.jsonl") for v in variants}
     scores = {v: read_jsonl(SCORES_DIR / f"{v}.jsonl") for v in variants}
     references = {row["id"]: row["references"] for row in read_jsonl(REFERENCES_FILE)}
     tests = comparisons(scores, comparison_pairs(variants), params.evaluate.bootstrap_resamples, params.seed)
-    frontier = frontier_rows(variants, evaluation, cost)
-    examples = examples_section(variants, predictions, references, params.report.examples)
+    frontier = frontier_rows(variants, evaluation, cost, labels)
+    examples = examples_section(variants, predictions, references, params.report.examples, labels)
     REPORT_FILE.write_text(
         render(
             variants,
@@ -466,11 +497,13 @@ def main() -> None:
             examples,
             params.data.source,
             read_json(TUNING_FILE),
+            labels,
         )
     )
-    rouge_rows = plot_rows(variants, evaluation, cost)
+    rouge_rows = plot_rows(variants, evaluation, cost, labels)
     write_json(rouge_rows, PLOT_FILE)
     write_json(frontier, FRONTIER_FILE)
+    write_curve_rows(curve_rows({v: read_json(CURVES_DIR / f"{v}.json") for v in variants}, labels))
     for name, rows in ((ROUGE_PLOT, rouge_rows), (FRONTIER_PLOT, frontier)):
         render_png(fill(load_template(name), rows, REVISION), PLOTS_DIR / f"{name}.png")
     PER_DIALOGUE_FILE.parent.mkdir(parents=True, exist_ok=True)

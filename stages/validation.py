@@ -1,16 +1,16 @@
 """Validation by generation during training, best-checkpoint selection and early stopping.
 
-Every train_<method> stage validates at each checkpoint (`train_<method>.save_steps`) and at the
+Every train@<method> stage validates at each checkpoint (the recipe's `save_steps`) and at the
 last step: the Trainer's validation loss over the whole validation split, then summaries generated
 for a fixed seeded subset of `validate.dialogues` validation dialogues, scored with the project's
 ROUGE (stages/rouge.py) against their reference. Generation is stages/generate.py's, with the
 `validate` section's decoding (greedy by default, to save time; the test summaries use `generate`).
 
 The Trainer's own machinery does the rest:
-- `metric_for_best_model` (eval_rougeL or eval_loss, from `train_<method>.select_by`) marks the
+- `metric_for_best_model` (eval_rougeL or eval_loss, from the recipe's `select_by`) marks the
   best checkpoint, which rotation then keeps beside the newest one despite save_total_limit=1, and
   `load_best_model_at_end` loads it before the stage saves the model;
-- `EarlyStoppingCallback` stops after `train_<method>.patience` evaluations without improvement.
+- `EarlyStoppingCallback` stops after the recipe's `patience` evaluations without improvement.
 Validation must therefore run where a checkpoint is saved: eval_steps = save_steps.
 
 Resume: the scores are logged through Trainer.log, so they sit in the log history that every
@@ -27,7 +27,7 @@ import random
 import time
 
 from datasets import Dataset
-from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, Seq2SeqTrainer, TrainerCallback
+from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from stages import family
 from stages.generate import generate_summaries
@@ -90,9 +90,7 @@ class ValidationByGeneration(TrainerCallback):
     as the report) and add it to the evaluation metrics, where best-checkpoint selection and early
     stopping (added after this callback) read it, and to the log (DVCLive: eval/rougeL)."""
 
-    def __init__(
-        self, trainer: Seq2SeqTrainer, tokenizer: PreTrainedTokenizerBase, subset: Dataset, params: ValidateParams
-    ):
+    def __init__(self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, subset: Dataset, params: ValidateParams):
         self.trainer, self.tokenizer, self.subset, self.decoding = (
             trainer,
             tokenizer,
@@ -137,7 +135,7 @@ class ResumableEarlyStopping(EarlyStoppingCallback):
 
 
 def attach_validation(
-    trainer: Seq2SeqTrainer,
+    trainer: Trainer,
     tokenizer: PreTrainedTokenizerBase,
     validation: Dataset,
     train_params: TrainParams,
@@ -163,7 +161,7 @@ def validation_history(log_history: list[dict]) -> list[dict]:
     ]
 
 
-def selection_metrics(trainer: Seq2SeqTrainer, params: TrainParams, subset: Dataset) -> dict[str, float]:
+def selection_metrics(trainer: Trainer, params: TrainParams, subset: Dataset) -> dict[str, float]:
     """Which evaluated checkpoint the saved model is and its validation scores; whether and where
     early stopping ended the run. Flat and deterministic, for metrics/train/<method>.json."""
     history = validation_history(trainer.state.log_history)
@@ -184,15 +182,26 @@ def selection_metrics(trainer: Seq2SeqTrainer, params: TrainParams, subset: Data
     }
 
 
-def validation_record(trainer: Seq2SeqTrainer, subset: Dataset, params: TrainParams, seed: int) -> dict:
+def training_history(log_history: list[dict]) -> list[dict]:
+    """One entry per logged training window, in step order: step, mean train loss, learning rate."""
+    return [
+        {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate")}
+        for e in log_history
+        if "loss" in e
+    ]
+
+
+def validation_record(trainer: Trainer, subset: Dataset, params: TrainParams, seed: int) -> dict:
     """The run's validation as data (metrics/validation/<method>.json): how the checkpoint was
-    chosen, the seeded subset's dialogue ids, and every evaluation."""
+    chosen, the seeded subset's dialogue ids, every evaluation and the training curves (the report
+    draws them, through evaluate@<method>)."""
     return {
         "select_by": params.select_by,
         "patience": params.patience,
         "seed": seed,
         "ids": list(subset["id"]),
         "history": validation_history(trainer.state.log_history),
+        "training": training_history(trainer.state.log_history),
     }
 
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from stages import family as F
 from stages.errors import StageError
 from stages.generate import generation_config
-from stages.modeling import head_is_tied, save_seq2seq
+from stages.modeling import head_is_tied, save_model
 from stages.params import parse_params
 from stages.rouge import mean_scores, score_corpus
 from tests.conftest import MEMORIZATION_LORA_TARGETS, REPO, load_script, memorization_rows
@@ -384,7 +384,7 @@ def test_tied_head_stays_tied_and_separate_head_stays_apart(tiny_dirs, tmp_path)
     for name, tied in (("t5_tied", True), ("t5", False), ("gpt2", True), ("llama", False)):
         tokenizer, model = load(tiny_dirs, name)
         assert head_is_tied(model) is tied, name
-        save_seq2seq(model, tokenizer, tmp_path / name)
+        save_model(model, tokenizer, tmp_path / name)
         assert json.loads((tmp_path / name / "config.json").read_text())["tie_word_embeddings"] is tied, name
         again = F.load_model(str(tmp_path / name))
         assert head_is_tied(again) is tied, name

@@ -22,7 +22,7 @@ from stages.modeling import (
     load_tokenizer,
     meta_model,
     native_bf16,
-    save_seq2seq,
+    save_model,
     use_bf16,
 )
 from stages.params import ModelParams
@@ -65,7 +65,7 @@ def test_full_training_save_and_reload_keep_the_trained_head(tiny_model_dir, sav
     assert not head_is_tied(model)
     trained_head = model.lm_head.weight.detach().clone()
     assert not torch.equal(trained_head, saved_head)  # the head trained on its own
-    save_seq2seq(model, tokenizer, tmp_path / "full")
+    save_model(model, tokenizer, tmp_path / "full")
     assert json.loads((tmp_path / "full" / "config.json").read_text())["tie_word_embeddings"] is False
     reloaded = load_model(str(tmp_path / "full"))
     assert not head_is_tied(reloaded)

@@ -1,16 +1,15 @@
-"""Stage `train_prompt`: freeze the base model and train a soft prompt for it (peft prompt tuning).
+"""Method type `prompt_tuning`: freeze the base model and train a soft prompt for it (peft).
 
-Sibling of train_lora.py: `diff stages/train_lora.py stages/train_prompt.py` shows the prompt part.
-Prompt tuning (Lester et al. 2021) prepends `prompt.num_virtual_tokens` trainable embeddings to
+Prompt tuning (Lester et al. 2021) prepends `num_virtual_tokens` trainable embeddings to
 the model input (the encoder's for seq2seq models); nothing inside the model changes, so it cannot be merged and is evaluated
-as an adapter (peft prepends the prompt, and ones to the attention mask, in generate()).
+as an adapter (peft prepends the prompt, and ones to the attention mask, in generate()). Its own
+code is the init: the soft prompt starts from the embeddings of a text or of common tokens.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -18,10 +17,9 @@ from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from transformers import PreTrainedTokenizerBase
 
 from stages import family
-from stages.errors import run_stage
-from stages.modeling import load_tokenizer
-from stages.params import PromptParams, load_params
-from stages.training import finish_run, save_adapter, start_run, train
+from stages.methods.plan import Plan
+from stages.modeling import load_tokenizer, save_adapter
+from stages.params import MethodParams, ModelParams, PromptParams
 
 COMMON_TOKENS = 5000  # Lester et al. 2021 Sec. 2.1 sample the init from the 5,000 most common tokens
 
@@ -74,17 +72,13 @@ def build_model(base, config: PromptTuningConfig, token_ids: list[int] | None):
     return model
 
 
-def main() -> None:
-    params = load_params()
-    run = start_run("prompt", params)
-    config = prompt_config(params.prompt, family.family(family.load_config(run.base.name, run.base.revision)))
-    token_ids = init_token_ids(params.prompt, load_tokenizer(run.base.name, run.base.revision), params.seed)
-    # frozen_base: the base in bf16 under bf16 training; the soft prompt stays fp32
-    trained = train(run, partial(build_model, config=config, token_ids=token_ids), params.prompt, frozen_base=True)
-    finish_run(
-        run, trained, save_adapter, {"train_prompt": asdict(params.train_prompt), "prompt": asdict(params.prompt)}
+def plan(section: MethodParams, base: ModelParams, seed: int) -> Plan:
+    params: PromptParams = section.config
+    config = prompt_config(params, family.family(family.load_config(base.name, base.revision)))
+    token_ids = init_token_ids(params, load_tokenizer(base.name, base.revision), seed)
+    return Plan(
+        build=partial(build_model, config=config, token_ids=token_ids),
+        save=save_adapter,
+        library="peft",
+        frozen_base=True,  # the base in bf16 under bf16 training; the soft prompt stays fp32
     )
-
-
-if __name__ == "__main__":
-    run_stage(main)
