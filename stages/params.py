@@ -387,7 +387,7 @@ def method_label(name: str, kind: str) -> str:
     """What the report calls a method: its type's name for the type's usual section (lora: LoRA, prompt:
     prompt tuning), else the section's name with its type's (lora_r8 (LoRA))."""
     type_label = TYPE_LABELS.get(kind, kind)
-    usual = {"prompt_tuning": "prompt"}.get(kind, kind)
+    usual = kind.removesuffix("_tuning")  # prompt_tuning: prompt, prefix_tuning: prefix
     return type_label if name == usual else f"{name} ({type_label})"
 
 

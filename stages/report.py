@@ -59,7 +59,7 @@ def label(variant: str, labels: dict[str, str] | None = None) -> str:
     """A variant's display name; without `labels`, the name read as its type's usual section (lora: LoRA)."""
     if labels and variant in labels:
         return labels[variant]
-    return BASELINE_LABELS.get(variant) or method_label(variant, {"prompt": "prompt_tuning"}.get(variant, variant))
+    return BASELINE_LABELS.get(variant) or method_label(variant, {"prompt": "prompt_tuning", "prefix": "prefix_tuning"}.get(variant, variant))
 
 
 def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
