@@ -25,7 +25,7 @@ else
 fi
 mkdir -p /tmp/dialogsum && for s in train validation test; do head -n 30 ../shared/data/dialogsum/$s.jsonl > /tmp/dialogsum/$s.jsonl; done
 python scripts/set_params.py model.name=$model data.source=/tmp/dialogsum data.limit=30 \
-  train_full.epochs=1 train_lora.epochs=1 train_ia3.epochs=1 train_prompt.epochs=1 \
+  train.epochs=1 \
   generate.num_beams=1 generate.max_new_tokens=16 validate.dialogues=4 validate.max_new_tokens=16
 mid=$(date +%s.%N)
 dvc repro 2>&1 | python -u -c '

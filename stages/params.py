@@ -209,7 +209,7 @@ class Ia3Params:
     feedforward_modules: list[str] | Literal["auto"]  # auto: peft's feed-forward subset of the targets
 
     def problems(self, section: str) -> list[str]:
-        # with an auto side the subset check waits for the model (train_ia3.ia3_config)
+        # with an auto side the subset check waits for the model (stages/methods/ia3.py ia3_config)
         lists = isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list)
         outside = [m for m in self.feedforward_modules if m not in self.target_modules] if lists else []
         return _check(
@@ -641,7 +641,7 @@ class ParamsLoader(yaml.SafeLoader):
     """PyYAML's safe loader that also reads exponent floats without a dot (1e-05) as numbers.
 
     PyYAML follows YAML 1.1, where 1e-05 is a string; DVC writes params.yaml through ruamel (YAML 1.2),
-    and `dvc exp run -S train_full.learning_rate=1.0e-5` writes exactly `1e-05`, so a learning-rate
+    and `dvc exp run -S full.learning_rate=1.0e-5` writes exactly `1e-05`, so a learning-rate
     grid (scripts/tune.py) would otherwise fail on every rate below 1e-4.
     """
 

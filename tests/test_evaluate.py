@@ -294,7 +294,7 @@ def test_lora_is_evaluated_as_trained_not_merged_in_bf16(tiny_model_dir, tmp_pat
 
     adapter = tiny_lora(tiny_model_dir, tmp_path / "lora")
     model_params = ModelParams(name=str(tiny_model_dir), revision="main")
-    (adapter / "pin.json").write_text(  # the pin train_lora writes beside the adapter
+    (adapter / "pin.json").write_text(  # the pin train@lora writes beside the adapter
         json.dumps({"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:test"})
     )
     tokenizer, evaluated = generate.load_variant(adapter, model_params, torch.bfloat16)

@@ -7,7 +7,7 @@ Skipped without CUDA, so CI (CPU only) collects and skips every test here.
 (b) a LoRA adapter is evaluated unmerged in bf16 on the card, exactly as peft's own PeftModel;
 (c) a real CUDA out-of-memory during generation (the card filled up to a margin first) is retried
     with halved batches and gives the same summaries;
-(d) training through stages.training on the card: bf16 autocast, TF32, fused AdamW, loss falls;
+(d) training through the stages' Trainer recipe (stages/recipe.py) on the card: bf16 autocast, TF32, fused AdamW, loss falls;
 (e) the offline tiny-model `dvc repro` end to end in a temp repo, training on the card.
 """
 
@@ -126,7 +126,7 @@ def test_auto_precision_picks_native_bf16_and_generation_runs_bf16_on_the_card(t
 def load_lora_with_stage_code(gen, adapter: Path, base_dir: Path, tmp_path: Path, monkeypatch):
     """The stage's load_variant() for a LoRA adapter on `base_dir`, loaded in bf16."""
     model_params = ModelParams(name=str(base_dir), revision="main")
-    pin = adapter / "pin.json"  # the base model's pin, as train_lora writes it beside the adapter
+    pin = adapter / "pin.json"  # the base model's pin, as train@lora writes it beside the adapter
     pin.write_text(json.dumps({"name": str(base_dir), "revision": "main", "resolved_revision": "sha256:test"}))
     return gen.load_variant(adapter, model_params, torch.bfloat16)
 
@@ -270,14 +270,14 @@ def tokenized_rows(tokenizer, count: int):
 
 
 def train_briefly(model_dir: Path, out_dir: Path, device: torch.device):
-    """params.yaml's train_full recipe through stages.training, shortened: 8 epochs of 16 rows."""
-    from stages.training import build_trainer, training_arguments
+    """params.yaml's recipe of the full method through stages.recipe, shortened: 8 epochs of 16 rows."""
+    from stages.recipe import build_trainer, training_arguments
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     data = tokenized_rows(tokenizer, 16)
     recipe = dataclasses.replace(
-        load_params(REPO / "params.yaml").train_full,
+        load_params(REPO / "params.yaml").recipe("full"),
         epochs=8,
         learning_rate=3.0e-3,
         batch_size=4,
@@ -288,7 +288,7 @@ def train_briefly(model_dir: Path, out_dir: Path, device: torch.device):
         precision="auto",
         select_by="last",  # no validation by generation here: the recipe's numerics are under test
     )
-    args = training_arguments(recipe, seed=0, output_dir=out_dir, device=device, section="train_full")
+    args = training_arguments(recipe, seed=0, output_dir=out_dir, device=device, section="full")
     tf32 = tf32_matmuls() if device.type == "cuda" else None
     trainer = build_trainer(model, tokenizer, data, data, args)
     activations = set()  # dtype of an inner layer's output during training: bf16 under autocast
@@ -306,7 +306,7 @@ def train_briefly(model_dir: Path, out_dir: Path, device: torch.device):
 
 
 def test_training_on_the_card_runs_bf16_tf32_and_fused_adamw(tiny_model_dir, tmp_path):
-    from stages.training import training_costs
+    from stages.ledger import training_costs
 
     native = cards_native_bf16()
     with fp32_matmul_precision():  # training_arguments turns TF32 on for the whole process: undo it after

@@ -14,6 +14,8 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file
 
+from stages import hub
+from stages.errors import StageError
 from stages.modeling import (
     ModelLoadError,
     head_is_tied,
@@ -26,7 +28,7 @@ from stages.modeling import (
     use_bf16,
 )
 from stages.params import ModelParams
-from stages.training import build_trainer, training_arguments
+from stages.recipe import build_trainer, training_arguments
 from tests.conftest import REPO, tiny_train_params
 
 TRAIN = tiny_train_params(learning_rate=1.0e-2, save_steps=100)
@@ -49,7 +51,7 @@ def tiny_dataset(tokenizer) -> Dataset:
 
 def train(model, tokenizer, output_dir) -> None:
     data = tiny_dataset(tokenizer)
-    args = training_arguments(TRAIN, seed=0, output_dir=output_dir, device=torch.device("cpu"), section="train_full")
+    args = training_arguments(TRAIN, seed=0, output_dir=output_dir, device=torch.device("cpu"), section="full")
     build_trainer(model, tokenizer, data, data, args).train()
 
 
@@ -91,6 +93,11 @@ def test_only_safetensors_weights_load(tiny_model_dir, tmp_path):
     (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     with pytest.raises(ModelLoadError, match=r"could not load '.*' \(revision 'main'\): OSError: .*safetensors"):
         load_model(str(tmp_path))
+
+
+def test_model_load_error_is_the_hubs_and_a_stage_error():
+    # stages/hub.py owns it (family.py and modeling.py both raise it); modeling re-exports it
+    assert ModelLoadError is hub.ModelLoadError and issubclass(ModelLoadError, StageError)
 
 
 def test_lora_targets_come_from_the_config_alone(tiny_model_dir):
@@ -139,7 +146,8 @@ def test_a_stage_run_before_the_pin_says_so(tmp_path):
 
 
 def test_no_code_path_enables_remote_code():
-    sources = [*REPO.glob("stages/*.py"), REPO / "summarize.py", *REPO.glob("scripts/*.py")]
+    sources = [*REPO.glob("stages/**/*.py"), REPO / "summarize.py", *REPO.glob("scripts/*.py")]  # stages/methods/ too
+    assert REPO / "stages" / "methods" / "lora.py" in sources
     offenders = [str(p) for p in sources if "trust_remote_code=True" in p.read_text()]
     assert offenders == []
     # every loader: the tokenizer (modeling.py), the config and the model (family.py)

@@ -17,9 +17,11 @@ def test_committed_params_load_with_defaults():
     params = load_params(REPO / "params.yaml")
     assert params.model.name == "google/flan-t5-base"
     assert params.data.source == "knkarthick/dialogsum"
-    assert (params.lora.r, params.lora.alpha, params.lora.dropout) == (32, 32, 0.05)
-    assert params.lora.target_modules == "auto"
-    assert params.train_full.learning_rate == pytest.approx(1.0e-4)
+    lora = params.method("lora").config
+    assert (lora.r, lora.alpha, lora.dropout) == (32, 32, 0.05)
+    assert lora.target_modules == "auto"
+    assert params.recipe("full").learning_rate == pytest.approx(1.0e-4)
+    assert params.recipe("lora").learning_rate == pytest.approx(1.0e-3)
     assert params.prepare.prompt_template == "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 
 
@@ -32,22 +34,32 @@ def test_every_param_has_a_comment():
 def test_out_of_range_values_are_all_reported_at_once(raw):
     raw["lora"]["r"] = 0
     raw["lora"]["dropout"] = 1.0
-    raw["train_full"]["learning_rate"] = -1.0
-    raw["train_lora"]["batch_size"] = 0
+    raw["train"]["learning_rate"] = -1.0
+    raw["lora"]["batch_size"] = 0
     message = problems(raw)
-    assert message.startswith("4 problem(s) in params.yaml:")
+    # the shared recipe's bad rate is reported once for `train` and once for full fine-tuning, which
+    # uses it as is (every other method sets its own); LoRA's own batch size under its own name
+    assert message.startswith("5 problem(s) in params.yaml:")
     assert "lora.r: must be >= 1, got 0" in message
     assert "lora.dropout: must be in [0, 1), got 1.0" in message
-    assert "train_full.learning_rate: must be > 0, got -1.0" in message
-    assert "train_lora.batch_size: must be >= 1, got 0" in message
+    assert "train.learning_rate: must be > 0, got -1.0" in message
+    assert "full.learning_rate: must be > 0, got -1.0" in message
+    assert "lora.batch_size: must be >= 1, got 0" in message
 
 
 def test_unknown_key_names_the_valid_ones(raw):
     raw["lora"]["rank"] = 16
+    message = problems(raw)
     assert (
-        "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, quantization, r, target_modules, use_dora, use_rslora"
-        in problems(raw)
+        "lora.rank: unknown key for method type lora; valid keys are alpha, auto_find_batch_size, batch_size, "
+        in message
     )
+    # the type's own keys and the recipe's, which a method section may set too
+    listed = message.split("valid keys are ")[1].splitlines()[0].split(", ")
+    assert {"r", "alpha", "dropout", "target_modules", "use_dora", "quantization", "type", "learning_rate"} <= set(
+        listed
+    )
+    assert "epochs" in listed and "rank" not in listed
 
 
 def test_missing_key_and_section(raw):
@@ -60,27 +72,26 @@ def test_missing_key_and_section(raw):
 
 def test_wrong_types(raw):
     raw["lora"]["r"] = "16"
-    raw["train_full"]["group_by_length"] = "yes"
+    raw["train"]["group_by_length"] = "yes"
     raw["lora"]["target_modules"] = "q"
     raw["data"]["limit"] = 1.5
     message = problems(raw)
     assert "lora.r: expected an integer, got '16'" in message
-    assert "train_full.group_by_length: expected true or false, got 'yes'" in message
+    assert "train.group_by_length: expected true or false, got 'yes'" in message
     assert "lora.target_modules: expected a list of strings or one of 'all-linear', 'auto', got 'q'" in message
     assert "data.limit: expected an integer or null, got 1.5" in message
 
 
 def test_yaml_float_without_dot_gets_a_hint(raw):
-    raw["train_lora"]["learning_rate"] = "1e-4"  # what PyYAML makes of `1e-4`
+    raw["lora"]["learning_rate"] = "1e-4"  # what PyYAML makes of `1e-4`
     assert (
-        "train_lora.learning_rate: expected a number, got '1e-4' "
-        "(PyYAML reads numbers like 1e-4 as strings: write 1.0e-4)"
+        "lora.learning_rate: expected a number, got '1e-4' (PyYAML reads numbers like 1e-4 as strings: write 1.0e-4)"
     ) in problems(raw)
 
 
 def test_fp16_is_refused(raw):
-    raw["train_full"]["precision"] = "fp16"
-    assert "train_full.precision: expected one of 'auto', 'bf16', 'fp32', got 'fp16'" in problems(raw)
+    raw["train"]["precision"] = "fp16"
+    assert "train.precision: expected one of 'auto', 'bf16', 'fp32', got 'fp16'" in problems(raw)
 
 
 def test_prompt_without_placeholder(raw):
@@ -89,8 +100,11 @@ def test_prompt_without_placeholder(raw):
 
 
 def test_ints_are_accepted_where_floats_are_expected(raw):
-    raw["train_full"]["weight_decay"] = 0
-    assert parse_params(copy.deepcopy(raw)).train_full.weight_decay == 0.0
+    raw["train"]["weight_decay"] = 0
+    raw["ia3"]["learning_rate"] = 1
+    params = parse_params(copy.deepcopy(raw))
+    assert params.recipe("full").weight_decay == 0.0 and isinstance(params.recipe("full").weight_decay, float)
+    assert params.recipe("ia3").learning_rate == 1.0 and isinstance(params.recipe("ia3").learning_rate, float)
 
 
 def test_stage_exits_2_with_the_message_before_any_work(tmp_path, raw):
@@ -109,15 +123,15 @@ def test_stage_exits_2_with_the_message_before_any_work(tmp_path, raw):
 
 
 def test_scheduler_typo_is_caught_with_the_other_params(raw):
-    raw["train_full"]["lr_scheduler"] = "cosin"
-    raw["train_lora"]["precision"] = "fp16"
+    raw["full"]["lr_scheduler"] = "cosin"
+    raw["lora"]["precision"] = "fp16"
     message = problems(raw)
     assert message.startswith("2 problem(s) in params.yaml:")
     assert (
-        "train_full.lr_scheduler: expected one of 'linear', 'cosine', 'cosine_with_restarts', 'polynomial', "
+        "full.lr_scheduler: expected one of 'linear', 'cosine', 'cosine_with_restarts', 'polynomial', "
         "'constant', 'constant_with_warmup', 'inverse_sqrt', got 'cosin'"
     ) in message
-    assert "train_lora.precision: expected one of 'auto', 'bf16', 'fp32', got 'fp16'" in message
+    assert "lora.precision: expected one of 'auto', 'bf16', 'fp32', got 'fp16'" in message
 
 
 def test_every_accepted_scheduler_is_one_transformers_builds_from_its_name():

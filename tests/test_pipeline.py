@@ -11,9 +11,11 @@ import ast
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,12 @@ import yaml
 
 from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, copy_project, make_tiny_model, require_shared
 
-VARIANTS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["variants"])  # the committed list
-TRAINED = tuple(v for v in VARIANTS if v not in ("base", "lead"))
+COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text())
+# The smoke pipeline trains the committed methods and the curated peft methods by name: seven methods,
+# six distinct peft types besides full fine-tuning (LoRA, IA3, prompt tuning, prefix tuning, LoHa, VeRA)
+CURATED = ("prefix", "loha", "vera")
+TRAINED = (*COMMITTED["methods"], *CURATED)
+VARIANTS = ("base", *TRAINED, "lead")
 ROUGE_KEYS = {"rouge1", "rouge2", "rougeL", "rougeLsum"}
 
 
@@ -64,23 +70,14 @@ def smoke_params(raw: dict, model_dir: Path) -> dict:
     """The documented offline smoke run: tiny model, a slice of DialogSum, 1 short epoch."""
     raw["model"]["name"] = str(model_dir)
     raw["data"].update(source=str(DIALOGSUM), limit=24)  # 24 rows per split; test = 8 dialogues x 3
-    for section in (f"train_{m}" for m in trained(raw)):
-        raw[section].update(
-            epochs=1,
-            batch_size=4,
-            gradient_accumulation_steps=2,
-            eval_batch_size=8,
-            dataloader_workers=0,
-        )  # logging_steps stays 50: a run shorter than that must still write its curves
+    raw["methods"], raw["variants"] = list(TRAINED), list(VARIANTS)
+    # the shared recipe, so every method: 24 rows / (4 x 2 per step) = 3 steps
+    raw["train"].update(epochs=1, batch_size=4, gradient_accumulation_steps=2, eval_batch_size=8, dataloader_workers=0)
+    # logging_steps stays 50: a run shorter than that must still write its curves
     raw["generate"].update(batch_size=8, num_beams=2, max_new_tokens=12)
     raw["validate"].update(dialogues=4, max_new_tokens=12)  # validation by generation on a few dialogues
     raw["evaluate"].update(bootstrap_resamples=200)
     return raw
-
-
-def trained(raw: dict) -> list[str]:
-    """The trained variants of a params mapping (every name in `variants` but base and lead)."""
-    return [v for v in raw["variants"] if v not in ("base", "lead")]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +108,7 @@ def test_repro_runs_every_stage(reproduced):
         "prepare",
         "base",
         "lead",
-        *(f"train_{m}" for m in TRAINED),
+        *(f"train@{m}" for m in TRAINED),
         "report",
         *(f"generate@{v}" for v in VARIANTS),
         *(f"evaluate@{v}" for v in VARIANTS),
@@ -190,9 +187,16 @@ def test_dvc_plots_render_rouge_by_variant(pipeline_repo, reproduced):
     shown = run_json(["dvc", "plots", "show", "--json"], pipeline_repo)["data"]
     values = shown["rouge_by_variant"][0]["content"]["data"]["values"]
     assert [v["variant"] for v in values] == list(VARIANTS) and all("rougeL" in v for v in values)
-    validation = shown["validation_rougeL"][0]["content"]["data"]["values"]  # validation ROUGE-L per step
-    assert {v["filename"] for v in validation} == {f"train_{m}/plots/metrics/eval/rougeL.tsv" for m in TRAINED}
-    assert all("rougeL" in v and "step" in v for v in validation)
+    # validation ROUGE-L per step, one series per trained method, named as the report names it
+    validation = shown["metrics/plots/validation_rougeL.json"][0]["content"]["data"]["values"]
+    labels = ["full fine-tuning", "LoRA", "IA3", "prompt tuning", "prefix tuning", "LoHa", "VeRA"]
+    assert list(dict.fromkeys(v["method"] for v in validation)) == labels
+    assert [v["place"] for v in validation] == list(range(len(TRAINED)))  # one validation each: the last step
+    assert all(v["step"] == 3 and 0 <= v["rougeL"] <= 100 for v in validation)
+    losses = shown["metrics/plots/training_loss.json"][0]["content"]["data"]["values"]
+    assert {(v["method"], v["curve"]) for v in losses} == {(m, c) for m in labels for c in ("train", "validation")}
+    rates = shown["metrics/plots/learning_rate.json"][0]["content"]["data"]["values"]
+    assert [v["method"] for v in rates] == labels
 
 
 def test_editing_local_data_reruns_the_data_stage_and_only_what_the_snapshot_changes(pipeline_repo, reproduced):
@@ -270,7 +274,7 @@ def test_a_subset_of_variants_runs_only_what_it_needs(pipeline_repo, reproduced)
         "prepare",
         "base",
         "lead",
-        "train_lora",
+        "train@lora",
         "report",
         *(f"{stage}@{v}" for stage in ("generate", "evaluate") for v in ("base", "lora", "lead")),
     }
@@ -316,19 +320,25 @@ def test_prompt_change_does_not_refetch_but_data_change_does(pipeline_repo, repr
 
 def test_attention_implementation_reruns_what_runs_the_model_not_the_pin_or_tokenization(pipeline_repo, reproduced):
     planned = dry_run_with(pipeline_repo, "model", "attn_implementation", "eager")
-    assert planned == {*(f"train_{m}" for m in TRAINED), *(f"generate@{v}" for v in VARIANTS)}
+    assert planned == {*(f"train@{m}" for m in TRAINED), *(f"generate@{v}" for v in VARIANTS)}
 
 
 def test_training_curves_and_model_cards(pipeline_repo, reproduced):
     repo = pipeline_repo
-    for stage in ("train_full", "train_lora"):
-        rows = (repo / "dvclive" / stage / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    for method in TRAINED:
+        rows = (repo / "dvclive" / method / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
         # 24 rows / (4 x 2 per step) = 3 steps, fewer than logging_steps: the last step is logged anyway
         step = rows[0].split("\t").index("step")
         assert "loss" in rows[0].split("\t") and [r.split("\t")[step] for r in rows[1:]] == ["3"]
-        assert (repo / "dvclive" / stage / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
+        assert (repo / "dvclive" / method / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
     shown = run_json(["dvc", "plots", "show", "--json"], repo)
-    assert {"training_loss", "learning_rate", "rouge_by_variant"} <= set(shown["data"])
+    assert set(shown["data"]) == {
+        "metrics/plots/training_loss.json",
+        "metrics/plots/learning_rate.json",
+        "metrics/plots/validation_rougeL.json",
+        "rouge_by_variant",
+        "frontier",
+    }
     assert not shown.get("errors"), shown["errors"]  # every declared curve file exists
     assert (repo / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()  # DVCLive left it alone
     full_card, lora_card = ((repo / "models" / v / "README.md").read_text() for v in ("full", "lora"))
@@ -356,7 +366,7 @@ def test_lora_experiment_reruns_exactly_its_stages(pipeline_repo, reproduced):
     repo = pipeline_repo
     git_commit(repo, "reproduced")
     output = run(["dvc", "exp", "run", "-S", "lora.r=16"], repo)
-    assert stages_run(output) == {"train_lora", "generate@lora", "evaluate@lora", "report"}
+    assert stages_run(output) == {"train@lora", "generate@lora", "evaluate@lora", "report"}
 
     diff = run_json(["dvc", "metrics", "diff", "--json"], repo)
     trainable = diff["metrics/train/lora.json"]["trainable_params"]
@@ -380,12 +390,18 @@ def test_statistics_change_reruns_no_generation_and_no_training(pipeline_repo, r
 
 
 @pytest.mark.parametrize(
-    ("method", "key", "value"), [("ia3", "target_modules", ["k", "v", "o", "wo"]), ("prompt", "num_virtual_tokens", 10)]
+    ("method", "key", "value"),
+    [
+        ("ia3", "target_modules", ["k", "v", "o", "wo"]),
+        ("prompt", "num_virtual_tokens", 10),
+        ("loha", "r", 4),  # a peft method by name: its arguments are its section's too
+        ("full", "learning_rate", 3.0e-4),  # a recipe difference in a method's section: that method only
+    ],
 )
 def test_each_method_change_touches_its_own_training_stage_only(pipeline_repo, reproduced, method, key, value):
     # a dry run lists the stages whose own dependencies changed; what follows them (generate@, evaluate@
     # and the report for that method) is the graph, run for real in test_lora_experiment_reruns_exactly_its_stages
-    assert dry_run_with(pipeline_repo, method, key, value) == {f"train_{method}"}
+    assert dry_run_with(pipeline_repo, method, key, value) == {f"train@{method}"}
 
 
 def test_lead_turns_change_reruns_the_lead_variant_only(pipeline_repo, reproduced):
@@ -413,24 +429,35 @@ def test_training_only_prepare_change_regenerates_no_untrained_variant(pipeline_
     finally:
         params_file.write_text(original)
         run(["dvc", "repro", "prepare"], pipeline_repo)  # the reproduced state back (DVC's run cache)
-    assert changed == {f"train_{v}" for v in VARIANTS if v not in ("base", "lead")}
+    assert changed == {f"train@{m}" for m in TRAINED}
     assert "Data and pipelines are up to date" in run(["dvc", "status"], pipeline_repo)
 
 
-def stage_imports(module: str) -> set[str]:
-    """The stages/ modules `module` imports, at the top or inside a function, and theirs in turn."""
+def module_file(name: str) -> Path | None:
+    """stages/<name>.py, or a package's __init__.py (name dotted below stages: methods.plan)."""
+    path = REPO / "stages" / name.replace(".", "/")
+    return next((f for f in (path.with_suffix(".py"), path / "__init__.py") if f.is_file()), None)
+
+
+def stage_imports(module: str) -> set[Path]:
+    """The stages/ files `module` imports, at the top or inside a function, and theirs in turn."""
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()
-        path = REPO / "stages" / f"{name}.py"
-        if name in seen or not path.is_file():
+        path = module_file(name)
+        if path is None or path in seen:
             continue
-        seen.add(name)
+        seen.add(path)
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "stages":
-                todo += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
-                todo.append(node.module.removeprefix("stages."))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "stages":
+                package = node.module.removeprefix("stages").removeprefix(".")
+                # `from stages import family` / `from stages.methods import lora`: submodules, or names in a module
+                todo += [
+                    f"{package}.{a.name}".lstrip(".")
+                    for a in node.names
+                    if module_file(f"{package}.{a.name}".lstrip("."))
+                ]
+                todo.append(package)
             elif isinstance(node, ast.Import):
                 todo += [a.name.removeprefix("stages.") for a in node.names if a.name.startswith("stages.")]
     return seen
@@ -439,18 +466,20 @@ def stage_imports(module: str) -> set[str]:
 def test_every_stage_lists_the_modules_it_imports_as_deps():
     """Editing a module must rerun every stage that runs it: dvc.yaml lists each stages/ module a
     stage's command imports, directly or through another module (a training stage's launcher execs
-    the stage module itself), and the package's __init__.py that every stage imports first."""
+    stages.train), or a folder holding it, and the package's __init__.py that every stage imports first."""
     missing = {}
     for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
         body = stage.get("do", stage)
         modules = set().union(*(stage_imports(m) for m in re.findall(r"stages\.(\w+)", body["cmd"])))
-        if "launch" in modules:
-            modules |= stage_imports(body["cmd"].split()[-1])
-        needed = {f"stages/{m}.py" for m in modules} | {"stages/__init__.py"}
+        if REPO / "stages" / "launch.py" in modules:
+            modules |= stage_imports("train")
+        needed = {str(m.relative_to(REPO)) for m in modules} | {"stages/__init__.py"}
         deps = {dep if isinstance(dep, str) else next(iter(dep)) for dep in body["deps"]}
-        if needed - deps:
-            missing[name] = sorted(needed - deps)
+        uncovered = {n for n in needed if not any(n == d or n.startswith(d.rstrip("/") + "/") for d in deps)}
+        if uncovered:
+            missing[name] = sorted(uncovered)
     assert missing == {}
+    assert "stages/methods/peft_any.py" in {str(m.relative_to(REPO)) for m in stage_imports("train")}
 
 
 @pytest.mark.parametrize(("family", "heading"), [("t5", "## Offline smoke run"), ("llama", "decoder-only smoke run")])
@@ -465,3 +494,37 @@ def test_the_smoke_benchmark_runs_the_readme_s_commands(family, heading):
     assert "dvc repro" in lines and "dvc repro" in script
     commands = [line for line in lines if line not in ("dvc repro", "git checkout params.yaml")]
     assert len(commands) == 5 and all(command in script for command in commands), commands
+
+
+def test_adding_a_method_by_the_readme_s_steps_gets_its_row_in_the_report(pipeline_repo, reproduced):
+    """README "Adding a method", followed as written: its params section, then its command block."""
+    repo, readme = pipeline_repo, (REPO / "README.md").read_text()
+    steps = readme[readme.index("### Adding a method") :].split("\n## ", 1)[0]
+    section = steps.split("```yaml\n", 1)[1].split("```", 1)[0]
+    commands = [line.strip() for line in steps.split("```bash\n", 1)[1].split("```", 1)[0].splitlines() if line.strip()]
+    name = next(iter(yaml.safe_load(textwrap.dedent(section))))
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params_file.write_text(original + "\n" + textwrap.dedent(section))
+        output = "".join(run(shlex.split(command), repo) for command in commands)
+        # only the new method's stages and the report run (the other methods come as they were)
+        assert {s for s in stages_run(output) if s != "report"} == {
+            f"{s}@{name}" for s in ("train", "generate", "evaluate")
+        }
+        label = "LoKr"
+        report = (repo / "metrics" / "report.md").read_text()
+        assert report.count(f"| {label} ") >= 5  # a row in the cost, ROUGE, interval, diagnostics and runs tables
+        assert f"**{label}** vs **full fine-tuning**" in report or f"**{label}** is significantly" in report
+        frontier = json.loads((repo / "metrics" / "frontier.json").read_text())
+        assert {row["variant"]: row["label"] for row in frontier}[name] == label
+        train = json.loads((repo / "metrics" / "train" / f"{name}.json").read_text())
+        assert train["method_type"] == "lokr" and train["resolved_target_modules"] == "q,v"
+        assert (repo / "models" / name / "adapter_config.json").is_file()
+    finally:
+        params_file.write_text(original)
+    run(["dvc", "repro"], repo)  # the committed state back, from DVC's run cache
+
+
+def test_a_shared_recipe_change_retrains_every_method(pipeline_repo, reproduced):
+    assert dry_run_with(pipeline_repo, "train", "epochs", 2) == {f"train@{m}" for m in TRAINED}

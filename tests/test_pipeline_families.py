@@ -19,8 +19,8 @@ import yaml
 from tests.conftest import REPO, copy_project, make_tiny_model, require_shared
 from tests.test_pipeline import git_commit, run, smoke_params, stages_run
 
-VARIANTS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["variants"])  # the committed list
-TRAINED = tuple(v for v in VARIANTS if v not in ("base", "lead"))
+COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text())
+VARIANTS, TRAINED = tuple(COMMITTED["variants"]), tuple(COMMITTED["methods"])  # the committed lists
 # family -> (make_tiny_model.py args, family recorded in metrics/base_model.json, LoRA's auto targets)
 FAMILIES = {
     "bart": (["--family", "bart"], "seq2seq", "q_proj,v_proj"),
@@ -40,6 +40,9 @@ def reproduced(request, tmp_path_factory) -> tuple[str, Path]:
     copy_project(repo)
     params = smoke_params(yaml.safe_load((repo / "params.yaml").read_text()), model_dir)
     params["data"]["limit"] = 12
+    # the committed methods (the curated peft methods run once, on T5, in tests/test_pipeline.py, and a
+    # step, save and reload on Llama in tests/test_curated_methods.py)
+    params["methods"], params["variants"] = list(TRAINED), list(VARIANTS)
     params["generate"].update(max_new_tokens=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
@@ -50,7 +53,7 @@ def reproduced(request, tmp_path_factory) -> tuple[str, Path]:
         "prepare",
         "base",
         "lead",
-        *(f"train_{m}" for m in TRAINED),
+        *(f"train@{m}" for m in TRAINED),
         "report",
         *(f"generate@{v}" for v in VARIANTS),
         *(f"evaluate@{v}" for v in VARIANTS),
@@ -76,7 +79,12 @@ def test_the_family_and_its_defaults_are_recorded(reproduced):
     name, repo = reproduced
     _, model_family, lora_targets = FAMILIES[name]
     base = json.loads((repo / "metrics" / "base_model.json").read_text())
-    assert (base["base_model_family"], base["lora_auto_target_modules"]) == (model_family, lora_targets)
+    assert base["base_model_family"] == model_family
+    trained = json.loads((repo / "metrics" / "train" / "lora.json").read_text())  # what `auto` resolved to
+    assert (trained["resolved_target_modules"], trained["resolved_fan_in_fan_out"]) == (
+        lora_targets,
+        int(name == "gpt2"),
+    )
     lora = json.loads((repo / "models" / "lora" / "adapter_config.json").read_text())
     assert sorted(lora["target_modules"]) == lora_targets.split(",")
     assert lora["fan_in_fan_out"] is (name == "gpt2")  # GPT-2's Conv1D stores weights transposed

@@ -183,7 +183,7 @@ def state(max_steps: int = 10, global_step: int = 0, main: bool = True) -> Train
 
 
 class Args:
-    output_dir = "checkpoints/train_lora"
+    output_dir = "checkpoints/lora"  # a training stage's checkpoint_dir (checkpoints/<method>)
 
 
 def step(
@@ -219,21 +219,21 @@ def test_trainer_progress_lines_loss_and_final_line():
     callback.on_log(Args(), s, control, logs={"train_runtime": 200.0, "train_loss": 1.1})  # end-of-run summary
     callback.on_train_end(Args(), s, control)
     assert lines(out) == [
-        "train_lora: 2/10 steps (20%) | 0.05 steps/s | elapsed 40s | ETA 2m40s | loss 1.5, lr 0.0003",
-        "train_lora: 4/10 steps (40%) | 0.05 steps/s | elapsed 1m20s | ETA 2m00s | loss 1.235, lr 0.000297",
-        "train_lora: 6/10 steps (60%) | 0.05 steps/s | elapsed 2m00s | ETA 1m20s | loss 1.235, lr 0.000297",
-        "train_lora: 8/10 steps (80%) | 0.05 steps/s | elapsed 2m40s | ETA 40s | loss 1.235, lr 0.000297",
-        "train_lora: 10/10 steps (100%) | 0.05 steps/s | elapsed 3m20s | done | loss 1.235, lr 0.000297",
+        "lora: 2/10 steps (20%) | 0.05 steps/s | elapsed 40s | ETA 2m40s | loss 1.5, lr 0.0003",
+        "lora: 4/10 steps (40%) | 0.05 steps/s | elapsed 1m20s | ETA 2m00s | loss 1.235, lr 0.000297",
+        "lora: 6/10 steps (60%) | 0.05 steps/s | elapsed 2m00s | ETA 1m20s | loss 1.235, lr 0.000297",
+        "lora: 8/10 steps (80%) | 0.05 steps/s | elapsed 2m40s | ETA 40s | loss 1.235, lr 0.000297",
+        "lora: 10/10 steps (100%) | 0.05 steps/s | elapsed 3m20s | done | loss 1.235, lr 0.000297",
     ]
 
 
 def test_trainer_progress_resume_counts_only_remaining_steps():
     clock, out, control = FakeClock(), io.StringIO(), TrainerControl()
-    callback = TrainerProgress(desc="train_full", stream=out, interval_s=30, clock=clock)
+    callback = TrainerProgress(desc="full", stream=out, interval_s=30, clock=clock)
     s = state(global_step=4)  # resumed from checkpoint-4
     callback.on_train_begin(Args(), s, control)
     step(callback, s, control, clock, 40, logs={"loss": 1.5})
-    assert lines(out) == ["train_full: 5/10 steps (50%) | 0.025 steps/s | elapsed 40s | ETA 3m20s | loss 1.5"]
+    assert lines(out) == ["full: 5/10 steps (50%) | 0.025 steps/s | elapsed 40s | ETA 3m20s | loss 1.5"]
 
 
 def test_trainer_progress_validation_line_and_eval_loss_in_status():
@@ -255,8 +255,8 @@ def test_trainer_progress_validation_line_and_eval_loss_in_status():
     assert lines(out) == [
         "validation: 4/6 batches (66%) | 0.1 batches/s | elapsed 30s | ETA 20s",  # the first batch starts its clock
         "validation after step 2/4: eval_loss 1.877 (6 batches in 50s)",
-        "train_lora: 3/4 steps (75%) | 0.04 steps/s | elapsed 1m15s | ETA 25s | loss 2, eval_loss 1.877",
-        "train_lora: 3/4 steps (75%) | 0.04 steps/s | elapsed 1m15s | stopped | loss 2, eval_loss 1.877",
+        "lora: 3/4 steps (75%) | 0.04 steps/s | elapsed 1m15s | ETA 25s | loss 2, eval_loss 1.877",
+        "lora: 3/4 steps (75%) | 0.04 steps/s | elapsed 1m15s | stopped | loss 2, eval_loss 1.877",
     ]
 
 
@@ -287,7 +287,7 @@ def test_trainer_progress_on_a_terminal_uses_tqdm_with_loss_postfix():
     text = terminal.getvalue()
     assert "validation after step 10/10: eval_loss 1.25\n" in text
     final = text.split("\r")[-1]
-    assert final.startswith("train_lora: 100%|") and "| 10/10 [" in final and "loss=1.5" not in final
+    assert final.startswith("lora: 100%|") and "| 10/10 [" in final and "loss=1.5" not in final
     assert "loss 1.5" in final
 
 

@@ -39,8 +39,9 @@ def qlora(tmp_path_factory) -> Path:
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
     params["variants"] = ["lora"]
-    params["train_lora"].update(dataclasses.asdict(tiny_train_params(batch_size=4, eval_batch_size=4, epochs=2)))
-    params["train_lora"].update(learning_rate=5.0e-2)
+    # LoRA's own section: its recipe (what differs from `train`) and its arguments
+    params["lora"].update(dataclasses.asdict(tiny_train_params(batch_size=4, eval_batch_size=4, epochs=2)))
+    params["lora"].update(learning_rate=5.0e-2)
     params["lora"].update(quantization="4bit", r=8)
     params["generate"].update(batch_size=4, num_beams=2, max_new_tokens=8, precision="fp32")
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -52,7 +53,7 @@ def qlora(tmp_path_factory) -> Path:
     for module, *args in (
         ("stages.base",),
         ("stages.prepare",),
-        ("stages.train_lora",),
+        ("stages.train", "lora"),
         ("stages.generate", "lora"),
     ):
         run_stage(module, *args, cwd=work)
@@ -63,6 +64,7 @@ def test_qlora_trains_on_a_4bit_base_and_records_it(qlora):
     assert json.loads((qlora / "models" / "lora" / "quantization.json").read_text()) == {"quantization": "4bit"}
     train = json.loads((qlora / "metrics" / "train" / "lora.json").read_text())
     assert 0 < train["trainable_params"] < train["total_params"] and train["train_loss"] > 0
+    assert train["method_type"] == "lora"
     assert json.loads((qlora / "metrics" / "generate" / "lora.json").read_text())["base_quantization"] == "4bit"
     assert "quantization: 4bit" in (qlora / "models" / "lora" / "README.md").read_text()
 
@@ -116,7 +118,7 @@ def test_a_stage_imports_bitsandbytes_only_where_params_quantize(qlora, tmp_path
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["lora"]["quantization"] = "none"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    plain, result = imported_modules("stages.train_lora", cwd=work)  # trains on the unquantized base
+    plain, result = imported_modules("stages.train", "lora", cwd=work)  # trains on the unquantized base
     assert result.returncode == 0, result.stderr
     assert "peft" in plain and "bitsandbytes.nn" not in plain
     (work / "models" / "lora" / "quantization.json").write_text('{"quantization": "4bit"}')  # a 4-bit adapter
@@ -133,8 +135,9 @@ def test_a_stage_imports_bitsandbytes_only_where_params_quantize(qlora, tmp_path
     ("argv", "expected"),
     [
         (["python", "-m", "stages.generate", "lora"], True),
-        (["python", "-X", "importtime", "-m", "stages.train_lora"], True),
-        (["/venv/bin/python", "-u", "-m", "stages.train_full"], True),  # a torchrun worker
+        (["python", "-X", "importtime", "-m", "stages.train", "lora"], True),
+        (["/venv/bin/python", "-u", "-m", "stages.train", "full"], True),  # a torchrun worker
+        (["python", "-m", "stages.launch", "lora"], True),  # dvc.yaml's train@lora
         (["python", "-m", "pytest", "tests"], False),
         (["python", "-c", "import stages.generate"], False),
     ],

@@ -1,13 +1,13 @@
 """Issue 19's speed and memory levers, on CPU with tiny models of both families (T5 and Llama):
 
-- gradient checkpointing (train_*.gradient_checkpointing) gives the same loss and gradients for full
+- gradient checkpointing (train.gradient_checkpointing, or a method's own) gives the same loss and gradients for full
   fine-tuning and every PEFT method, and really recomputes each layer in backward;
 - a PEFT method's frozen base loads in bf16 under bf16 training (the device's bf16 mocked), its
   adapter weights stay fp32, a step trains only them, and the saved adapter reloads through the
   generate stage's load path to the same model; full fine-tuning and fp32 runs are unchanged;
 - model.attn_implementation: eager and sdpa give the same logits, auto resolves to sdpa;
-- train_*.pad_to_multiple_of buckets batch lengths without changing the loss (padding is -100);
-- train_*.compile trains through the Trainer's torch.compile (inductor).
+- train.pad_to_multiple_of buckets batch lengths without changing the loss (padding is -100);
+- train.compile trains through the Trainer's torch.compile (inductor).
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from benchmarks.gpu_parts import builder  # the stages' own build_model per method, as the GPU script trains
-from stages import family, modeling, train_full, training
+from benchmarks.gpu_parts import plan  # the stages' own Plan per method, as the GPU script trains
+from stages import family, methods, modeling, training
 from stages.generate import load_variant
-from stages.modeling import load_model, load_tokenizer
+from stages.ledger import training_metrics
+from stages.modeling import load_model, load_tokenizer, save_adapter
 from stages.params import ModelParams, load_params
+from stages.recipe import build_trainer, token_mean_loss, training_arguments
 from tests.conftest import REPO, make_tiny_model, tiny_train_params
 
 METHODS = ("full", "lora", "ia3", "prompt")
@@ -79,11 +81,11 @@ def one_step(model_dir: Path, method: str, tmp_path: Path, **recipe) -> tuple[fl
     tokenizer = load_tokenizer(str(model_dir))
     family.ensure_pad_token(tokenizer)
     torch.manual_seed(0)
-    model = builder(method, model_dir)(load_model(str(model_dir)))
+    model = plan(method, model_dir).build(load_model(str(model_dir)))
     data = rows(model_dir, 4)
     params = tiny_train_params(batch_size=4, **recipe)
-    args = training.training_arguments(params, 0, tmp_path / f"{method}-{recipe}", torch.device("cpu"), "train_x")
-    trainer = training.build_trainer(model, tokenizer, data, data.select(range(2)), args, params.pad_to_multiple_of)
+    args = training_arguments(params, 0, tmp_path / f"{method}-{recipe}", torch.device("cpu"), method)
+    trainer = build_trainer(model, tokenizer, data, data.select(range(2)), args, params.pad_to_multiple_of)
     capture = Capture(model)
     trainer.add_callback(capture)
     layer = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
@@ -101,7 +103,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes(model_di
     loss, grads, calls, _ = one_step(model_dir, method, tmp_path, gradient_checkpointing=False)
     gc_loss, gc_grads, gc_calls, trainer = one_step(model_dir, method, tmp_path, gradient_checkpointing=True)
     assert trainer.model.is_activation_checkpointing
-    assert training.training_metrics(trainer)["train_gradient_checkpointing"] == 1
+    assert training_metrics(trainer)["train_gradient_checkpointing"] == 1
     # really on: each layer runs twice per step (forward, then again in backward), not once
     assert (calls, gc_calls) == (1, 2)
     assert gc_loss == pytest.approx(loss, rel=1e-6)
@@ -114,8 +116,9 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes(model_di
 # --------------------------------------------------------------------------- bf16 frozen base
 
 
-def stage_run(model_dir: Path, workdir: Path, method: str, recipe, monkeypatch) -> training.Run:
-    """A workdir as the training stages expect it (pin, prepared splits) and a Run of train_<method>."""
+def stage_run(model_dir: Path, workdir: Path, method: str, recipe, monkeypatch, **config) -> training.Run:
+    """A workdir as the training stages expect it (pin, prepared splits) and a Run of train@<method>,
+    its recipe `recipe` and its arguments the committed ones changed by `config`."""
     workdir.mkdir(parents=True)
     monkeypatch.chdir(workdir)
     data = rows(model_dir, 8)
@@ -129,9 +132,12 @@ def stage_run(model_dir: Path, workdir: Path, method: str, recipe, monkeypatch) 
         PARAMS,
         model=ModelParams(name=str(model_dir), revision="main"),
         validate=dataclasses.replace(PARAMS.validate, max_new_tokens=8),  # a random model never stops early
-        **{f"train_{method}": recipe},
     )
-    return training.start_run(method, params)
+    section = PARAMS.sections[method]
+    section = dataclasses.replace(section, recipe=recipe, config=dataclasses.replace(section.config, **config))
+    run = training.start_run(method, dataclasses.replace(params, sections={**PARAMS.sections, method: section}))
+    assert run.recipe == recipe and run.section.config == section.config  # the run trains what it was given
+    return run
 
 
 def mock_bf16_device(monkeypatch) -> None:
@@ -145,20 +151,22 @@ def test_peft_base_is_bf16_under_bf16_training_and_the_adapter_reloads(model_dir
     recipe = tiny_train_params(precision="auto", batch_size=4, learning_rate=1.0e-2)
     run = stage_run(model_dir, tmp_path / "work", method, recipe, monkeypatch)
     initial = {}
+    method_plan = methods.plan(run.section, run.base, run.params.seed)  # as stages/train.py plans it
+    assert method_plan.frozen_base and method_plan.quantization == "none"  # the plan asks for the bf16 base
 
     def build(base):
-        model = builder(method, model_dir)(base)
+        model = method_plan.build(base)
         initial.update({n: p.detach().clone() for n, p in model.named_parameters()})
         return model
 
-    trained = training.train(run, build, frozen_base=True)
+    trained = training.train(run, dataclasses.replace(method_plan, build=build))
     model = trained.trainer.model
     keep_fp32 = getattr(family.unwrap(model), "_keep_in_fp32_modules", None) or []  # T5's wo stays fp32
     frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
     assert {p.dtype for n, p in frozen.items() if not any(f".{m}." in n for m in keep_fp32)} == {torch.bfloat16}
-    metrics = training.training_metrics(trained.trainer)
+    metrics = training_metrics(trained.trainer)
     assert metrics["train_base_dtype"] == "bf16" and metrics["train_precision"] == "bf16"
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
     assert any(not torch.equal(p, initial[n]) for n, p in trainable.items())  # the adapter trained
@@ -169,7 +177,8 @@ def test_peft_base_is_bf16_under_bf16_training_and_the_adapter_reloads(model_dir
     assert sum(s.numel() for s in state if s.dim() > 0) == 2 * sum(p.numel() for p in trainable.values())
 
     # saved as the stage saves it, reloaded as generate@<method> loads it (bf16 on this device): the same model
-    training.save_adapter(model, trained.tokenizer, run.model_dir)
+    assert method_plan.save is save_adapter and method_plan.library == "peft"
+    method_plan.save(model, trained.tokenizer, run.model_dir)
     shutil.copy2("models/base/pin.json", run.model_dir / "pin.json")
     _, reloaded = load_variant(run.model_dir, run.params.model, torch.bfloat16)
     reloaded_params = dict(reloaded.named_parameters())
@@ -194,19 +203,18 @@ def test_full_fine_tuning_and_fp32_runs_keep_an_fp32_base(tiny_model_dir, tmp_pa
     assert training.frozen_base_dtype("auto", cpu) == torch.bfloat16
     assert training.frozen_base_dtype("fp32", cpu) == torch.float32  # fp32 training: unchanged
     assert training.frozen_base_dtype("auto", cpu, quantization="4bit") == torch.float32  # QLoRA loads its own way
-    full = training.train(
-        stage_run(tiny_model_dir, tmp_path / "full", "full", tiny_train_params(precision="auto"), monkeypatch),
-        train_full.build_model,
-    )
+    full_run = stage_run(tiny_model_dir, tmp_path / "full", "full", tiny_train_params(precision="auto"), monkeypatch)
+    full_plan = methods.plan(full_run.section, full_run.base, full_run.params.seed)
+    assert not full_plan.frozen_base  # full fine-tuning trains every weight: fp32 master weights
+    full = training.train(full_run, full_plan)
     assert {p.dtype for p in full.trainer.model.parameters()} == {torch.float32}  # fp32 masters
-    assert training.training_metrics(full.trainer)["train_base_dtype"] == "fp32"
-    lora = training.train(
-        stage_run(tiny_model_dir, tmp_path / "lora", "lora", tiny_train_params(precision="fp32"), monkeypatch),
-        builder("lora", tiny_model_dir),
-        frozen_base=True,
-    )
+    assert training_metrics(full.trainer)["train_base_dtype"] == "fp32"
+    lora_run = stage_run(tiny_model_dir, tmp_path / "lora", "lora", tiny_train_params(precision="fp32"), monkeypatch)
+    lora_plan = methods.plan(lora_run.section, lora_run.base, lora_run.params.seed)
+    assert lora_plan.frozen_base  # a frozen base, but fp32 training keeps it fp32
+    lora = training.train(lora_run, lora_plan)
     assert {p.dtype for p in lora.trainer.model.parameters()} == {torch.float32}
-    assert training.training_metrics(lora.trainer)["train_base_dtype"] == "fp32"
+    assert training_metrics(lora.trainer)["train_base_dtype"] == "fp32"
 
 
 # --------------------------------------------------------------------------- attention implementation
@@ -276,12 +284,10 @@ def test_batches_pad_to_the_bucket_and_the_loss_is_unchanged(model_dir, tmp_path
         assert label_tokens == sum(sum(1 for t in f["labels"] if t != -100) for f in features)
         with torch.no_grad():
             outputs = model(**batch)
-        losses[multiple] = training.token_mean_loss(
-            outputs, batch["labels"], shift_labels=model_family == family.CAUSAL
-        )
+        losses[multiple] = token_mean_loss(outputs, batch["labels"], shift_labels=model_family == family.CAUSAL)
     torch.testing.assert_close(losses[64], losses[1], rtol=1e-5, atol=1e-6)
 
-    # the Trainer's own batches (train_*.pad_to_multiple_of) are bucketed the same way
+    # the Trainer's own batches (train.pad_to_multiple_of) are bucketed the same way
     _, _, _, trainer = one_step(model_dir, "lora", tmp_path, pad_to_multiple_of=64)
     shapes = {tuple(b["input_ids"].shape) for b in trainer.get_train_dataloader()}
     assert all(width % 64 == 0 for _, width in shapes)
@@ -304,23 +310,25 @@ def test_compile_trains_a_step_through_the_trainer(tiny_model_dir, tmp_path):
     eager_loss, eager_grads, _, _ = one_step(model_dir, "full", tmp_path, pad_to_multiple_of=64)
     loss, grads, _, trainer = one_step(model_dir, "full", tmp_path, compile=True, pad_to_multiple_of=64)
     assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # really compiled
-    assert training.training_metrics(trainer)["train_compile"] == 1
+    assert training_metrics(trainer)["train_compile"] == 1
     assert loss == pytest.approx(eager_loss, rel=1e-4)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_qlora_trains_with_gradient_checkpointing(tmp_path_factory, tmp_path, monkeypatch):
-    # QLoRA's checkpointing is train_lora.gradient_checkpointing too (peft's k-bit preparation no longer
+    # QLoRA's checkpointing is the recipe's gradient_checkpointing too (peft's k-bit preparation no longer
     # turns on its own); a 4-bit base 128 wide (bitsandbytes' CPU kernel wants widths in multiples of 64)
     model_dir = make_tiny_model(tmp_path_factory.mktemp("qlora") / "model", "--family", "llama", "--width", "128")
     mock_bf16_device(monkeypatch)
     recipe = tiny_train_params(precision="auto", batch_size=4, gradient_checkpointing=True)
-    run = stage_run(model_dir, tmp_path / "work", "lora", recipe, monkeypatch)
-    trained = training.train(run, builder("lora", model_dir), quantization="4bit", frozen_base=True)
+    run = stage_run(model_dir, tmp_path / "work", "lora", recipe, monkeypatch, quantization="4bit")
+    lora_plan = methods.plan(run.section, run.base, run.params.seed)  # lora.quantization: 4bit, as the stage plans it
+    assert lora_plan.quantization == "4bit" and lora_plan.frozen_base
+    trained = training.train(run, lora_plan)
     model = trained.trainer.model
     assert family.is_quantized(family.unwrap(model)) and model.is_activation_checkpointing
-    metrics = training.training_metrics(trained.trainer)
+    metrics = training_metrics(trained.trainer)
     assert metrics["train_base_dtype"] == "4bit" and metrics["train_gradient_checkpointing"] == 1
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -332,9 +340,9 @@ def test_no_per_step_loss_check_a_non_finite_loss_is_logged_as_it_is(tiny_model_
     tokenizer = load_tokenizer(str(tiny_model_dir))
     data = rows(tiny_model_dir, 4)
     params = tiny_train_params(batch_size=2)
-    args = training.training_arguments(params, 0, tmp_path, torch.device("cpu"), "train_full")
+    args = training_arguments(params, 0, tmp_path, torch.device("cpu"), "full")
     assert args.logging_nan_inf_filter is False
-    trainer = training.build_trainer(load_model(str(tiny_model_dir)), tokenizer, data, data.select(range(2)), args)
+    trainer = build_trainer(load_model(str(tiny_model_dir)), tokenizer, data, data.select(range(2)), args)
     real_loss, calls = trainer.compute_loss_func, []
 
     def second_step_diverges(outputs, labels, num_items_in_batch=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,6 +50,17 @@ def set_params(repo: Path, updates: dict[str, dict]) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@contextlib.contextmanager
+def params_changed(repo: Path, updates: dict[str, dict]):
+    """params.yaml with `updates` for the block, then exactly as before (a key the update added is gone again)."""
+    before = (repo / "params.yaml").read_text()
+    set_params(repo, updates)
+    try:
+        yield
+    finally:
+        (repo / "params.yaml").write_text(before)
+
+
 def git_commit(repo: Path, message: str) -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty"], repo)
@@ -75,8 +87,7 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
         {
             "model": {"name": str(tiny_model_dir)},
             "data": {"source": str(root / "source")},
-            "train_full": slow,
-            "train_lora": slow,
+            "train": slow,  # the shared recipe: full's and lora's alike
             "validate": {"dialogues": 2, "max_new_tokens": 8},  # 30 validations a run: keep each one short
         },
     )
@@ -86,8 +97,9 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
     return repo
 
 
-def start_and_kill_after_first_checkpoint(repo: Path, stage: str) -> None:
+def start_and_kill_after_first_checkpoint(repo: Path, method: str) -> None:
     # --force: the stage may be up to date from an earlier test
+    stage = f"train@{method}"
     process = subprocess.Popen(
         ["dvc", "repro", "--force", "--single-item", stage],
         cwd=repo,
@@ -97,7 +109,7 @@ def start_and_kill_after_first_checkpoint(repo: Path, stage: str) -> None:
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
-    while not list((repo / "checkpoints" / stage).glob("checkpoint-*/trainer_state.json")):
+    while not list((repo / "checkpoints" / method).glob("checkpoint-*/trainer_state.json")):
         assert process.poll() is None, f"{stage} ended before its first checkpoint"
         assert time.monotonic() < deadline, f"no checkpoint from {stage} within 300 s"
         time.sleep(0.2)
@@ -105,32 +117,29 @@ def start_and_kill_after_first_checkpoint(repo: Path, stage: str) -> None:
     process.wait()
 
 
-@pytest.mark.parametrize("stage", ["train_full", "train_lora"])
-def test_killed_training_resumes_from_its_last_checkpoint(repo, stage):
-    start_and_kill_after_first_checkpoint(repo, stage)
-    result = run(["dvc", "repro", stage], repo)
-    assert f"resuming from checkpoints/{stage}/checkpoint-" in result.stdout
-    metrics = json.loads((repo / "metrics" / "train" / f"{stage.removeprefix('train_')}.json").read_text())
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_killed_training_resumes_from_its_last_checkpoint(repo, method):
+    start_and_kill_after_first_checkpoint(repo, method)
+    result = run(["dvc", "repro", f"train@{method}"], repo)
+    assert f"resuming from checkpoints/{method}/checkpoint-" in result.stdout
+    metrics = json.loads((repo / "metrics" / "train" / f"{method}.json").read_text())
     assert metrics["train_steps"] == 60  # the resumed run finishes the whole schedule
-    assert not list((repo / "checkpoints" / stage).glob("checkpoint-*"))  # finished: nothing to resume
-    assert "Running stage" not in run(["dvc", "repro", stage], repo).stdout
+    assert not list((repo / "checkpoints" / method).glob("checkpoint-*"))  # finished: nothing to resume
+    assert "Running stage" not in run(["dvc", "repro", f"train@{method}"], repo).stdout
 
 
 def test_checkpoint_from_other_params_is_discarded(repo):
-    start_and_kill_after_first_checkpoint(repo, "train_full")
-    set_params(repo, {"train_full": {"learning_rate": 2.0e-4}})
-    try:
-        result = run(["dvc", "repro", "train_full"], repo)
-        assert "discarding checkpoints in checkpoints/train_full: made with other params or data" in result.stdout
+    start_and_kill_after_first_checkpoint(repo, "full")
+    with params_changed(repo, {"full": {"learning_rate": 2.0e-4}}):  # full's own recipe difference
+        result = run(["dvc", "repro", "train@full"], repo)
+        assert "discarding checkpoints in checkpoints/full: made with other params or data" in result.stdout
         assert "resuming" not in result.stdout
-    finally:
-        set_params(repo, {"train_full": {"learning_rate": 1.0e-4}})
 
 
 def test_training_from_scratch_is_bit_identical(repo):
     outputs = []
     for _ in range(2):
-        run([sys.executable, "-m", "stages.train_full"], repo)
+        run([sys.executable, "-m", "stages.train", "full"], repo)
         outputs.append(
             (
                 (repo / "metrics" / "train" / "full.json").read_bytes(),
@@ -145,7 +154,7 @@ def test_training_from_scratch_is_bit_identical(repo):
 
 def test_bad_lora_target_from_dvc_exp_run_fails_fast_with_the_names(repo):
     git_commit(repo, "baseline")  # dvc exp run needs a committed baseline
-    result = run(["dvc", "exp", "run", "-S", "lora.target_modules=[q,qv]", "train_lora"], repo, check=False)
+    result = run(["dvc", "exp", "run", "-S", "lora.target_modules=[q,qv]", "train@lora"], repo, check=False)
     run(["git", "checkout", "--", "params.yaml"], repo)  # a failed experiment leaves its -S values behind
     assert result.returncode != 0
     assert (
@@ -157,20 +166,23 @@ def test_bad_lora_target_from_dvc_exp_run_fails_fast_with_the_names(repo):
 def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
     git_commit(repo, "baseline")
     # DVC refuses to override a key that does not exist; "+" appends it, as a user would after that hint
-    result = run(["dvc", "exp", "run", "-S", "lora.r=0", "-S", "+lora.rank=8", "train_lora"], repo, check=False)
+    result = run(["dvc", "exp", "run", "-S", "lora.r=0", "-S", "+lora.rank=8", "train@lora"], repo, check=False)
     run(["git", "checkout", "--", "params.yaml"], repo)
     assert result.returncode != 0
     output = result.stderr + result.stdout
     assert "error: 2 problem(s) in params.yaml:" in output
     assert (
-        "lora.rank: unknown key; valid keys are alpha, bias, dropout, init, quantization, r, target_modules, use_dora, use_rslora"
-        in output
+        "lora.rank: unknown key for method type lora; valid keys are alpha, auto_find_batch_size, batch_size, bias, "
+        "compile, dataloader_workers, dropout, epochs, eval_batch_size, gradient_accumulation_steps, "
+        "gradient_checkpointing, group_by_length, init, learning_rate, logging_steps, lr_scheduler, max_grad_norm, "
+        "pad_to_multiple_of, patience, precision, processes, quantization, r, save_steps, select_by, target_modules, "
+        "type, use_dora, use_rslora, warmup_ratio, weight_decay" in output
     )
     assert "lora.r: must be >= 1, got 0" in output
 
 
 def test_incomplete_checkpoint_from_a_kill_during_save_is_skipped(tmp_path, capsys):
-    from stages.training import complete_checkpoints, discard_unusable_checkpoints
+    from stages.checkpoints import complete_checkpoints, discard_unusable_checkpoints
 
     for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st')):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -186,15 +198,13 @@ def test_incomplete_checkpoint_from_a_kill_during_save_is_skipped(tmp_path, caps
 
 
 def test_two_process_ddp_training_on_cpu(repo):
-    set_params(repo, {"train_lora": {"processes": 2, "epochs": 1, "save_steps": 1000}})
-    try:
-        run(["dvc", "repro", "train_lora"], repo)  # torchrun --nproc_per_node=2, gloo on CPU
+    # LoRA's own section asks for 2 processes: only its recipe changes (full keeps train.processes: 1)
+    with params_changed(repo, {"lora": {"processes": 2, "epochs": 1, "save_steps": 1000}}):
+        run(["dvc", "repro", "train@lora"], repo)  # torchrun --nproc_per_node=2, gloo on CPU
         metrics = json.loads((repo / "metrics" / "train" / "lora.json").read_text())
         assert metrics["processes"] == 2
         assert metrics["train_steps"] == 15  # 30 rows / (1 per process x 2 processes)
         assert (repo / "models" / "lora" / "adapter_model.safetensors").is_file()
-    finally:
-        set_params(repo, {"train_lora": {"processes": 1, "epochs": 2, "save_steps": 2}})
 
 
 def training_processes(repo: Path) -> list[int]:
@@ -202,7 +212,7 @@ def training_processes(repo: Path) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if b"stages.train_" in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve() == repo.resolve():
+            if b"\0stages.train\0" in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve() == repo.resolve():
                 pids.append(int(proc.name))
         except (OSError, ValueError):
             continue
@@ -212,14 +222,14 @@ def training_processes(repo: Path) -> list[int]:
 def test_killing_dvc_also_stops_torchrun_workers(repo):
     # torchrun puts its workers in their own session: a SIGKILL to DVC's group does not reach them,
     # so they watch their launcher and exit when it is gone
-    set_params(repo, {"train_lora": {"processes": 2, "epochs": 40}})  # minutes of work left at the kill
-    try:
-        start_and_kill_after_first_checkpoint(repo, "train_lora")
-        deadline = time.monotonic() + 60  # a hang guard: the watch polls every second
-        while training_processes(repo):
-            assert time.monotonic() < deadline, f"orphaned workers still running: {training_processes(repo)}"
-            time.sleep(0.5)
-    finally:
-        for pid in training_processes(repo):  # never leave a runaway trainer behind a failed test
-            os.kill(pid, signal.SIGKILL)
-        set_params(repo, {"train_lora": {"processes": 1, "epochs": 2}})
+    # minutes of work left at the kill
+    with params_changed(repo, {"lora": {"processes": 2, "epochs": 40}}):
+        try:
+            start_and_kill_after_first_checkpoint(repo, "lora")
+            deadline = time.monotonic() + 60  # a hang guard: the watch polls every second
+            while training_processes(repo):
+                assert time.monotonic() < deadline, f"orphaned workers still running: {training_processes(repo)}"
+                time.sleep(0.5)
+        finally:
+            for pid in training_processes(repo):  # never leave a runaway trainer behind a failed test
+                os.kill(pid, signal.SIGKILL)

@@ -17,18 +17,14 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from stages import launch, training
+from stages.curves import attach_curves
 from stages.errors import StageError
-from stages.modeling import load_model, load_tokenizer
-from stages.params import ModelParams, TrainParams, load_params
-from stages.training import (
-    attach_curves,
-    build_trainer,
-    check_one_device_per_process,
-    training_arguments,
-    training_costs,
-    training_metrics,
-    whole_run_loss,
-)
+from stages.ledger import RunLedger, training_costs, training_metrics, whole_run_loss
+from stages.methods.plan import Plan
+from stages.modeling import load_model, load_tokenizer, save_model
+from stages.oom import halved
+from stages.params import ModelParams, Params, TrainParams, load_params
+from stages.recipe import build_trainer, check_one_device_per_process, token_mean_loss, training_arguments, use_tf32
 from tests.conftest import REPO, tiny_train_params
 
 TRAIN = tiny_train_params(eval_batch_size=4, lr_scheduler="linear", save_steps=2)
@@ -45,7 +41,7 @@ def dataset(tokenizer, rows: int) -> Dataset:
 def make_trainer(model_dir: Path, output_dir: Path, params: TrainParams, rows: int = 16):
     tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
     data = dataset(tokenizer, rows)
-    args = training_arguments(params, seed=0, output_dir=output_dir, device=torch.device("cpu"), section="train_full")
+    args = training_arguments(params, seed=0, output_dir=output_dir, device=torch.device("cpu"), section="full")
     return build_trainer(model, tokenizer, data, data.select(range(4)), args)
 
 
@@ -79,10 +75,25 @@ class SmallGpu:
         model.forward = small_gpu_forward
         return model
 
+    @property
+    def plan(self) -> Plan:
+        """Full fine-tuning's plan with this GPU's build: the base itself trains, saved whole."""
+        return full_plan(self.build)
+
+
+def full_plan(build) -> Plan:
+    return Plan(build=build, save=save_model, library="transformers", frozen_base=False)
+
+
+def with_recipe(params: Params, method: str, new_recipe: TrainParams) -> Params:
+    """`params` with method `method`'s resolved recipe replaced by `new_recipe`."""
+    section = dataclasses.replace(params.sections[method], recipe=new_recipe)
+    return dataclasses.replace(params, sections={**params.sections, method: section})
+
 
 def skeleton_run(tiny_model_dir: Path, workdir: Path, recipe: TrainParams, monkeypatch) -> training.Run:
     """A workdir laid out as the training stages expect (models/base/pin.json, data/prepared/{train,
-    validation}) on 32 rows whose summaries differ in length, and a Run of train_full there."""
+    validation}) on 32 rows whose summaries differ in length, and a Run of train@full there."""
     workdir.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(workdir)
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -97,12 +108,16 @@ def skeleton_run(tiny_model_dir: Path, workdir: Path, recipe: TrainParams, monke
     pin = {"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:test"}
     Path("models/base").mkdir(parents=True)
     Path("models/base/pin.json").write_text(json.dumps(pin))
-    params = dataclasses.replace(
-        load_params(REPO / "params.yaml"),
-        model=ModelParams(name=str(tiny_model_dir), revision="main"),
-        train_full=recipe,
+    params = with_recipe(
+        dataclasses.replace(
+            load_params(REPO / "params.yaml"), model=ModelParams(name=str(tiny_model_dir), revision="main")
+        ),
+        "full",
+        recipe,
     )
-    return training.start_run("full", params)
+    run = training.start_run("full", params)
+    assert run.recipe == recipe  # the run trains with the recipe given
+    return run
 
 
 def read_curve(tsv: Path) -> dict[int, float]:
@@ -117,12 +132,12 @@ def test_out_of_memory_restarts_clean_at_half_the_batch(tiny_model_dir, tmp_path
     recipe = dataclasses.replace(TRAIN, batch_size=8, auto_find_batch_size=True, save_steps=1)
     gpu = SmallGpu(limit=2, after=3)
     run = skeleton_run(tiny_model_dir, tmp_path / "retried", recipe, monkeypatch)
-    retried = training.train(run, gpu.build)
+    retried = training.train(run, gpu.plan)
     metrics = training_metrics(retried.trainer)
     assert retried.oom_retries == 2  # 8 x 1 and 4 x 2 ran out of memory; halving, not 0.9x steps
     assert (metrics["per_device_batch_size"], metrics["gradient_accumulation_steps"]) == (2, 4)
     assert metrics["batch_per_step"] == 8 and metrics["train_steps"] == 4  # as without the error
-    assert "restarting train_full clean with per-device batch 4 x 2 accumulation" in capsys.readouterr().out
+    assert "restarting train@full clean with per-device batch 4 x 2 accumulation" in capsys.readouterr().out
     retried_curve = read_curve(run.curves_dir / "plots" / "metrics" / "loss.tsv")
     assert list(retried_curve) == [1, 2, 3, 4]  # the failed attempts' rows are gone: no duplicate steps
     retried_weights = {k: v.clone() for k, v in retried.trainer.model.state_dict().items()}
@@ -136,12 +151,12 @@ def test_out_of_memory_restarts_clean_at_half_the_batch(tiny_model_dir, tmp_path
             dataclasses.replace(recipe, batch_size=2, gradient_accumulation_steps=4),
             monkeypatch,
         ),
-        SmallGpu(limit=8, after=0).build,
+        SmallGpu(limit=8, after=0).plan,
     )
     for name, value in clean.trainer.model.state_dict().items():
         torch.testing.assert_close(retried_weights[name], value)
     unsplit_run = skeleton_run(tiny_model_dir, tmp_path / "unsplit", recipe, monkeypatch)
-    training.train(unsplit_run, SmallGpu(limit=8, after=0).build)
+    training.train(unsplit_run, SmallGpu(limit=8, after=0).plan)
     unsplit_curve = read_curve(unsplit_run.curves_dir / "plots" / "metrics" / "loss.tsv")
     assert retried_curve == pytest.approx(unsplit_curve, rel=1e-4)
 
@@ -157,7 +172,7 @@ def test_model_loading_is_not_train_time(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "load_model", slow_load)
     run = skeleton_run(tiny_model_dir, tmp_path, dataclasses.replace(TRAIN, epochs=0.25), monkeypatch)
     started = time.perf_counter()
-    trained = training.train(run, SmallGpu(limit=8, after=0).build)
+    trained = training.train(run, SmallGpu(limit=8, after=0).plan)
     wall_s = time.perf_counter() - started
     # the whole call took the 3 s load plus the training; the train time is the training alone
     assert training_costs(trained.trainer)["train_runtime_s"] <= wall_s - 3.0 + 0.01
@@ -168,7 +183,7 @@ def test_peak_memory_is_the_successful_attempts(monkeypatch):
     peaks = {"now": 30 * 2**30}  # the failed attempt reached 30 GiB
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(now=0))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["now"])
-    ledger = training.RunLedger(torch.device("cuda", 0))
+    ledger = RunLedger(torch.device("cuda", 0))
     ledger.on_train_begin(None, type("State", (), {"stateful_callbacks": {}})(), None)
     peaks["now"] = 12 * 2**30  # this attempt's own peak
     assert ledger.peak_memory_mb() == 12 * 1024
@@ -178,14 +193,14 @@ def test_out_of_memory_with_auto_find_batch_size_off_is_raised(tiny_model_dir, t
     recipe = dataclasses.replace(TRAIN, batch_size=8, auto_find_batch_size=False)
     run = skeleton_run(tiny_model_dir, tmp_path, recipe, monkeypatch)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        training.train(run, SmallGpu(limit=2, after=0).build)
+        training.train(run, SmallGpu(limit=2, after=0).plan)
 
 
 def test_halving_keeps_the_samples_per_step():
-    assert training.halved((32, 1)) == (16, 2)
-    assert training.halved((16, 2)) == (8, 4)
-    assert training.halved((6, 1)) == (3, 2)
-    assert training.halved((3, 2)) == (1, 6)  # an odd batch: one sample at a time, 6 per step still
+    assert halved((32, 1)) == (16, 2)
+    assert halved((16, 2)) == (8, 4)
+    assert halved((6, 1)) == (3, 2)
+    assert halved((3, 2)) == (1, 6)  # an odd batch: one sample at a time, 6 per step still
 
 
 def test_token_mean_loss_equals_the_unsplit_batch():
@@ -194,14 +209,13 @@ def test_token_mean_loss_equals_the_unsplit_batch():
     labels = torch.randint(0, 11, (4, 5))
     labels[0, 2:] = -100  # rows of different lengths: a mean of micro-batch means would differ
     labels[3, 1:] = -100
-    whole = training.token_mean_loss({"logits": logits}, labels)
+    whole = token_mean_loss({"logits": logits}, labels)
     tokens = labels.ne(-100).sum()
     halves = sum(
-        training.token_mean_loss({"logits": logits[i : i + 2]}, labels[i : i + 2], num_items_in_batch=tokens)
-        for i in (0, 2)
+        token_mean_loss({"logits": logits[i : i + 2]}, labels[i : i + 2], num_items_in_batch=tokens) for i in (0, 2)
     )
     torch.testing.assert_close(halves, whole)
-    means = sum(training.token_mean_loss({"logits": logits[i : i + 2]}, labels[i : i + 2]) for i in (0, 2)) / 2
+    means = sum(token_mean_loss({"logits": logits[i : i + 2]}, labels[i : i + 2]) for i in (0, 2)) / 2
     assert not torch.isclose(means, whole)  # the premise: averaging two means is not the token mean
     expected = torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1), ignore_index=-100)
     torch.testing.assert_close(whole, expected)
@@ -210,11 +224,11 @@ def test_token_mean_loss_equals_the_unsplit_batch():
 def test_tf32_only_alongside_bf16_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100/H200
     cuda = torch.device("cuda", 0)
-    assert training.use_tf32(bf16=True, device=cuda) is True
-    assert training.use_tf32(bf16=False, device=cuda) is False  # precision fp32 means fp32
+    assert use_tf32(bf16=True, device=cuda) is True
+    assert use_tf32(bf16=False, device=cuda) is False  # precision fp32 means fp32
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no TF32
-    assert training.use_tf32(bf16=False, device=cuda) is None
-    assert training.use_tf32(bf16=True, device=torch.device("cpu")) is None
+    assert use_tf32(bf16=False, device=cuda) is None
+    assert use_tf32(bf16=True, device=torch.device("cpu")) is None
 
 
 class StopAfter(TrainerCallback):
@@ -280,31 +294,31 @@ def test_a_short_run_still_logs_its_loss(tiny_model_dir, tmp_path):
 
 def test_one_process_refuses_several_gpus():
     with pytest.raises(StageError) as info:
-        check_one_device_per_process(2, "train_full")
+        check_one_device_per_process(2, "full")
     assert str(info.value) == (
-        "2 GPUs are visible to one training process; set train_full.processes=2 for "
-        "data-parallel training (DDP), or run on one GPU with CUDA_VISIBLE_DEVICES=0 "
+        "2 GPUs are visible to one training process; set full.processes=2 (or train.processes for every "
+        "method) for data-parallel training (DDP), or run on one GPU with CUDA_VISIBLE_DEVICES=0 "
         "(dvc repro does this for processes: 1)"
     )
-    check_one_device_per_process(1, "train_full")  # one GPU (or none) is fine
+    check_one_device_per_process(1, "full")  # one GPU (or none) is fine
 
 
 def test_launch_pins_a_one_process_run_to_one_gpu(capsys):
-    assert launch.one_gpu_env({"PATH": "/bin"}, 1, "train_lora") == {"PATH": "/bin"}
-    assert launch.one_gpu_env({"CUDA_VISIBLE_DEVICES": "3,5"}, 2, "train_lora") == {"CUDA_VISIBLE_DEVICES": "3"}
-    assert launch.one_gpu_env({}, 4, "train_lora") == {"CUDA_VISIBLE_DEVICES": "0"}
-    assert "set train_lora.processes=4 to use all of them (DDP)" in capsys.readouterr().out
+    assert launch.one_gpu_env({"PATH": "/bin"}, 1, "lora") == {"PATH": "/bin"}
+    assert launch.one_gpu_env({"CUDA_VISIBLE_DEVICES": "3,5"}, 2, "lora") == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert launch.one_gpu_env({}, 4, "lora") == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert "set train.processes=4 (or lora.processes) to use all of them (DDP)" in capsys.readouterr().out
 
 
 def test_launch_main_uses_the_device_count(monkeypatch, tmp_path):
     # launch.main with 2 (mocked) GPUs and processes: 1 execs the stage with one GPU visible
     seen = {}
     monkeypatch.setattr(launch, "visible_gpus", lambda: 2)
-    params = dataclasses.replace(load_params(REPO / "params.yaml"), train_full=TRAIN)
+    params = with_recipe(load_params(REPO / "params.yaml"), "full", TRAIN)
     monkeypatch.setattr(launch, "load_params", lambda: params)
     monkeypatch.setattr(launch.os, "execve", lambda path, argv, env: seen.update(argv=argv, env=env))
-    launch.main("train_full")
-    assert seen["argv"][-2:] == ["-m", "stages.train_full"]
+    launch.main("full")
+    assert seen["argv"][-3:] == ["-m", "stages.train", "full"]
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0"
 
 
@@ -355,12 +369,12 @@ def test_token_mean_loss_of_a_causal_model_is_the_models_own_loss():
     labels[2, 5:], attention_mask[2, 5:] = -100, 0
     with torch.no_grad():
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    whole = training.token_mean_loss(outputs, labels, shift_labels=True)
+    whole = token_mean_loss(outputs, labels, shift_labels=True)
     torch.testing.assert_close(whole, outputs.loss)
-    assert not torch.isclose(training.token_mean_loss(outputs, labels), outputs.loss)  # unshifted is wrong
+    assert not torch.isclose(token_mean_loss(outputs, labels), outputs.loss)  # unshifted is wrong
     tokens = labels[..., 1:].ne(-100).sum()
     halves = sum(
-        training.token_mean_loss(
+        token_mean_loss(
             {"logits": outputs.logits[i : i + 2]}, labels[i : i + 2], num_items_in_batch=tokens, shift_labels=True
         )
         for i in (0, 2)

@@ -11,10 +11,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from stages.checkpoints import complete_checkpoints
+from stages.ledger import training_costs
 from stages.modeling import load_model, load_tokenizer
 from stages.params import PrepareParams, ValidateParams
 from stages.prepare import prepare_training_split
-from stages.training import build_trainer, complete_checkpoints, training_arguments, training_costs
+from stages.recipe import build_trainer, training_arguments
 from stages.validation import (
     ValidationByGeneration,
     attach_validation,
@@ -54,7 +56,7 @@ def splits(model_dir: Path):
 
 def trainer_for(model_dir: Path, output_dir: Path, params, callbacks=()):
     tokenizer, train, validation = splits(model_dir)
-    args = training_arguments(params, seed=0, output_dir=output_dir, device=torch.device("cpu"), section="train_full")
+    args = training_arguments(params, seed=0, output_dir=output_dir, device=torch.device("cpu"), section="full")
     trainer = build_trainer(load_model(str(model_dir)), tokenizer, train, validation, args)
     subset = attach_validation(trainer, tokenizer, validation, params, VALIDATE, seed=0)
     for callback in callbacks:
@@ -191,16 +193,16 @@ def test_validation_subset_is_a_seeded_fixed_choice(overfit_run):
 
 
 def test_params_refuse_early_stopping_without_a_metric_and_an_empty_subset(raw):
-    raw["train_lora"].update(select_by="last", patience=2)
+    raw["lora"].update(select_by="last", patience=2)  # LoRA's own recipe differences
     raw["validate"]["dialogues"] = 0
     message = problems(raw)
     assert (
-        "train_lora.patience: early stopping needs a validation metric to improve; "
+        "lora.patience: early stopping needs a validation metric to improve; "
         "set select_by to rougeL or loss, or patience to 0"
     ) in message
     assert "validate.dialogues: must be >= 1, got 0" in message
-    raw["train_lora"]["select_by"] = "bleu"
-    assert "train_lora.select_by: expected one of 'rougeL', 'loss', 'last', got 'bleu'" in problems(raw)
+    raw["lora"]["select_by"] = "bleu"
+    assert "lora.select_by: expected one of 'rougeL', 'loss', 'last', got 'bleu'" in problems(raw)
 
 
 def test_validation_generates_from_the_prompt_of_a_causal_row():

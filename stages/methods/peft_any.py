@@ -16,7 +16,6 @@ from functools import partial
 
 import peft
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PromptLearningConfig, get_peft_model
-from peft.utils import constants
 
 from stages import family
 from stages.errors import StageError
@@ -51,16 +50,10 @@ def accepted_arguments(config_cls: type) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(config_cls) if f.name not in INTERNAL)
 
 
-def default_targets(kind: str, model_type: str) -> list[str] | None:
-    """peft's own default target modules for this type and architecture (its `auto` mapping), or None."""
-    mapping = getattr(constants, f"TRANSFORMERS_MODELS_TO_{kind.upper()}_TARGET_MODULES_MAPPING", {})
-    targets = mapping.get(model_type)
-    return [targets] if isinstance(targets, str) else (list(targets) if targets else None)
-
-
 def method_arguments(section: MethodParams, config_cls: type, model) -> dict:
-    """The section's arguments for peft, with `target_modules: auto` (or left out) resolved through peft's
-    mapping, listed targets checked against the model, and fan_in_fan_out set for GPT-2's Conv1D."""
+    """The section's arguments for peft: every one a field of its config class; listed target modules
+    checked against the model; `target_modules: auto` left to peft, which resolves it from its own
+    mapping for the architecture; fan_in_fan_out set for GPT-2's Conv1D layers."""
     args = dict(section.config.args)
     accepted = accepted_arguments(config_cls)
     unknown = sorted(set(args) - set(accepted))
@@ -69,43 +62,43 @@ def method_arguments(section: MethodParams, config_cls: type, model) -> dict:
             f"{section.name}.{unknown[0]}: not an argument of peft's {config_cls.__name__} "
             f"({', '.join(unknown)} unknown); it accepts: {', '.join(accepted)} (besides type and the train.* recipe keys)"
         )
-    if "target_modules" not in accepted:
-        return args
-    if args.get("target_modules", "auto") == "auto":
-        targets = default_targets(section.type, model.config.model_type)
-        if targets is None:
-            raise StageError(
-                f"{section.name}.target_modules: peft has no default {section.type} target modules for model type "
-                f"{model.config.model_type!r}; list layer names, e.g. [{', '.join(linear_layer_names(model)[:2])}] "
-                f"(linear layers available: {', '.join(linear_layer_names(model))})"
-            )
-        args["target_modules"] = targets
-    if isinstance(args["target_modules"], list):
+    if args.get("target_modules") == "auto":
+        del args["target_modules"]  # peft's default for the architecture
+    if isinstance(args.get("target_modules"), list):
         check_target_modules(section.name, args["target_modules"], model)
     if "fan_in_fan_out" in accepted and "fan_in_fan_out" not in args:
-        args["fan_in_fan_out"] = family.fan_in_fan_out(model, args["target_modules"])
+        args["fan_in_fan_out"] = family.fan_in_fan_out(model, args.get("target_modules") or "all-linear")
     return args
 
 
-def peft_config(section: MethodParams, model):
-    """peft's config for a section on `model` (a meta model), after trying the method on it: a type
-    peft cannot build for this family fails here, saying so, rather than after the weights load."""
+def dry_run(section: MethodParams, model):
+    """The method built by peft on `model` (a meta model: no weights), from the section's config:
+    a type or setting peft cannot build for this model fails here, saying why, rather than after the
+    weights load. Its `peft_config["default"]` has `auto` resolved as peft resolves it."""
     config_cls = config_class(section.type, section.name)
-    model_family = family.family(model.config)
+    model_family, model_type = family.family(model.config), model.config.model_type
     args = method_arguments(section, config_cls, model)
     try:
         config = config_cls(task_type=family.task_type(model_family), **args)
     except (TypeError, ValueError) as error:
+        if "task_type" in str(error):
+            raise StageError(
+                f"{section.name}: peft's {section.type} does not support {model_family} models ({model_type}): {error}"
+            ) from None
         raise StageError(f"{section.name}: peft's {config_cls.__name__} refused its arguments: {error}") from None
     try:
-        get_peft_model(model, copy.deepcopy(config))
+        built = get_peft_model(model, copy.deepcopy(config))
     except (TypeError, ValueError, NotImplementedError, AttributeError, KeyError, RuntimeError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "target_modules" in first_line and "target_modules" not in section.config.args:
+            raise StageError(
+                f"{section.name}.target_modules: peft has no default {section.type} target modules for model type "
+                f"{model_type!r}; list layer names (linear layers available: {', '.join(linear_layer_names(model))})"
+            ) from None
         raise StageError(
-            f"{section.name}: peft cannot build {section.type} for {model_family} models like "
-            f"{model.config.model_type!r}: {first_line}"
+            f"{section.name}: peft cannot build {section.type} for {model_family} models like {model_type!r}: {first_line}"
         ) from None
-    return config
+    return built
 
 
 def build_model(base, config):
@@ -115,9 +108,11 @@ def build_model(base, config):
 
 def plan(section: MethodParams, base: ModelParams, seed: int) -> Plan:
     del seed  # peft's inits draw from the run's seeded generator
-    config = peft_config(section, meta_model(base))  # fail fast, before the weights
-    targets = getattr(config, "target_modules", None)
-    resolved = {"target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets} if targets else {}
+    built = dry_run(section, meta_model(base))  # fail fast, before the weights
+    config = built.peft_config["default"]
+    # the layers peft adapted (a target that matches nothing is not recorded as if it were)
+    adapted = sorted({name.rsplit(".", 1)[-1] for name in getattr(built, "targeted_module_names", [])})
+    resolved = {"target_modules": adapted} if adapted else {}
     if isinstance(config, PromptLearningConfig):
         resolved["num_virtual_tokens"] = config.num_virtual_tokens
     return Plan(
