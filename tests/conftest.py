@@ -47,6 +47,17 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def run_bare_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m <args>` in `cwd` with nothing but the project on the path (no venv variables, no Hub)."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+
+
 def load_script(name: str) -> types.ModuleType:
     """scripts/<name>.py as a module (scripts/ is not a package), to call its functions in-process."""
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")

@@ -6,69 +6,30 @@ from __future__ import annotations
 import ast
 import dataclasses
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from stages.params import load_params, parse_params
-from tests.conftest import REPO, problems
+from tests.conftest import REPO, problems, run_bare_stage
 
-# The four methods' recipes and arguments as params.yaml declared them before the shared `train`
-# section existed (one full train_<method> section each): the default run must stay that run.
-RECIPE_BEFORE = dict(
-    epochs=3.0,
-    batch_size=32,
-    gradient_accumulation_steps=1,
-    eval_batch_size=32,
-    warmup_ratio=0.03,
-    lr_scheduler="linear",
-    max_grad_norm=1.0,
-    precision="auto",
-    group_by_length=True,
-    logging_steps=50,
-    save_steps=200,
-    auto_find_batch_size=True,
-    dataloader_workers=0,
-    processes=1,
-    select_by="rougeL",
-    patience=0,
-    gradient_checkpointing=False,
-    compile=False,
-    pad_to_multiple_of=8,
-)
-OWN_BEFORE = {
-    "full": dict(learning_rate=1.0e-4, weight_decay=0.01),
-    "lora": dict(learning_rate=1.0e-3, weight_decay=0.0),
-    "ia3": dict(learning_rate=8.0e-3, weight_decay=0.0),
-    "prompt": dict(learning_rate=3.0e-1, weight_decay=1.0e-5),
-}
-ARGUMENTS_BEFORE = {
-    "lora": dict(
-        r=32,
-        alpha=32,
-        dropout=0.05,
-        target_modules="auto",
-        bias="none",
-        use_dora=False,
-        use_rslora=False,
-        init="default",
-        quantization="none",
-    ),
-    "ia3": dict(target_modules="auto", feedforward_modules="auto"),
-    "prompt": dict(num_virtual_tokens=20, init="text", init_text="Summarize the following conversation:"),
-}
+# params.yaml as it was before the shared `train` section existed (one full train_<method> section per
+# method), kept as data: the default run must stay that run.
+BEFORE = yaml.safe_load((REPO / "tests" / "fixtures" / "params_before_shared_recipe.yaml").read_text())
 
 
 def test_every_default_method_resolves_to_its_recipe_and_arguments_before_the_shared_section():
     params = load_params(REPO / "params.yaml")
     assert params.methods == ["full", "lora", "ia3", "prompt"]
-    for method, own in OWN_BEFORE.items():
-        assert dataclasses.asdict(params.recipe(method)) == {**RECIPE_BEFORE, **own}, method
-    for method, arguments in ARGUMENTS_BEFORE.items():
-        assert dataclasses.asdict(params.method(method).config) == arguments, method
+    for method in params.methods:
+        assert dataclasses.asdict(params.recipe(method)) == BEFORE[f"train_{method}"], method
+    for method in ("lora", "ia3", "prompt"):
+        assert dataclasses.asdict(params.method(method).config) == BEFORE[method], method
+    assert params.variants == BEFORE["variants"]
+    assert {k: v for k, v in dataclasses.asdict(params).items() if k not in ("methods", "train", "sections")} == {
+        k: v for k, v in BEFORE.items() if not k.startswith("train_") and k not in ("lora", "ia3", "prompt")
+    }
     assert {m: params.method(m).type for m in params.methods} == {
         "full": "full",
         "lora": "lora",
@@ -196,13 +157,7 @@ def test_no_import_cycle_among_stages_and_scripts():
 
 def test_the_stage_of_an_unknown_method_exits_2_naming_the_methods(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.launch", "dora"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    result = run_bare_stage(tmp_path, "stages.launch", "dora")
     assert result.returncode == 2
     assert result.stderr == "error: unknown method 'dora'; params.yaml methods are full, lora, ia3, prompt\n"
 

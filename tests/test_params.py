@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from stages.params import load_params, parse_params
-from tests.conftest import REPO, problems
+from tests.conftest import REPO, problems, run_bare_stage
 
 
 def test_committed_params_load_with_defaults():
@@ -110,13 +108,7 @@ def test_ints_are_accepted_where_floats_are_expected(raw):
 def test_stage_exits_2_with_the_message_before_any_work(tmp_path, raw):
     raw["lora"]["r"] = 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.data"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    result = run_bare_stage(tmp_path, "stages.data")
     assert result.returncode == 2
     assert result.stderr == "error: 1 problem(s) in params.yaml:\n  - lora.r: must be >= 1, got 0\n"
     assert not (tmp_path / "data").exists()
