@@ -88,8 +88,8 @@ def memorized(tmp_path_factory) -> Path:
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
     params["variants"] = list(VARIANTS)  # full fine-tuning and LoRA against the untrained references
-    params["train_full"].update(FULL)
-    params["train_lora"].update(LORA_TRAIN)
+    params["full"].update(FULL)  # each method's own section: its recipe, and LoRA's arguments
+    params["lora"].update(LORA_TRAIN)
     params["lora"].update(LORA)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rows = speaker_heavy_dialogues(4)
@@ -100,8 +100,8 @@ def memorized(tmp_path_factory) -> Path:
         ("stages.base",),
         ("stages.lead",),
         ("stages.prepare",),
-        ("stages.train_full",),
-        ("stages.train_lora",),
+        ("stages.train", "full"),
+        ("stages.train", "lora"),
         *(("stages.generate", v) for v in VARIANTS),
         *(("stages.evaluate", v) for v in VARIANTS),
         ("stages.report",),
@@ -141,6 +141,11 @@ def test_lora_reaches_the_ceiling(memorized):
     bf16 = use_bf16("auto", torch.device("cpu"))
     trained = json.loads((memorized / "metrics" / "train" / "lora.json").read_text())
     assert trained["train_base_dtype"] == ("bf16" if bf16 else "fp32"), trained
+    # the LoRA that reached it is the one LORA asks for: every linear layer and the head
+    assert (trained["method_type"], trained["resolved_target_modules"]) == (
+        "lora",
+        ",".join(sorted(LORA["target_modules"])),
+    )
 
 
 def test_the_untrained_model_is_far_below_it(memorized):
@@ -175,8 +180,8 @@ def memorized_llama(tmp_path_factory) -> Path:
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
     params["variants"] = list(LLAMA_VARIANTS)
-    params["train_full"].update(LLAMA_FULL)
-    params["train_lora"].update(LLAMA_LORA_TRAIN)
+    params["full"].update(LLAMA_FULL)  # each method's own section: its recipe, and LoRA's arguments
+    params["lora"].update(LLAMA_LORA_TRAIN)
     params["lora"].update(LLAMA_LORA)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rows = memorization_rows()
@@ -188,8 +193,8 @@ def memorized_llama(tmp_path_factory) -> Path:
     for module, *args in (
         ("stages.base",),
         ("stages.prepare",),
-        ("stages.train_full",),
-        ("stages.train_lora",),
+        ("stages.train", "full"),
+        ("stages.train", "lora"),
         *(("stages.generate", v) for v in LLAMA_VARIANTS),
         *(("stages.evaluate", v) for v in LLAMA_VARIANTS),
     ):

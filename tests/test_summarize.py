@@ -135,12 +135,14 @@ def test_lora_adapter_is_applied_to_the_base_named_in_its_config(workdir, tiny_m
     assert result.stdout.splitlines() == adapted
     assert adapted != expected_summaries(base_model[1], tokenizer, DIALOGUES, workdir / "params.yaml")
 
-    # with the pin train_lora writes beside an adapter, the pinned base is used, not the config's
+    # with the pin and quantization.json the train stage writes beside every adapter (stages/training.py
+    # finish_run), the pinned base is used, not the config's
     config_file.write_text(
         json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "nowhere/moved-base"})
     )
     pin = {"name": str(tiny_model_dir), "revision": "main", "resolved_revision": "sha256:test"}
     (adapter_dir / "pin.json").write_text(json.dumps(pin))
+    (adapter_dir / "quantization.json").write_text(json.dumps({"quantization": "none"}))
     pinned = run_summarize("--model", str(adapter_dir), *DIALOGUES, cwd=workdir)
     assert pinned.returncode == 0, pinned.stderr
     assert pinned.stdout.splitlines() == adapted
