@@ -538,8 +538,12 @@ def trained_methods(params: Params) -> list[str]:
     return list(params.methods)
 
 
-def method_section(name: str, raw: Any, shared: TrainParams | None, problems: list[str]) -> MethodParams | None:
-    """One method section: `type`, recipe keys (what differs from `train`) and the type's arguments."""
+def method_section(
+    name: str, raw: Any, shared: TrainParams | None, problems: list[str], shared_problems: frozenset[str] = frozenset()
+) -> MethodParams | None:
+    """One method section: `type`, recipe keys (what differs from `train`) and the type's arguments.
+    A problem its resolved recipe only inherits from `train` (in `shared_problems`) is reported once,
+    under `train`, not again for every method."""
     if not isinstance(raw, dict) or "type" not in raw:
         legacy = name.removeprefix("train_")
         if name.startswith("train_") and isinstance(raw, dict):
@@ -573,7 +577,9 @@ def method_section(name: str, raw: Any, shared: TrainParams | None, problems: li
         config = PeftArgs(rest)
     if shared is None or config is None:
         return None
-    recipe = _build(TrainParams, {**dataclasses.asdict(shared), **overrides}, name, problems)
+    found: list[str] = []
+    recipe = _build(TrainParams, {**dataclasses.asdict(shared), **overrides}, name, found)
+    problems.extend(p for p in found if "train." + p.removeprefix(f"{name}.") not in shared_problems)
     return None if recipe is None else MethodParams(name, kind, overrides, recipe, config)
 
 
@@ -621,8 +627,11 @@ def parse_params(raw: Any) -> Params:
     shared = params.train if params is not None else None
     if shared is None and isinstance(fixed.get("train"), dict) and params is None:
         shared = _build(TrainParams, fixed["train"], "params.train", [])  # method sections still get checked
+    shared_problems = frozenset(p.removeprefix("params.") for p in problems if p.startswith("params.train."))
     sections = {
-        name: method_section(name, value, shared, problems) for name, value in raw.items() if name not in FIXED_SECTIONS
+        name: method_section(name, value, shared, problems, shared_problems)
+        for name, value in raw.items()
+        if name not in FIXED_SECTIONS
     }
     seed = getattr(params, "seed", 0)
     if params is not None and seed < 0:
