@@ -89,7 +89,16 @@ def cost_row(train: dict, train_timing: dict, generate_timing: dict) -> dict[str
         k: v
         for k, v in {**train, **train_timing}.items()
         if k.startswith("peak_")
-        or k in ("train_oom_retries", "train_device", "train_precision", "train_tf32", "train_base_dtype")
+        or k
+        in (
+            "train_oom_retries",
+            "train_device",
+            "train_precision",
+            "train_tf32",
+            "train_base_dtype",
+            "validation_runtime_s",  # apart from train_runtime_s (the optimizer loop), as is the final save
+            "save_runtime_s",
+        )
     }
     # how the kept checkpoint was chosen on validation (trained variants only), for the report
     selection = {k: v for k, v in train.items() if k in SELECTION_KEYS}

@@ -132,12 +132,25 @@ def saved_mb(model_dir: Path) -> float:
     return round(sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20, 3)
 
 
+def validation_runtime_s(log_history: list[dict]) -> float:
+    """Seconds spent validating over the whole run, across resumes: the Trainer's validation-loss
+    passes (eval_runtime) and the summaries generated for the validation subset (stages/validation.py)."""
+    return round(sum(e.get("eval_runtime", 0.0) + e.get("eval_generation_runtime", 0.0) for e in log_history), 2)
+
+
 def training_costs(trainer: Trainer) -> dict[str, float]:
     """Whole-run wall time, throughput and peak memory (noisy by nature: kept apart from the
     deterministic metrics and out of the model folder). Peak memory is the accelerator's
-    max_memory_allocated on CUDA and the process's peak RSS on CPU, named accordingly."""
+    max_memory_allocated on CUDA and the process's peak RSS on CPU, named accordingly.
+
+    train_runtime_s is the optimizer loop: the whole train() call (run_runtime_s, across resumes)
+    less its validations (validation_runtime_s), which differ by method for reasons that are not
+    training (generation speed, early stopping); train_samples_per_second counts the samples of the
+    steps that ran over that loop time."""
     ledger = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RunLedger))
-    runtime = ledger.runtime_s()
+    run_runtime = ledger.runtime_s()
+    validation = validation_runtime_s(trainer.state.log_history)
+    loop = max(run_runtime - validation, 1e-9)
     # the samples the steps that ran consumed: an early stop at step 150 of 180 ran 150/180 of the epochs
     samples = (
         len(trainer.train_dataset) * trainer.args.num_train_epochs * trainer.state.global_step / trainer.state.max_steps
@@ -145,8 +158,10 @@ def training_costs(trainer: Trainer) -> dict[str, float]:
     memory_key = "peak_gpu_memory_mb" if trainer.args.device.type == "cuda" else "peak_rss_mb"
     device = trainer.args.device
     return {
-        "train_runtime_s": round(runtime, 2),
-        "train_samples_per_second": round(samples / runtime, 3),
+        "train_runtime_s": round(loop, 2),
+        "validation_runtime_s": validation,
+        "run_runtime_s": round(run_runtime, 2),
+        "train_samples_per_second": round(samples / loop, 3),
         memory_key: round(ledger.peak_memory_mb(), 1),
         "train_device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -32,7 +32,7 @@ from stages.modeling import load_model, load_tokenizer, pick_device, read_pin, s
 from stages.oom import discard_attempt, halved
 from stages.params import MethodParams, ModelParams, Params, TrainParams
 from stages.recipe import build_trainer, training_arguments
-from stages.validation import attach_validation, selection_metrics, validation_record, validation_runtime_s
+from stages.validation import attach_validation, selection_metrics, validation_record
 
 PREPARED_DIR = Path("data/prepared")  # training reads its train/ and validation/ folders only
 BASE_PIN = Path("models/base/pin.json")
@@ -206,7 +206,9 @@ def finish_run(run: Run, trained: Trained, plan: Plan) -> None:
     trainer = trained.trainer
     if not trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
         return
-    plan.save(trainer.model, trained.tokenizer, run.model_dir)
+    started = time.perf_counter()
+    plan.save(trainer.model, trained.tokenizer, run.model_dir)  # full fine-tuning writes the whole model
+    save_s = round(time.perf_counter() - started, 2)
     if plan.library == "peft":  # an adapter names the exact base it applies to, and how it loads
         shutil.copy2(BASE_PIN, run.model_dir / "pin.json")
         write_json({"quantization": plan.quantization}, run.model_dir / QUANTIZATION_FILE)
@@ -222,8 +224,8 @@ def finish_run(run: Run, trained: Trained, plan: Plan) -> None:
     validation = validation_record(trainer, subset, run.recipe, run.params.seed)
     write_json(validation, Path("metrics/validation") / f"{run.method}.json")
     costs = {
-        **training_costs(trainer),
-        "validation_runtime_s": validation_runtime_s(trainer.state.log_history),  # inside train_runtime_s
+        **training_costs(trainer),  # the optimizer loop's time apart from validation's
+        "save_runtime_s": save_s,  # the final save: not training (PiSSA/OLoRA also re-decompose the base here)
         "train_oom_retries": trained.oom_retries,
         "train_oom_lost_s": trained.oom_lost_s,
     }

@@ -17,7 +17,7 @@ Resume: the scores are logged through Trainer.log, so they sit in the log histor
 checkpoint's trainer_state.json carries, with best_metric / best_model_checkpoint; the early
 stopping counter is restored from the same file. A kill loses nothing but the work after the
 newest checkpoint. Validation time is inside the run's train time (RunLedger measures the whole
-train() call) and is also summed apart as validation_runtime_s.
+train() call) and is counted apart from the optimizer loop (stages/ledger.py validation_runtime_s).
 """
 
 from __future__ import annotations
@@ -203,9 +203,3 @@ def validation_record(trainer: Trainer, subset: Dataset, params: TrainParams, se
         "history": validation_history(trainer.state.log_history),
         "training": training_history(trainer.state.log_history),
     }
-
-
-def validation_runtime_s(log_history: list[dict]) -> float:
-    """Seconds spent generating validation summaries over the whole run, across resumes (part of
-    train_runtime_s, shown apart)."""
-    return round(sum(e.get("eval_generation_runtime", 0.0) for e in log_history), 2)

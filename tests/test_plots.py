@@ -1,8 +1,9 @@
 """The curated plots, as a reader sees them: real `dvc plots show` / `dvc plots diff` in a temp git repo
 (a copy of this one), the real report stage, and every plot rendered offline with vl-convert.
 
-The pipeline's outputs are written directly (metrics, per-dialogue scores, DVCLive curves in
-DVCLive's own TSV layout) instead of training, so this runs in seconds and needs no model.
+The pipeline's outputs are written directly (metrics, per-dialogue scores, each variant's curves file
+as evaluate@ carries it, DVCLive's live curves in DVCLive's own TSV layout) instead of training, so
+this runs in seconds and needs no model.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ from stages.plots import VEGA_LITE_VERSION
 from tests.conftest import REPO
 from tests.test_pipeline import git_commit, run, run_json
 
-CURATED = {"training_loss", "learning_rate", "validation_rougeL", "rouge_by_variant", "frontier"}
+TRAINING_LOSS, LEARNING_RATE, VALIDATION_ROUGE = (
+    "metrics/plots/training_loss.json",
+    "metrics/plots/learning_rate.json",
+    "metrics/plots/validation_rougeL.json",
+)
+CURATED = {TRAINING_LOSS, LEARNING_RATE, VALIDATION_ROUGE, "rouge_by_variant", "frontier"}
 METHODS = ("full", "lora", "ia3", "prompt")
+# each method's type as its training stage records it (metrics/train/<m>.json method_type, carried to
+# the cost row), and what the report, and so every plot, calls it
+METHOD_TYPES = {"full": "full", "lora": "lora", "ia3": "ia3", "prompt": "prompt_tuning"}
+LABELS = {"full": "full fine-tuning", "lora": "LoRA", "ia3": "IA3", "prompt": "prompt tuning"}
 # Multi-reference ROUGE-L (x100) and trainable params per variant, close to a real flan-t5-base run:
 # LoRA's interval reaches full fine-tuning's, prompt tuning scores exactly 0.0 (a collapsed run).
 ROUGE_L = {"base": 24.1, "full": 36.2, "lora": 35.6, "ia3": 31.0, "prompt": 0.0, "lead": 16.5}
@@ -33,6 +43,7 @@ TRAINABLE = {"base": 0, "full": 247_577_856, "lora": 1_769_472, "ia3": 110_592, 
 HALF_WIDTH = 1.1  # each variant's 95% interval: ROUGE-L +- this
 DIALOGUES = 20
 STEPS = 12  # optimizer steps per method; train loss every 2, validation loss every 4
+START_LOSS = {"full": 2.1, "lora": 2.4, "ia3": 2.8, "prompt": 3.3}
 
 
 def write_json(path: Path, data) -> None:
@@ -62,6 +73,7 @@ def write_variant(repo: Path, variant: str, rouge_l: float, trainable: int) -> N
     write_json(
         repo / "metrics" / "cost" / f"{variant}.json",
         {
+            **({"method_type": METHOD_TYPES[variant]} if variant in METHOD_TYPES else {}),
             "trainable_params": trainable,
             "trainable_percent": 100 * trainable / TRAINABLE["full"],
             "total_params": TRAINABLE["full"],
@@ -94,23 +106,38 @@ def write_variant(repo: Path, variant: str, rouge_l: float, trainable: int) -> N
     )
 
 
+def train_loss(start_loss: float, step: int) -> float:
+    return round(start_loss * 0.93**step, 6)
+
+
+def validation_loss(start_loss: float, step: int) -> float:
+    return round(start_loss * 0.95**step + 0.1, 6)
+
+
 def write_curves(repo: Path, method: str, start_loss: float, learning_rate: float) -> None:
-    """DVCLive's TSVs as OptimizerStepCurves writes them (step, value); a linear LR decay to 0."""
-    metrics = repo / "dvclive" / f"train_{method}" / "plots" / "metrics"
+    """One method's curves: metrics/curves/<method>.json as evaluate@ carries it from the training
+    stage's metrics/validation/<method>.json (train loss and learning rate every 2 steps, a linear LR
+    decay to 0; validation ROUGE-L x100 and loss every 4), and the same curves as DVCLive's TSVs
+    (dvclive/<method>/plots, a stage out that `dvc plots show` must not draw)."""
+    training = [
+        {"step": s, "loss": train_loss(start_loss, s), "learning_rate": learning_rate * (1 - s / STEPS)}
+        for s in range(2, STEPS + 1, 2)
+    ]
+    validation = [
+        {"step": s, "rougeL": 20 + s / 2, "loss": validation_loss(start_loss, s)} for s in range(4, STEPS + 1, 4)
+    ]
+    write_json(repo / "metrics" / "curves" / f"{method}.json", {"validation": validation, "training": training})
+
+    metrics = repo / "dvclive" / method / "plots" / "metrics"
     (metrics / "eval").mkdir(parents=True, exist_ok=True)
 
-    def tsv(name: str, steps: range, value) -> str:
-        return f"step\t{name}\n" + "".join(f"{s}\t{value(s):.6g}\n" for s in steps)
+    def tsv(name: str, rows: list[dict]) -> str:
+        return f"step\t{name}\n" + "".join(f"{r['step']}\t{r[name]:.6g}\n" for r in rows)
 
-    (metrics / "loss.tsv").write_text(tsv("loss", range(2, STEPS + 1, 2), lambda s: start_loss * 0.93**s))
-    (metrics / "eval" / "loss.tsv").write_text(
-        tsv("loss", range(4, STEPS + 1, 4), lambda s: start_loss * 0.95**s + 0.1)
-    )
-    (metrics / "learning_rate.tsv").write_text(
-        tsv("learning_rate", range(2, STEPS + 1, 2), lambda s: learning_rate * (1 - s / STEPS))
-    )
-    # validation by generation at each validation (stages/validation.py), x100 like the report
-    (metrics / "eval" / "rougeL.tsv").write_text(tsv("rougeL", range(4, STEPS + 1, 4), lambda s: 20 + s / 2))
+    (metrics / "loss.tsv").write_text(tsv("loss", training))
+    (metrics / "learning_rate.tsv").write_text(tsv("learning_rate", training))
+    (metrics / "eval" / "loss.tsv").write_text(tsv("loss", validation))
+    (metrics / "eval" / "rougeL.tsv").write_text(tsv("rougeL", validation))
 
 
 def write_outputs(repo: Path, rouge_l: dict[str, float]) -> None:
@@ -125,8 +152,10 @@ def write_outputs(repo: Path, rouge_l: dict[str, float]) -> None:
     )
     for variant, score in rouge_l.items():
         write_variant(repo, variant, score, TRAINABLE[variant])
-    for method, loss, lr in zip(METHODS, (2.1, 2.4, 2.8, 3.3), (1.0e-4, 1.0e-3, 8.0e-3, 3.0e-1)):
+    for method, loss, lr in zip(METHODS, START_LOSS.values(), (1.0e-4, 1.0e-3, 8.0e-3, 3.0e-1)):
         write_curves(repo, method, loss, lr)
+    for baseline in ("base", "lead"):  # evaluate@ carries their empty record: nothing trained
+        write_json(repo / "metrics" / "curves" / f"{baseline}.json", {"validation": [], "training": []})
 
 
 def set_variants(repo: Path, variants: list[str]) -> None:
@@ -199,7 +228,8 @@ def texts(spec: dict) -> dict[str, list[str]]:
 # --- which plots ---------------------------------------------------------------
 
 
-def test_dvc_plots_show_lists_exactly_the_curated_plots(shown):
+def test_dvc_plots_show_lists_exactly_the_curated_plots(plots_repo, shown):
+    assert (plots_repo / "dvclive" / "lora" / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
     assert set(shown["data"]) == CURATED  # not one plot per DVCLive TSV
     assert not shown.get("errors"), shown["errors"]
 
@@ -215,22 +245,25 @@ def test_every_plot_renders_offline_with_a_title(shown, tmp_path):
 
 
 def test_training_curves_have_a_legend_per_method_and_curve_and_integer_steps(shown):
-    spec = specs(shown)["training_loss"]
+    spec = specs(shown)[TRAINING_LOSS]
     seen = texts(spec)
     assert seen["title-text"] == ["Train and validation loss per optimizer step"]
-    assert seen["legend-label"] == [f"{m} · {curve}" for m in METHODS for curve in ("train", "validation")]
+    # each method by its report label (from its recorded type), in `variants` order
+    assert seen["legend-label"] == [f"{LABELS[m]} · {curve}" for m in METHODS for curve in ("train", "validation")]
     assert all(label.isdigit() for label in seen["axis-label-x"])  # steps 0, 2, 4 ... never 2.5
     assert {"optimizer step", "loss (cross-entropy per target token, nats)"} <= set(seen["axis-title"])
     # validation loss is drawn at the step it was taken (4, 8, 12), not at its row number
-    values = [v for v in spec["data"]["values"] if "eval" in v["filename"] and "train_lora" in v["filename"]]
-    assert [v["step"] for v in values] == ["4", "8", "12"]
+    values = [v for v in spec["data"]["values"] if v["curve"] == "validation" and v["method"] == "LoRA"]
+    assert [int(v["step"]) for v in values] == [4, 8, 12]
+    assert [float(v["loss"]) for v in values] == [validation_loss(START_LOSS["lora"], s) for s in (4, 8, 12)]
+    assert {int(v["place"]) for v in values} == {METHODS.index("lora")}  # its place among the reported methods
 
 
 def test_one_colour_per_method_and_one_dash_per_curve(shown):
     """The 8 drawn lines: 4 colours (one per method), each once solid (train) and once dashed (validation).
     Colours and dashes differ per series by a shift too small to see (see the template), so compare them
     as a reader would: hue to the degree, a dash as solid or not."""
-    scene = vl_convert.vegalite_to_scenegraph(specs(shown)["training_loss"], vl_version=VEGA_LITE_VERSION)
+    scene = vl_convert.vegalite_to_scenegraph(specs(shown)[TRAINING_LOSS], vl_version=VEGA_LITE_VERSION)
     lines = []
 
     def walk(node):
@@ -251,20 +284,20 @@ def test_one_colour_per_method_and_one_dash_per_curve(shown):
 
 
 def test_validation_rouge_curve_is_drawn_like_the_loss_curves(shown):
-    """The validation ROUGE-L curve (DVCLive's eval/rougeL.tsv per method) uses the same template:
-    one colour per method, named in the legend, on integer optimizer steps."""
-    spec = specs(shown)["validation_rougeL"]
+    """The validation ROUGE-L curve (each method's validation history, metrics/validation/<m>.json)
+    uses the same template: one colour per method, named in the legend, on integer optimizer steps."""
+    spec = specs(shown)[VALIDATION_ROUGE]
     seen = texts(spec)
     assert seen["title-text"] == ["Validation ROUGE-L per optimizer step (the checkpoint select_by keeps)"]
-    assert seen["legend-label"] == [f"{m} · validation" for m in METHODS]
+    assert seen["legend-label"] == [f"{LABELS[m]} · validation" for m in METHODS]
     assert all(label.isdigit() for label in seen["axis-label-x"])
 
 
 def test_learning_rate_on_a_log_axis_with_a_title(shown):
-    spec = specs(shown)["learning_rate"]
+    spec = specs(shown)[LEARNING_RATE]
     seen = texts(spec)
     assert seen["title-text"] == ["Learning-rate schedule per optimizer step"]
-    assert seen["legend-label"] == list(METHODS)
+    assert seen["legend-label"] == [LABELS[m] for m in METHODS]
     # full (1e-4) and prompt (0.3) on one readable axis of powers of ten, reaching down to the 0 the
     # linear decay ends at (symlog: linear below 1e-6)
     assert {"0", "1e-4", "1e-3", "1e-2", "1e-1"} <= set(seen["axis-label-y"])
@@ -303,8 +336,11 @@ def test_a_variant_at_zero_is_drawn_and_a_missing_one_is_labelled_missing(plots_
     try:
         run_report(repo)
         diff = run_json(["dvc", "plots", "diff", "HEAD", "--json", "--targets", "rouge_by_variant"], repo)
+        # the curves follow `variants` too: prompt tuning's are gone, the others keep their places
+        curves = json.loads((repo / TRAINING_LOSS).read_text())
     finally:
         run(["git", "checkout", "--", "."], repo)
+    assert sorted({(r["place"], r["method"]) for r in curves}) == [(0, "full fine-tuning"), (1, "LoRA"), (2, "IA3")]
     labels = texts(specs(diff)["rouge_by_variant"])["mark"]
     assert "0.00 (HEAD)" in labels  # drawn at 0 with its value
     assert "missing (workspace)" in labels  # absent in the working tree, and said so
@@ -349,3 +385,29 @@ def test_report_embeds_the_rendered_frontier_and_rouge_plots(plots_repo):
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in dvc_yaml["stages"]["report"]["outs"]]
     assert {"metrics/plots/frontier.png", "metrics/plots/rouge_by_variant.png"} <= set(outs)
+
+
+def test_the_report_writes_the_training_curve_plots_data_from_each_variants_curves(plots_repo):
+    """The three curve plots' rows are the report's outs, from metrics/curves/<variant>.json (evaluate@'s
+    copy of the training stage's record): every trained variant's curves, labelled and placed in
+    `variants` order; the baselines (empty curves) have none."""
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    report = dvc_yaml["stages"]["report"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in report["outs"]]
+    assert {TRAINING_LOSS, LEARNING_RATE, VALIDATION_ROUGE} <= set(outs)
+    assert "metrics/curves" in report["deps"]
+    rows = {
+        name: json.loads((plots_repo / name).read_text()) for name in (TRAINING_LOSS, LEARNING_RATE, VALIDATION_ROUGE)
+    }
+    for place, method in enumerate(METHODS):
+        mine = {name: [r for r in found if r["method"] == LABELS[method]] for name, found in rows.items()}
+        assert {r["place"] for found in mine.values() for r in found} == {place}
+        assert [(r["curve"], r["step"], r["loss"]) for r in mine[TRAINING_LOSS]] == [
+            *(("train", s, train_loss(START_LOSS[method], s)) for s in range(2, STEPS + 1, 2)),
+            *(("validation", s, validation_loss(START_LOSS[method], s)) for s in range(4, STEPS + 1, 4)),
+        ]
+        assert [(r["curve"], r["step"]) for r in mine[LEARNING_RATE]] == [("train", s) for s in range(2, STEPS + 1, 2)]
+        assert [(r["curve"], r["step"], r["rougeL"]) for r in mine[VALIDATION_ROUGE]] == [
+            ("validation", s, 20 + s / 2) for s in range(4, STEPS + 1, 4)
+        ]
+    assert {r["method"] for found in rows.values() for r in found} == set(LABELS.values())  # no baseline rows

@@ -21,6 +21,7 @@ from stages.report import (
     runs_table,
     selection_table,
     tuning_sentence,
+    variant_labels,
 )
 from stages.rouge import ROUGE_TYPES, paired_test
 from tests.conftest import REPO, load_script
@@ -197,8 +198,8 @@ def test_report_states_the_kept_checkpoint_the_grid_and_that_test_was_not_used()
         **NOTHING_TUNED,
         "methods": {
             "lora": {
-                "settings": {"train_lora.learning_rate": 0.001, "lora.r": 16},
-                "grid": {"train_lora.learning_rate": [0.0003, 0.001, 0.003], "lora.r": [8, 16, 32]},
+                "settings": {"lora.learning_rate": 0.001, "lora.r": 16},
+                "grid": {"lora.learning_rate": [0.0003, 0.001, 0.003], "lora.r": [8, 16, 32]},
                 "runs_compared": 9,
             }
         },
@@ -215,7 +216,7 @@ def test_report_states_the_kept_checkpoint_the_grid_and_that_test_was_not_used()
         "LoRA",
         "step 120 of 180 (best validation ROUGE-L)",
         "31.25 (100 dialogues)",
-        "train_lora.learning_rate in [0.0003, 0.001, 0.003] -> 0.001; lora.r in [8, 16, 32] -> 16 (9 runs)",
+        "lora.learning_rate in [0.0003, 0.001, 0.003] -> 0.001; lora.r in [8, 16, 32] -> 16 (9 runs)",
     ]
     assert tuning_sentence(tuning).startswith("The test split was not used to choose anything")
     assert tuning_sentence(NOTHING_TUNED).startswith("Nothing was tuned: each method ran at its params.yaml recipe")
@@ -225,7 +226,9 @@ def test_report_states_the_kept_checkpoint_the_grid_and_that_test_was_not_used()
 def test_the_committed_tuning_file_says_nothing_was_tuned_in_tune_py_s_format() -> None:
     """metrics/tuning.json is the report's dep: committed as tune.py writes it for an empty grid."""
     tune = load_script("tune")
-    assert json.loads((REPO / "metrics" / "tuning.json").read_text()) == tune.tuning([], list(tune.METHODS))
+    assert json.loads((REPO / "metrics" / "tuning.json").read_text()) == tune.tuning(
+        [], tune.declared_methods(REPO / "params.yaml")
+    )
 
 
 # --- pairing ------------------------------------------------------------------
@@ -397,6 +400,46 @@ def test_the_report_shows_what_each_variant_ran_with():
         "none",
         "-",
     ]
+
+
+def test_methods_are_labelled_by_their_recorded_type_and_baselines_by_role() -> None:
+    """variant_labels: a method by the method_type its cost row carries (the type's name for the type's
+    usual section name, else the section's name with it); every table and sentence uses those labels."""
+    types = {
+        "full": "full",
+        "lora": "lora",
+        "lora_r8": "lora",
+        "ia3": "ia3",
+        "prompt": "prompt_tuning",
+        "prefix": "prefix_tuning",
+        "loha": "loha",
+    }
+    variants = ["base", *types, "lead"]
+    cost = {
+        "base": {"trainable_params": 0},
+        **{v: {"method_type": t, "trainable_params": 10**6, **SELECTION} for v, t in types.items()},
+        "lead": {"trainable_params": 0},
+    }
+    labels = variant_labels(variants, cost)
+    assert labels == {
+        "base": "original (zero-shot)",
+        "full": "full fine-tuning",
+        "lora": "LoRA",
+        "lora_r8": "lora_r8 (LoRA)",
+        "ia3": "IA3",
+        "prompt": "prompt tuning",
+        "prefix": "prefix tuning",
+        "loha": "LoHa",
+        "lead": "lead baseline",
+    }
+    sentence = comparison_sentence(
+        {"a": "lora_r8", "b": "full", "diff": 0.1, "ci_low": -1.0, "ci_high": 1.2, "p_value": 0.8, "p_holm": 1.0},
+        labels,
+    )
+    assert "**lora_r8 (LoRA)** vs **full fine-tuning**: no significant difference" in sentence
+    assert table_cells(selection_table(variants, cost, NOTHING_TUNED, labels), "lora_r8 (LoRA)")[0] == "lora_r8 (LoRA)"
+    _, evaluation, _ = frontier_inputs({v: (0, 30.0, 1.0) for v in variants})
+    assert [r["label"] for r in frontier_rows(variants, evaluation, cost, labels)] == [labels[v] for v in variants]
 
 
 def test_the_report_stage_imports_no_torch() -> None:

@@ -24,16 +24,26 @@ def set_params(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_values_are_set_with_exp_run_syntax_and_comments_stay(tmp_path):
-    result = set_params(tmp_path, "data.limit=30", "train_lora.learning_rate=5.0e-4", "variants=[base,lora,lead]")
+    result = set_params(
+        tmp_path, "data.limit=30", "lora.learning_rate=5.0e-4", "train.epochs=1", "variants=[base,lora,lead]"
+    )
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "params.yaml").read_text()
     params = yaml.safe_load(text)
     assert params["data"]["limit"] == 30 and params["variants"] == ["base", "lora", "lead"]
-    assert params["train_lora"]["learning_rate"] == 5.0e-4
+    assert params["lora"]["learning_rate"] == 5.0e-4 and params["train"]["epochs"] == 1
     assert "# max rows kept per split for smoke runs" in text  # the file's comments survive
     committed = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert {k: v for k, v in params.items() if k not in ("data", "train_lora", "variants")} == {
-        k: v for k, v in committed.items() if k not in ("data", "train_lora", "variants")
+    changed = ("data", "lora", "train", "variants")
+    assert {k: v for k, v in params.items() if k not in changed} == {
+        k: v for k, v in committed.items() if k not in changed
+    }
+    # within a changed section, only the key set moved
+    assert {k: v for k, v in params["lora"].items() if k != "learning_rate"} == {
+        k: v for k, v in committed["lora"].items() if k != "learning_rate"
+    }
+    assert {k: v for k, v in params["train"].items() if k != "epochs"} == {
+        k: v for k, v in committed["train"].items() if k != "epochs"
     }
 
 

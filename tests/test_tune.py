@@ -38,10 +38,10 @@ def plant_test_score(repo: Path, rouge_l: float) -> None:
 
 
 def queue(repo: Path, learning_rate: float, planted_test_rougeL: float) -> None:
-    """Queue a train_full experiment whose test score is planted: the queue takes the workspace's
+    """Queue a train@full experiment whose test score is planted: the queue takes the workspace's
     edit of the committed metrics/evaluate/full.json along, and evaluate@full does not run."""
     plant_test_score(repo, planted_test_rougeL)
-    run(["dvc", "exp", "run", "--queue", "-S", f"train_full.learning_rate={learning_rate}", "train_full"], repo)
+    run(["dvc", "exp", "run", "--queue", "-S", f"full.learning_rate={learning_rate}", "train@full"], repo)
 
 
 def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
@@ -54,7 +54,9 @@ def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
         {
             "model": {"name": str(tiny_model_dir)},
             "data": {"source": str(tmp_path / "source")},
-            "train_full": RECIPE,
+            "train": RECIPE,  # the shared recipe, which full fine-tuning runs as is...
+            # ...but for the rate the grid varies in full's own section (`-S full.learning_rate=` needs the key)
+            "full": {"learning_rate": 1.0e-4},
             "validate": {"dialogues": 4, "max_new_tokens": 16, "batch_size": 4},
         },
     )
@@ -78,7 +80,7 @@ def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
     runs = {}
     for experiment in next(r for r in shown if r["rev"] != "workspace")["experiments"]:
         data = experiment["revs"][0]["data"]
-        lr = data["params"]["params.yaml"]["data"]["train_full"]["learning_rate"]
+        lr = data["params"]["params.yaml"]["data"]["full"]["learning_rate"]
         runs[lr] = (
             data["metrics"]["metrics/train/full.json"]["data"]["selected_val_rougeL"],
             data["metrics"]["metrics/evaluate/full.json"]["data"]["rougeL"],
@@ -98,12 +100,12 @@ def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
     tuning = json.loads((repo / "metrics" / "tuning.json").read_text())
     assert tuning["test_used"] is False
     full = tuning["methods"]["full"]
-    assert full["settings"] == {"train_full.learning_rate": LEARNS}
-    assert full["grid"] == {"train_full.learning_rate": [STALLS, LEARNS]}
+    assert full["settings"] == {"full.learning_rate": LEARNS}
+    assert full["grid"] == {"full.learning_rate": [STALLS, LEARNS]}
     assert full["validation_rougeL"] == runs[LEARNS][0] and full["runs_compared"] == 2
     # the pipeline run it proposes sets the picked value so that YAML reads it back as a float
     command = result.stdout.strip().splitlines()[-1]
-    assert command == "dvc exp run -S train_full.learning_rate=0.01"
+    assert command == "dvc exp run -S full.learning_rate=0.01"
 
 
 def test_a_small_learning_rate_set_by_dvc_loads_as_a_number(tmp_path):
@@ -115,9 +117,9 @@ def test_a_small_learning_rate_set_by_dvc_loads_as_a_number(tmp_path):
 
     params_file = tmp_path / "params.yaml"
     shutil.copy2(REPO / "params.yaml", params_file)
-    apply_overrides(str(params_file), ["train_full.learning_rate=1.0e-5"])
+    apply_overrides(str(params_file), ["lora.learning_rate=1.0e-5"])
     assert "learning_rate: 1e-05" in params_file.read_text()
-    assert load_params(params_file).train_full.learning_rate == 1.0e-5
+    assert load_params(params_file).recipe("lora").learning_rate == 1.0e-5
 
 
 def test_picked_values_are_written_as_yaml_reads_them_back():
@@ -144,13 +146,13 @@ def test_runs_that_differ_in_a_shared_param_are_refused_with_what_differs():
             "metrics": {"metrics/train/lora.json": {tune.METRIC: rouge_l}},
         }
 
-    comparable = [row("a", 30.0), row("b", 35.0, train_lora__learning_rate=3.0e-3)]
-    assert tune.pick(comparable, "lora")["settings"] == {"train_lora.learning_rate": 3.0e-3}
+    comparable = [row("a", 30.0), row("b", 35.0, lora__learning_rate=3.0e-3)]
+    assert tune.pick(comparable, "lora")["settings"] == {"lora.learning_rate": 3.0e-3}
     mixed = [*comparable, row("c", 40.0, validate__dialogues=10)]
     with pytest.raises(SystemExit) as refused:
         tune.pick(mixed, "lora")
     assert str(refused.value) == (
         f"lora: the runs differ in params every method shares, so their validation ROUGE-L does not compare: "
         f"validate.dialogues in [10, {params['validate']['dialogues']}]. Compare runs that differ only in "
-        "train_lora.* / lora.* (`dvc exp remove` the others, or pass --methods without this one)."
+        "lora.* (`dvc exp remove` the others, or pass --methods without this one)."
     )
