@@ -93,9 +93,25 @@ def flat_any(value, prefix: str) -> dict:
     return flat(value, prefix) if isinstance(value, dict) else {prefix: value}
 
 
+def trials(rows: list[dict], method: str) -> list[dict]:
+    """One row per distinct training of `method`: an experiment that changed another method's params
+    carries this method's metrics unchanged (its training stage did not rerun), so it is not a trial of
+    this method. Runs are the same training when the method's section and every shared param match;
+    the first such row stands for them (the baseline commit, then experiments as DVC lists them)."""
+    seen, kept = set(), []
+    for row in rows:
+        key = json.dumps(
+            [method_settings(row["params"], method), [row["params"].get(section) for section in SHARED]], sort_keys=True
+        )
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
+
+
 def pick(rows: list[dict], method: str) -> dict | None:
     """The row with the best validation ROUGE-L for `method`, what varied and over which values."""
-    scored = [r for r in rows if METRIC in r["metrics"].get(f"metrics/train/{method}.json", {})]
+    scored = trials([r for r in rows if METRIC in r["metrics"].get(f"metrics/train/{method}.json", {})], method)
     if not scored:
         return None
     if differing := shared_differences(scored):

@@ -364,6 +364,9 @@ TYPE_LABELS = {
     "boft": "BOFT",
 }  # any other peft type is shown by its name
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
+# What no two methods share, so each method section sets it and the shared `train` section cannot:
+# a learning rate and a weight decay are tuned per method (-S full.learning_rate=... needs the key there)
+PER_METHOD_KEYS = ("learning_rate", "weight_decay")
 METHOD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a stage name (train@<name>), a folder and a params section
 
 
@@ -418,12 +421,13 @@ class Params:
     model: ModelParams
     data: DataParams
     prepare: PrepareParams
-    train: TrainParams  # the recipe every method shares
     validate: ValidateParams
     generate: GenerateParams
     evaluate: EvaluateParams
     lead: LeadParams
     report: ReportParams
+    # the recipe every method shares: every TrainParams key but PER_METHOD_KEYS, converted and checked
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
     # every method section in the file, trained (in `methods`) or not; set by parse_params
     sections: dict[str, MethodParams] = dataclasses.field(default_factory=dict)
 
@@ -538,8 +542,33 @@ def trained_methods(params: Params) -> list[str]:
     return list(params.methods)
 
 
+def shared_recipe(raw: Any, problems: list[str]) -> dict[str, Any] | None:
+    """The shared `train` section, checked as a recipe without its per-method keys (placeholders stand
+    in for them while checking); None if it has problems of its own."""
+    if not isinstance(raw, dict):
+        problems.append(
+            "train: missing; add the shared recipe to params.yaml" if raw is None else "train: must be a mapping"
+        )
+        return None
+    for key in PER_METHOD_KEYS:
+        if key in raw:
+            problems.append(
+                f"train.{key}: set per method, not shared; put it in each method's section (e.g. lora.{key})"
+            )
+    placeholders = {"learning_rate": 1.0, "weight_decay": 0.0}
+    before = len(problems)
+    recipe = _build(TrainParams, {**raw, **placeholders}, "train", problems)
+    if recipe is None or len(problems) > before:
+        return None
+    return {k: v for k, v in dataclasses.asdict(recipe).items() if k not in PER_METHOD_KEYS}
+
+
 def method_section(
-    name: str, raw: Any, shared: TrainParams | None, problems: list[str], shared_problems: frozenset[str] = frozenset()
+    name: str,
+    raw: Any,
+    shared: dict[str, Any] | None,
+    problems: list[str],
+    shared_problems: frozenset[str] = frozenset(),
 ) -> MethodParams | None:
     """One method section: `type`, recipe keys (what differs from `train`) and the type's arguments.
     A problem its resolved recipe only inherits from `train` (in `shared_problems`) is reported once,
@@ -577,9 +606,7 @@ def method_section(
         config = PeftArgs(rest)
     if shared is None or config is None:
         return None
-    found: list[str] = []
-    recipe = _build(TrainParams, {**dataclasses.asdict(shared), **overrides}, name, found)
-    problems.extend(p for p in found if "train." + p.removeprefix(f"{name}.") not in shared_problems)
+    recipe = _build(TrainParams, {**shared, **overrides}, name, problems)
     return None if recipe is None else MethodParams(name, kind, overrides, recipe, config)
 
 
@@ -622,16 +649,11 @@ def parse_params(raw: Any) -> Params:
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise ParamsError(f"1 problem(s) in params.yaml:\n  - params.yaml must be a mapping, got {type(raw).__name__}")
-    fixed = {k: v for k, v in raw.items() if k in FIXED_SECTIONS}
-    params = _build(Params, fixed, "params", problems, skip=("sections",))
-    shared = params.train if params is not None else None
-    if shared is None and isinstance(fixed.get("train"), dict) and params is None:
-        shared = _build(TrainParams, fixed["train"], "params.train", [])  # method sections still get checked
-    shared_problems = frozenset(p.removeprefix("params.") for p in problems if p.startswith("params.train."))
+    fixed = {k: v for k, v in raw.items() if k in FIXED_SECTIONS and k != "train"}  # train: shared_recipe
+    params = _build(Params, fixed, "params", problems, skip=("train", "sections"))
+    shared = shared_recipe(raw.get("train"), problems)
     sections = {
-        name: method_section(name, value, shared, problems, shared_problems)
-        for name, value in raw.items()
-        if name not in FIXED_SECTIONS
+        name: method_section(name, value, shared, problems) for name, value in raw.items() if name not in FIXED_SECTIONS
     }
     seed = getattr(params, "seed", 0)
     if params is not None and seed < 0:
@@ -643,7 +665,7 @@ def parse_params(raw: Any) -> Params:
         # "params.lora.r" reads worse than "lora.r": drop the root prefix
         lines = [p.removeprefix("params.") for p in problems]
         raise ParamsError(f"{len(lines)} problem(s) in params.yaml:\n" + "\n".join(f"  - {line}" for line in lines))
-    return dataclasses.replace(params, sections={k: v for k, v in sections.items() if v is not None})
+    return dataclasses.replace(params, train=shared, sections={k: v for k, v in sections.items() if v is not None})
 
 
 class ParamsLoader(yaml.SafeLoader):

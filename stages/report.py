@@ -59,7 +59,9 @@ def label(variant: str, labels: dict[str, str] | None = None) -> str:
     """A variant's display name; without `labels`, the name read as its type's usual section (lora: LoRA)."""
     if labels and variant in labels:
         return labels[variant]
-    return BASELINE_LABELS.get(variant) or method_label(variant, {"prompt": "prompt_tuning", "prefix": "prefix_tuning"}.get(variant, variant))
+    return BASELINE_LABELS.get(variant) or method_label(
+        variant, {"prompt": "prompt_tuning", "prefix": "prefix_tuning"}.get(variant, variant)
+    )
 
 
 def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
@@ -268,6 +270,7 @@ def runs_table(
                 c.get("train_base_dtype", "-") if trained else "-",
                 c.get("train_device", "-") if trained else "-",
                 c.get("train_oom_retries", "-") if trained else "-",
+                apart_time(c) if trained else "-",
                 g.get("generation_precision", "-"),
                 c.get("generation_device", "-"),
                 c.get("generation_batch_size", "-") or "-",
@@ -279,11 +282,19 @@ def runs_table(
         "base weights held in",
         "train device",
         "out-of-memory restarts",
+        "validation + final save",
         "generation precision",
         "generation device",
         "generation batch",
     ]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def apart_time(c: dict) -> str:
+    """The time a trained method spent beside its optimizer loop: validating and its final save."""
+    if "validation_runtime_s" not in c:
+        return "-"
+    return f"{c['validation_runtime_s'] / 60:.1f} + {c.get('save_runtime_s', 0.0) / 60:.1f} min"
 
 
 SELECTED_BY = {"rougeL": "best validation ROUGE-L", "loss": "lowest validation loss", "last": "the last"}
@@ -455,6 +466,8 @@ def render(
                 "## Generation diagnostics",
                 diagnostics_table(variants, generation, evaluation, labels),
                 "## How each variant ran",
+                "Train time in the cost table is the optimizer loop alone; validating by generation and the final "
+                "save (a whole model for full fine-tuning, an adapter otherwise) are shown here apart. "
                 "The precision `auto` resolved to (bf16 where the hardware runs it natively, else fp32), the "
                 "dtype of the weights a method did not train (a PEFT method's frozen base: bf16 under bf16 "
                 "training, 4bit for QLoRA; for full fine-tuning, its trained weights), which is part of what its "

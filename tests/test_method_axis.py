@@ -98,7 +98,7 @@ def test_a_curated_section_adds_to_the_axis_by_name_alone(raw):
     params = parse_params(raw)
     loha = params.method("loha")
     assert (loha.type, loha.label, loha.config.args) == ("loha", "LoHa", {"r": 8, "alpha": 8, "target_modules": "auto"})
-    assert loha.recipe.learning_rate == 1.0e-3 and loha.recipe.epochs == params.train.epochs
+    assert loha.recipe.learning_rate == 1.0e-3 and loha.recipe.epochs == params.train["epochs"]
 
 
 @pytest.mark.parametrize(

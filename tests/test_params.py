@@ -32,17 +32,30 @@ def test_every_param_has_a_comment():
 def test_out_of_range_values_are_all_reported_at_once(raw):
     raw["lora"]["r"] = 0
     raw["lora"]["dropout"] = 1.0
-    raw["train"]["learning_rate"] = -1.0
+    raw["full"]["learning_rate"] = -1.0
     raw["lora"]["batch_size"] = 0
     message = problems(raw)
-    # the shared recipe's bad rate is reported once, under `train` (not again for full fine-tuning,
-    # which uses it as is); LoRA's own batch size under its own name
     assert message.startswith("4 problem(s) in params.yaml:")
     assert "lora.r: must be >= 1, got 0" in message
     assert "lora.dropout: must be in [0, 1), got 1.0" in message
-    assert "train.learning_rate: must be > 0, got -1.0" in message
-    assert "full.learning_rate" not in message
+    assert "full.learning_rate: must be > 0, got -1.0" in message
     assert "lora.batch_size: must be >= 1, got 0" in message
+
+
+def test_a_shared_problem_is_reported_once_under_train(raw):
+    raw["train"]["epochs"] = 0
+    raw["train"]["learning_rate"] = 1.0e-4  # per method, never shared
+    message = problems(raw)
+    assert message == (
+        "2 problem(s) in params.yaml:\n"
+        "  - train.learning_rate: set per method, not shared; put it in each method's section (e.g. lora.learning_rate)\n"
+        "  - train.epochs: must be > 0, got 0.0"
+    )
+
+
+def test_a_method_without_its_learning_rate_is_told_to_set_it(raw):
+    del raw["full"]["learning_rate"]
+    assert "full.learning_rate: missing; add it to params.yaml" in problems(raw)
 
 
 def test_unknown_key_names_the_valid_ones(raw):
@@ -98,7 +111,7 @@ def test_prompt_without_placeholder(raw):
 
 
 def test_ints_are_accepted_where_floats_are_expected(raw):
-    raw["train"]["weight_decay"] = 0
+    raw["full"]["weight_decay"] = 0
     raw["ia3"]["learning_rate"] = 1
     params = parse_params(copy.deepcopy(raw))
     assert params.recipe("full").weight_decay == 0.0 and isinstance(params.recipe("full").weight_decay, float)

@@ -156,6 +156,11 @@ def test_metric_files_have_the_expected_keys(pipeline_repo, reproduced):
         assert train["selected_step"] == train["train_steps"] and 0 <= train["selected_val_rougeL"] <= 100
         costs = json.loads((metrics / "timing" / f"train_{method}.json").read_text())
         assert {"train_runtime_s", "train_samples_per_second", "peak_rss_mb"} <= set(costs)
+        # train time is the optimizer loop: the whole train() call less its validations; the save apart
+        assert costs["validation_runtime_s"] > 0 and costs["save_runtime_s"] > 0
+        assert costs["train_runtime_s"] + costs["validation_runtime_s"] == pytest.approx(
+            costs["run_runtime_s"], abs=0.02
+        )
         # the logged train loss is per token like eval_loss, not multiplied by accumulation steps
         assert train["train_loss_mean"] < 1.3 * train["eval_loss"]
     full, lora = (json.loads((metrics / "train" / f"{m}.json").read_text()) for m in ("full", "lora"))

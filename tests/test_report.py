@@ -363,6 +363,8 @@ def test_the_report_shows_what_each_variant_ran_with():
             "train_base_dtype": "bf16",
             "train_device": "NVIDIA H100 80GB HBM3",
             "train_oom_retries": 1,
+            "validation_runtime_s": 90.0,
+            "save_runtime_s": 6.0,
             "generation_device": "NVIDIA H100 80GB HBM3",
             "generation_batch_size": 32,
         },
@@ -372,6 +374,7 @@ def test_the_report_shows_what_each_variant_ran_with():
     table = runs_table(["base", "lora", "lead"], generation, cost).splitlines()
     assert [cell.strip() for cell in table[2].strip("|").split("|")] == [
         "original (zero-shot)",
+        "-",
         "-",
         "-",
         "-",
@@ -386,12 +389,14 @@ def test_the_report_shows_what_each_variant_ran_with():
         "bf16",
         "NVIDIA H100 80GB HBM3",
         "1",
+        "1.5 + 0.1 min",
         "bf16",
         "NVIDIA H100 80GB HBM3",
         "32",
     ]
     assert [cell.strip() for cell in table[4].strip("|").split("|")] == [
         "lead baseline",
+        "-",
         "-",
         "-",
         "-",

@@ -156,3 +156,30 @@ def test_runs_that_differ_in_a_shared_param_are_refused_with_what_differs():
         f"validate.dialogues in [10, {params['validate']['dialogues']}]. Compare runs that differ only in "
         "lora.* (`dvc exp remove` the others, or pass --methods without this one)."
     )
+
+
+def test_an_experiment_that_did_not_retrain_a_method_is_not_its_trial():
+    """Every experiment carries a copy of every method's metrics; one that changed only LoRA did not
+    train full fine-tuning again, so full fine-tuning counts one run, LoRA two."""
+    tune = load_script("tune")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    lora_grid = json.loads(json.dumps(params))
+    lora_grid["lora"]["learning_rate"] = 3.0e-3
+    metrics = {"metrics/train/full.json": {tune.METRIC: 30.0}, "metrics/train/lora.json": {tune.METRIC: 31.0}}
+    rows = [
+        {"name": "baseline", "rev": "a", "params": params, "metrics": metrics},
+        {
+            "name": "lora-lr",
+            "rev": "b",
+            "params": lora_grid,
+            "metrics": {**metrics, "metrics/train/lora.json": {tune.METRIC: 33.0}},
+        },
+        {"name": "rerun", "rev": "c", "params": params, "metrics": metrics},  # the baseline's settings again
+    ]
+    assert tune.pick(rows, "full")["runs_compared"] == 1
+    lora = tune.pick(rows, "lora")
+    assert (lora["runs_compared"], lora["experiment"], lora["settings"]) == (
+        2,
+        "lora-lr",
+        {"lora.learning_rate": 3.0e-3},
+    )
