@@ -350,7 +350,9 @@ def part_stages(args, device: torch.device, results: Results) -> None:
 def project(results: Results, training_s: dict, generation: dict, validation: dict) -> None:
     """The default dvc repro from the exact row counts: every variant, 3 epochs with their validations,
     the 500 test dialogues at 4 beams per model variant."""
-    validations = math.ceil(math.ceil(TRAIN_ROWS / PARAMS.recipe("full").batch_size) * 3 / PARAMS.recipe("full").save_steps)
+    validations = math.ceil(
+        math.ceil(TRAIN_ROWS / PARAMS.recipe("full").batch_size) * 3 / PARAMS.recipe("full").save_steps
+    )
     validation_s = validation["seconds"] * PARAMS.validate.dialogues / max(validation["dialogues"], 1)
     models = [v for v in PARAMS.variants if v != "lead"]
     generate_s = TEST_DIALOGUES / generation["dialogues_per_s"]

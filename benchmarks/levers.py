@@ -34,9 +34,7 @@ def training_samples_per_second(tokenizer, data, **changes) -> float:
     optim = changes.pop("optim", None)
     params = dataclasses.replace(speed.pipeline_train_params(8), **changes)
     with tempfile.TemporaryDirectory() as out:
-        args = training_arguments(
-            params, seed=0, output_dir=Path(out), device=torch.device("cpu"), section="full"
-        )
+        args = training_arguments(params, seed=0, output_dir=Path(out), device=torch.device("cpu"), section="full")
         if optim:
             args.optim = optim
         trainer = build_trainer(speed.random_model(CONFIG, torch.device("cpu")).train(), tokenizer, data, data, args)

@@ -233,9 +233,7 @@ def seed_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path) ->
 
 
 def pipeline_trainer(model, tokenizer, data: Dataset, batch_size: int, out: Path, device) -> Seq2SeqTrainer:
-    args = training_arguments(
-        pipeline_train_params(batch_size), seed=0, output_dir=out, device=device, section="full"
-    )
+    args = training_arguments(pipeline_train_params(batch_size), seed=0, output_dir=out, device=device, section="full")
     return build_trainer(model, tokenizer, data, data, args)
 
 

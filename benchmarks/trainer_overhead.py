@@ -52,9 +52,7 @@ class StepClock(TrainerCallback):
 
 # the candidates, each a change to the pipeline path: (row name, recipe changes, what to do to the trainer)
 def no_callbacks(trainer) -> None:
-    for callback in [
-        c for c in trainer.callback_handler.callbacks if isinstance(c, (RunLedger, TrainerProgress))
-    ]:
+    for callback in [c for c in trainer.callback_handler.callbacks if isinstance(c, (RunLedger, TrainerProgress))]:
         trainer.remove_callback(callback)
 
 
