@@ -372,8 +372,9 @@ METHOD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a stage name (train@<name>), a
 
 @dataclass(frozen=True)
 class MethodParams:
-    """One method section of params.yaml: its type, what its recipe changes of the shared `train`
-    section (`overrides`, as written) with the result (`recipe`), and its own arguments (`config`)."""
+    """One method section of params.yaml: its type, its learning rate, weight decay and whatever else its
+    recipe changes of the shared `train` section (`overrides`, as written) with the result (`recipe`),
+    and its own arguments (`config`)."""
 
     name: str
     type: str
