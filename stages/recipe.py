@@ -151,7 +151,7 @@ def build_trainer(
         model=model,
         args=args,
         train_dataset=train,
-        eval_dataset=validation,
+        eval_dataset=validation,  # the validation loss; validation by generation is attach_validation's
         data_collator=collator,
         processing_class=tokenizer,
         # the step's token mean, however the batch is split
