@@ -144,7 +144,9 @@ def main(variant: str) -> None:
         COST_DIR / f"{variant}.json",
     )
     record = read_json(VALIDATION_DIR / f"{variant}.json")
-    write_json({"validation": record["history"], "training": record["training"]}, CURVES_DIR / f"{variant}.json")
+    # the curves, and the params its training ran with (the report checks tuned settings against them)
+    carried = {"validation": record["history"], "training": record["training"], "params": record.get("params", {})}
+    write_json(carried, CURVES_DIR / f"{variant}.json")
 
 
 if __name__ == "__main__":

@@ -306,15 +306,34 @@ def kept_checkpoint(c: dict) -> str:
     return kept + (f"; stopped early at step {c['last_step']}" if c["last_step"] < c["planned_steps"] else "")
 
 
-def tuned_cell(chosen: dict | None) -> str:
+def tuning_mismatches(tuning: dict, ran: dict[str, dict]) -> dict[str, list[tuple[str, object, object]]]:
+    """Per tuned method, the tuned settings its reported model did not run with: (key, tuned, ran).
+    `ran`: each variant's params as its training recorded them (metrics/curves/<variant>.json)."""
+    found = {}
+    for method, chosen in tuning["methods"].items():
+        if method in ran:
+            differ = [(k, v, ran[method].get(k)) for k, v in chosen["settings"].items() if ran[method].get(k) != v]
+            if differ:
+                found[method] = differ
+    return found
+
+
+def tuned_cell(chosen: dict | None, mismatch: list[tuple[str, object, object]] | None = None) -> str:
     if not chosen:
         return "no: params.yaml's recipe"
+    if mismatch:
+        ran = ", ".join(f"{k} {r} (tuned: {t})" for k, t, r in mismatch)
+        return f"no: the model ran with {ran}; rerun with the picks (scripts/tune.py --run)"
     grid = "; ".join(f"{k} in {chosen['grid'][k]} -> {v}" for k, v in chosen["settings"].items())
     return f"{grid or 'nothing varied'} ({chosen['runs_compared']} runs)"
 
 
 def selection_table(
-    variants: list[str], cost: dict[str, dict], tuning: dict, labels: dict[str, str] | None = None
+    variants: list[str],
+    cost: dict[str, dict],
+    tuning: dict,
+    labels: dict[str, str] | None = None,
+    mismatches: dict[str, list] | None = None,
 ) -> str:
     """Per trained variant: the checkpoint kept, its validation ROUGE-L and what was tuned over which grid."""
     rows = [
@@ -322,13 +341,23 @@ def selection_table(
             label(v, labels),
             kept_checkpoint(cost[v]),
             f"{cost[v]['selected_val_rougeL']:.2f} ({cost[v]['validation_dialogues']} dialogues)",
-            tuned_cell(tuning["methods"].get(v)),
+            tuned_cell(tuning["methods"].get(v), (mismatches or {}).get(v)),
         ]
         for v in variants
         if "select_by" in cost[v]
     ]
     headers = ["model", "checkpoint kept", "validation ROUGE-L", "tuned on validation (grid -> picked)"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def mismatch_sentences(mismatches: dict[str, list], labels: dict[str, str] | None = None) -> list[str]:
+    """One warning per method whose reported model did not run with the settings tuning picked."""
+    return [
+        f"**Warning: {label(m, labels)} did not run with its tuned settings** ("
+        + ", ".join(f"`{k}` tuned {t!r}, ran {r!r}" for k, t, r in differ)
+        + "): the tuning above is not what this report's numbers come from."
+        for m, differ in mismatches.items()
+    ]
 
 
 def tuning_sentence(tuning: dict) -> str:
@@ -427,7 +456,9 @@ def render(
     data_source: str,
     tuning: dict,
     labels: dict[str, str] | None = None,
+    mismatches: dict[str, list] | None = None,
 ) -> str:
+    mismatches = mismatches or {}
     return (
         "\n\n".join(
             [
@@ -475,7 +506,8 @@ def render(
                 "out of memory (the same samples per step), and the generation batch after any out-of-memory halving.",
                 runs_table(variants, generation, cost, labels),
                 "## How each method was chosen on validation",
-                selection_table(variants, cost, tuning, labels),
+                selection_table(variants, cost, tuning, labels, mismatches),
+                *mismatch_sentences(mismatches, labels),
                 tuning_sentence(tuning),
                 "## Examples",
                 examples,
@@ -492,6 +524,9 @@ def main() -> None:
     generation = {v: read_json(GENERATE_DIR / f"{v}.json") for v in variants}
     cost = {v: read_json(COST_DIR / f"{v}.json") for v in variants}
     labels = variant_labels(variants, cost)
+    curves = {v: read_json(CURVES_DIR / f"{v}.json") for v in variants}  # curves and params each training ran with
+    tuning = read_json(TUNING_FILE)
+    mismatches = tuning_mismatches(tuning, {v: c.get("params", {}) for v, c in curves.items()})
     predictions = {v: read_jsonl(PREDICTIONS_DIR / f"{v}.jsonl") for v in variants}
     scores = {v: read_jsonl(SCORES_DIR / f"{v}.jsonl") for v in variants}
     references = {row["id"]: row["references"] for row in read_jsonl(REFERENCES_FILE)}
@@ -509,14 +544,15 @@ def main() -> None:
             read_json(BASE_MODEL_FILE),
             examples,
             params.data.source,
-            read_json(TUNING_FILE),
+            tuning,
             labels,
+            mismatches,
         )
     )
     rouge_rows = plot_rows(variants, evaluation, cost, labels)
     write_json(rouge_rows, PLOT_FILE)
     write_json(frontier, FRONTIER_FILE)
-    write_curve_rows(curve_rows({v: read_json(CURVES_DIR / f"{v}.json") for v in variants}, labels))
+    write_curve_rows(curve_rows(curves, labels))
     for name, rows in ((ROUGE_PLOT, rouge_rows), (FRONTIER_PLOT, frontier)):
         render_png(fill(load_template(name), rows, REVISION), PLOTS_DIR / f"{name}.png")
     PER_DIALOGUE_FILE.parent.mkdir(parents=True, exist_ok=True)

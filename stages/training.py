@@ -186,6 +186,18 @@ def resolved_metrics(resolved: dict) -> dict[str, str | int]:
     return flat
 
 
+def ran_with(run: Run) -> dict:
+    """The params this run trained with, flat as `dvc params diff` and scripts/tune.py name them
+    (lora.r, train.epochs): the report checks tuned settings against them."""
+    section = run.section
+    config = section.config.args if hasattr(section.config, "args") else dataclasses.asdict(section.config)
+    own = {"type": section.type, **section.overrides, **config}
+    return {
+        **{f"train.{k}": v for k, v in run.params.train.items()},
+        **{f"{run.method}.{k}": v for k, v in own.items()},
+    }
+
+
 def card_params(run: Run, resolved: dict) -> dict:
     """What the model card records: the seed, model, validation, the resolved recipe and the method."""
     section = run.section
@@ -221,7 +233,7 @@ def finish_run(run: Run, trained: Trained, plan: Plan) -> None:
         "saved_mb": saved_mb(run.model_dir),
     }
     write_json(metrics, Path("metrics/train") / f"{run.method}.json")
-    validation = validation_record(trainer, subset, run.recipe, run.params.seed)
+    validation = {**validation_record(trainer, subset, run.recipe, run.params.seed), "params": ran_with(run)}
     write_json(validation, Path("metrics/validation") / f"{run.method}.json")
     costs = {
         **training_costs(trainer),  # the optimizer loop's time apart from validation's

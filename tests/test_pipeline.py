@@ -533,3 +533,32 @@ def test_adding_a_method_by_the_readme_s_steps_gets_its_row_in_the_report(pipeli
 
 def test_a_shared_recipe_change_retrains_every_method(pipeline_repo, reproduced):
     assert dry_run_with(pipeline_repo, "train", "epochs", 2) == {f"train@{m}" for m in TRAINED}
+
+
+def test_the_report_flags_tuned_settings_the_reported_model_did_not_run_with(pipeline_repo, reproduced):
+    """Tuned on validation, then params edited: the report must not claim the picks for LoRA's row."""
+    repo = pipeline_repo
+    ran_r = yaml.safe_load((repo / "params.yaml").read_text())["lora"]["r"]
+    tuning_file = repo / "metrics" / "tuning.json"
+    original = tuning_file.read_text()
+    tuning = json.loads(original)
+    tuning["methods"]["lora"] = {
+        "experiment": "exp-lora",
+        "rev": "0" * 40,
+        "validation_rougeL": 10.0,
+        "validation_dialogues": 4,
+        "runs_compared": 2,
+        "settings": {"lora.r": ran_r * 2},
+        "grid": {"lora.r": [ran_r, ran_r * 2]},
+    }
+    try:
+        tuning_file.write_text(json.dumps(tuning, indent=2) + "\n")
+        assert stages_run(run(["dvc", "repro"], repo)) == {"report"}
+        report = (repo / "metrics" / "report.md").read_text()
+        assert (
+            f"**Warning: LoRA did not run with its tuned settings** (`lora.r` tuned {ran_r * 2}, ran {ran_r})" in report
+        )
+        assert f"no: the model ran with lora.r {ran_r} (tuned: {ran_r * 2})" in report
+    finally:
+        tuning_file.write_text(original)
+    run(["dvc", "repro"], repo)

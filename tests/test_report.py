@@ -452,3 +452,43 @@ def test_the_report_stage_imports_no_torch() -> None:
     code = "import sys, stages.report, stages.plots; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_tuned_settings_the_reported_model_did_not_run_with_are_flagged_not_claimed():
+    from stages.report import mismatch_sentences, selection_table, tuning_mismatches
+
+    tuning = {
+        "selected_by": "validation ROUGE-L",
+        "test_used": False,
+        "methods": {
+            "lora": {
+                "experiment": "exp-1",
+                "validation_rougeL": 40.0,
+                "runs_compared": 3,
+                "settings": {"lora.r": 16, "lora.learning_rate": 0.001},
+                "grid": {"lora.r": [8, 16, 32], "lora.learning_rate": [0.0003, 0.001]},
+            }
+        },
+    }
+    # LoRA ran at r 32 after an edit; its learning rate is the tuned one
+    ran = {"lora": {"lora.r": 32, "lora.learning_rate": 0.001, "train.epochs": 3}, "base": {}}
+    mismatches = tuning_mismatches(tuning, ran)
+    assert mismatches == {"lora": [("lora.r", 16, 32)]}
+    assert tuning_mismatches(tuning, {"lora": {"lora.r": 16, "lora.learning_rate": 0.001}}) == {}
+    cost = {
+        "lora": {
+            "select_by": "rougeL",
+            "selected_step": 3,
+            "planned_steps": 3,
+            "last_step": 3,
+            "selected_val_rougeL": 40.0,
+            "validation_dialogues": 4,
+        }
+    }
+    table = selection_table(["lora"], cost, tuning, None, mismatches)
+    assert "no: the model ran with lora.r 32 (tuned: 16); rerun with the picks (scripts/tune.py --run)" in table
+    assert "lora.r in [8, 16, 32] -> 16" not in table  # the picks are not claimed for a model that did not run them
+    assert mismatch_sentences(mismatches) == [
+        "**Warning: LoRA did not run with its tuned settings** (`lora.r` tuned 16, ran 32): the tuning above is not "
+        "what this report's numbers come from."
+    ]
