@@ -114,7 +114,7 @@ def stage_dir(tmp_path, monkeypatch, tiny_model_dir) -> Path:
 def write_params(directory: Path, model_dir: Path, bad: dict) -> None:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["model"]["name"] = str(model_dir)
-    raw["bad"] = bad
+    raw["bad"] = {"learning_rate": 1.0e-3, "weight_decay": 0.0, **bad}  # every method sets its own
     raw["methods"] = [*raw["methods"], "bad"]
     parse_params(yaml.safe_load(yaml.safe_dump(raw)))  # the params themselves are valid: peft decides
     (directory / "params.yaml").write_text(yaml.safe_dump(raw))

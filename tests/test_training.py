@@ -24,6 +24,8 @@ NOISY = {
     "train_oom_retries",
     "train_oom_lost_s",
     "validation_runtime_s",
+    "run_runtime_s",
+    "save_runtime_s",
 }
 
 
