@@ -73,8 +73,11 @@ def flat(section: dict, prefix: str) -> dict:
 
 
 def method_settings(params: dict, method: str) -> dict:
-    """Every param of one method: its section (what its recipe changes of `train`, its arguments)."""
-    return flat(params.get(method, {}), method)
+    """Every param of one method as it trained: its section over the shared recipe, so a recipe key one
+    run sets in the section and another inherits from `train` compares by its value, never as None."""
+    section = params.get(method, {})
+    inherited = {k: v for k, v in (params.get("train") or {}).items() if k not in section}
+    return flat({**inherited, **section}, method)
 
 
 def shared_differences(rows: list[dict]) -> dict[str, list]:
@@ -165,7 +168,8 @@ def yaml_value(value) -> str:
 
 def run_command(result: dict) -> list[str]:
     """`dvc exp run` with every method's winning settings."""
-    sets = [f"{k}={yaml_value(v)}" for m in result["methods"].values() for k, v in m["settings"].items()]
+    # ++: set the key in the method's section even where the workspace inherits it from `train`
+    sets = [f"++{k}={yaml_value(v)}" for m in result["methods"].values() for k, v in m["settings"].items()]
     return ["dvc", "exp", "run", *[arg for s in sets for arg in ("-S", s)]]
 
 

@@ -96,7 +96,7 @@ def cost_row(train: dict, train_timing: dict, generate_timing: dict) -> dict[str
             "train_precision",
             "train_tf32",
             "train_base_dtype",
-            "validation_runtime_s",  # apart from train_runtime_s (the optimizer loop), as is the final save
+            "validation_runtime_s",  # apart from train_runtime_s (training without its validations), as is the final save
             "save_runtime_s",
         )
     }

@@ -360,7 +360,7 @@ def data_collator(
 ):
     """The Trainer's collator: seq2seq as the pipeline always did (DataCollatorForSeq2Seq builds
     the decoder inputs from the labels), causal with CausalCollator. Inputs and labels are padded
-    up to a multiple of `pad_to_multiple_of` (train_*.pad_to_multiple_of: 64 gives torch.compile
+    up to a multiple of `pad_to_multiple_of` (train.pad_to_multiple_of: 64 gives torch.compile
     few shapes), labels with -100 there, so padding never changes the loss."""
     if model_family == SEQ2SEQ:
         from transformers import DataCollatorForSeq2Seq
@@ -508,7 +508,7 @@ def generate_continuations(
 # --------------------------------------------------------------------------- peft targets
 
 
-def default_target_modules(config: PretrainedConfig, method: str) -> list[str]:
+def default_target_modules(config: PretrainedConfig, method: str, section: str | None = None) -> list[str]:
     """peft's default target modules for this architecture (`target_modules: auto`): LoRA's
     [q, v] for T5, [q_proj, v_proj] for Llama and BART, [c_attn] for GPT-2; IA3's keys, values
     and feed-forward output ([k, v, wo] for T5, [k_proj, v_proj, down_proj] for Llama)."""
@@ -527,7 +527,8 @@ def default_target_modules(config: PretrainedConfig, method: str) -> list[str]:
     if targets is None:
         raise StageError(
             f"peft has no default {method} target modules for model type {config.model_type!r}; "
-            f"set {method}.target_modules to a list of layer names" + (" or all-linear" if method == "lora" else "")
+            f"set {section or method}.target_modules to a list of layer names"
+            + (" or all-linear" if method == "lora" else "")
         )
     return [targets] if isinstance(targets, str) else list(targets)
 

@@ -143,7 +143,8 @@ def training_costs(trainer: Trainer) -> dict[str, float]:
     deterministic metrics and out of the model folder). Peak memory is the accelerator's
     max_memory_allocated on CUDA and the process's peak RSS on CPU, named accordingly.
 
-    train_runtime_s is the optimizer loop: the whole train() call (run_runtime_s, across resumes)
+    train_runtime_s is the training loop without its validations: the whole train() call (run_runtime_s,
+    across resumes; its checkpoint saves and the best checkpoint's reload stay in it)
     less its validations (validation_runtime_s), which differ by method for reasons that are not
     training (generation speed, early stopping); train_samples_per_second counts the samples of the
     steps that ran over that loop time."""

@@ -359,7 +359,6 @@ TYPE_LABELS = {
     "loha": "LoHa",
     "lokr": "LoKr",
     "vera": "VeRA",
-    "adalora": "AdaLoRA",
     "oft": "OFT",
     "boft": "BOFT",
 }  # any other peft type is shown by its name
@@ -536,11 +535,6 @@ def _leaf_types(annotation: Any) -> tuple:
 
 
 UNTRAINED = ("base", "lead")  # the original model and the lead-N rule: written by their own stages
-
-
-def trained_methods(params: Params) -> list[str]:
-    """The methods with a training stage (train@<method>): params.yaml `methods`."""
-    return list(params.methods)
 
 
 def shared_recipe(raw: Any, problems: list[str]) -> dict[str, Any] | None:

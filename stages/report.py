@@ -64,13 +64,19 @@ def label(variant: str, labels: dict[str, str] | None = None) -> str:
     )
 
 
-def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
+def full_fine_tuning(variants: list[str], cost: dict[str, dict]) -> str | None:
+    """The variant the PEFT methods are compared against: the first of type full (its section may have
+    any name), or None."""
+    return next((v for v in variants if cost[v].get("method_type") == "full"), None)
+
+
+def comparison_pairs(variants: list[str], full: str | None = "full") -> list[tuple[str, str]]:
     """Which paired tests to run: every trained variant against the original model and against
-    full fine-tuning (the claim under test: PEFT loses little to it), and the original against
-    the lead baseline."""
+    full fine-tuning (`full`, the claim under test: PEFT loses little to it), and the original
+    against the lead baseline."""
     trained = [v for v in variants if v not in UNTRAINED]
     pairs = [(v, "base") for v in trained if "base" in variants]
-    pairs += [(v, "full") for v in trained if v != "full" and "full" in variants]
+    pairs += [(v, full) for v in trained if v != full and full in variants]
     pairs += [("base", "lead")] if {"base", "lead"} <= set(variants) else []
     return pairs
 
@@ -291,7 +297,7 @@ def runs_table(
 
 
 def apart_time(c: dict) -> str:
-    """The time a trained method spent beside its optimizer loop: validating and its final save."""
+    """The time a trained method spent beside its training loop: validating and its final save."""
     if "validation_runtime_s" not in c:
         return "-"
     return f"{c['validation_runtime_s'] / 60:.1f} + {c.get('save_runtime_s', 0.0) / 60:.1f} min"
@@ -497,7 +503,8 @@ def render(
                 "## Generation diagnostics",
                 diagnostics_table(variants, generation, evaluation, labels),
                 "## How each variant ran",
-                "Train time in the cost table is the optimizer loop alone; validating by generation and the final "
+                "Train time in the cost table is the training loop without its validations (its checkpoint saves "
+                "stay in it); validating (loss and generation) and the final "
                 "save (a whole model for full fine-tuning, an adapter otherwise) are shown here apart. "
                 "The precision `auto` resolved to (bf16 where the hardware runs it natively, else fp32), the "
                 "dtype of the weights a method did not train (a PEFT method's frozen base: bf16 under bf16 "
@@ -530,7 +537,8 @@ def main() -> None:
     predictions = {v: read_jsonl(PREDICTIONS_DIR / f"{v}.jsonl") for v in variants}
     scores = {v: read_jsonl(SCORES_DIR / f"{v}.jsonl") for v in variants}
     references = {row["id"]: row["references"] for row in read_jsonl(REFERENCES_FILE)}
-    tests = comparisons(scores, comparison_pairs(variants), params.evaluate.bootstrap_resamples, params.seed)
+    pairs = comparison_pairs(variants, full_fine_tuning(variants, cost))
+    tests = comparisons(scores, pairs, params.evaluate.bootstrap_resamples, params.seed)
     frontier = frontier_rows(variants, evaluation, cost, labels)
     examples = examples_section(variants, predictions, references, params.report.examples, labels)
     REPORT_FILE.write_text(

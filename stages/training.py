@@ -236,7 +236,7 @@ def finish_run(run: Run, trained: Trained, plan: Plan) -> None:
     validation = {**validation_record(trainer, subset, run.recipe, run.params.seed), "params": ran_with(run)}
     write_json(validation, Path("metrics/validation") / f"{run.method}.json")
     costs = {
-        **training_costs(trainer),  # the optimizer loop's time apart from validation's
+        **training_costs(trainer),  # the training loop's time apart from its validations'
         "save_runtime_s": save_s,  # the final save: not training (PiSSA/OLoRA also re-decompose the base here)
         "train_oom_retries": trained.oom_retries,
         "train_oom_lost_s": trained.oom_lost_s,

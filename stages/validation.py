@@ -17,7 +17,7 @@ Resume: the scores are logged through Trainer.log, so they sit in the log histor
 checkpoint's trainer_state.json carries, with best_metric / best_model_checkpoint; the early
 stopping counter is restored from the same file. A kill loses nothing but the work after the
 newest checkpoint. Validation time is inside the run's train time (RunLedger measures the whole
-train() call) and is counted apart from the optimizer loop (stages/ledger.py validation_runtime_s).
+train() call) and is counted apart from the training loop's time (stages/ledger.py validation_runtime_s).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ SELECTION = {"rougeL": ("eval_rougeL", True), "loss": ("eval_loss", False), "las
 
 
 def validation_arguments(params: TrainParams) -> dict:
-    """Seq2SeqTrainingArguments settings for validating at every checkpoint and selecting one."""
+    """TrainingArguments settings for validating at every checkpoint and selecting one."""
     metric, greater = SELECTION[params.select_by]
     return {
         "eval_strategy": "steps",

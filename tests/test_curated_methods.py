@@ -138,6 +138,10 @@ def write_params(directory: Path, model_dir: Path, bad: dict) -> None:
             "bad.target_modules: query not found in the model; linear layers available: k, lm_head, o, q, v, wi_0, wi_1, wo",
         ),
         (
+            {"type": "adalora", "total_step": 10},  # its rank schedule needs a step the shared recipe does not take
+            "bad.type: adalora reallocates its ranks by calling update_and_allocate(step) after every optimizer step",
+        ),
+        (
             {"type": "cpt"},  # peft's CPT is for decoder-only models
             "bad: peft's cpt does not support seq2seq models (t5): CPTConfig only supports task_type = CAUSAL_LM.",
         ),

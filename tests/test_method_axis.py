@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,15 @@ def test_dvc_yaml_names_no_method(tmp_path):
     text = (REPO / "dvc.yaml").read_text()
     for name in method_sections(yaml.safe_load((REPO / "params.yaml").read_text())):
         assert f"/{name}" not in text and f"_{name}" not in text and f"@{name}" not in text, name
+
+
+def test_bytecode_caches_are_not_part_of_a_folder_dep():
+    """dvc.yaml's train stage depends on the folder stages/methods: its __pycache__ must not count, or a
+    fresh clone or another Python version would see every training stage as changed."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "check-ignore", "stages/methods/__pycache__/lora.cpython-311.pyc"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "__pycache__" in result.stdout, result.stdout + result.stderr

@@ -492,3 +492,18 @@ def test_tuned_settings_the_reported_model_did_not_run_with_are_flagged_not_clai
         "**Warning: LoRA did not run with its tuned settings** (`lora.r` tuned 16, ran 32): the tuning above is not "
         "what this report's numbers come from."
     ]
+
+
+def test_peft_methods_are_tested_against_the_method_of_type_full_whatever_its_name():
+    from stages.report import comparison_pairs, full_fine_tuning
+
+    variants = ["base", "full_ft", "lora", "lead"]
+    cost = {"base": {}, "full_ft": {"method_type": "full"}, "lora": {"method_type": "lora"}, "lead": {}}
+    assert full_fine_tuning(variants, cost) == "full_ft"
+    assert comparison_pairs(variants, "full_ft") == [
+        ("full_ft", "base"),
+        ("lora", "base"),
+        ("lora", "full_ft"),
+        ("base", "lead"),
+    ]
+    assert comparison_pairs(["base", "lora"], full_fine_tuning(["base", "lora"], cost)) == [("lora", "base")]

@@ -105,7 +105,7 @@ def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
     assert full["validation_rougeL"] == runs[LEARNS][0] and full["runs_compared"] == 2
     # the pipeline run it proposes sets the picked value so that YAML reads it back as a float
     command = result.stdout.strip().splitlines()[-1]
-    assert command == "dvc exp run -S full.learning_rate=0.01"
+    assert command == "dvc exp run -S ++full.learning_rate=0.01"
 
 
 def test_a_small_learning_rate_set_by_dvc_loads_as_a_number(tmp_path):
@@ -183,3 +183,27 @@ def test_an_experiment_that_did_not_retrain_a_method_is_not_its_trial():
         "lora-lr",
         {"lora.learning_rate": 3.0e-3},
     )
+
+
+def test_a_recipe_key_one_run_inherits_compares_by_its_value():
+    """One run sets lora.warmup_ratio in LoRA's section, the other inherits train.warmup_ratio: the grid
+    shows both values (never None), and a pick of the inheriting run sets the inherited value."""
+    tune = load_script("tune")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    warm = json.loads(json.dumps(params))
+    warm["lora"]["warmup_ratio"] = 0.1
+    rows = [
+        {"name": "baseline", "rev": "a", "params": params, "metrics": {"metrics/train/lora.json": {tune.METRIC: 35.0}}},
+        {"name": "warm", "rev": "b", "params": warm, "metrics": {"metrics/train/lora.json": {tune.METRIC: 30.0}}},
+    ]
+    picked = tune.pick(rows, "lora")
+    inherited = params["train"]["warmup_ratio"]
+    assert picked["grid"] == {"lora.warmup_ratio": sorted([inherited, 0.1])}
+    assert picked["settings"] == {"lora.warmup_ratio": inherited}
+    assert tune.run_command({"methods": {"lora": picked}}) == [
+        "dvc",
+        "exp",
+        "run",
+        "-S",
+        f"++lora.warmup_ratio={inherited}",
+    ]

@@ -20,12 +20,12 @@ from stages.modeling import check_target_modules, meta_model, save_adapter
 from stages.params import Ia3Params, MethodParams, ModelParams
 
 
-def resolved_modules(params: Ia3Params, model) -> tuple[list[str], list[str]]:
+def resolved_modules(params: Ia3Params, model, section: str = "ia3") -> tuple[list[str], list[str]]:
     """(target modules, feed-forward modules) as params mean them for this model: auto = peft's
     defaults for its architecture; feed-forward auto with listed targets = peft's feed-forward
     modules among them."""
     if params.target_modules == "auto":
-        targets = family.default_target_modules(model.config, "ia3")
+        targets = family.default_target_modules(model.config, "ia3", section)
     else:
         targets = list(params.target_modules)
     if params.feedforward_modules != "auto":
@@ -36,7 +36,7 @@ def resolved_modules(params: Ia3Params, model) -> tuple[list[str], list[str]]:
 def ia3_config(params: Ia3Params, model, section: str = "ia3") -> IA3Config:
     """IA3Config from params for `model` (a meta model will do), after checking every target module
     exists in it and the feed-forward modules are among the targets."""
-    targets, feedforward = resolved_modules(params, model)
+    targets, feedforward = resolved_modules(params, model, section)
     check_target_modules(section, targets, model)
     outside = [m for m in feedforward if m not in targets]
     if outside:

@@ -29,11 +29,11 @@ INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olo
 MUTATES_BASE = ("pissa", "olora")  # inits that subtract the initial adapter from the base weights
 
 
-def resolved_targets(params: LoraParams, model) -> list[str] | str:
+def resolved_targets(params: LoraParams, model, section: str = "lora") -> list[str] | str:
     """The target modules `target_modules` means for this model (`model`: a meta model will do):
     auto = peft's default for its architecture, all-linear as peft reads it, a list as written."""
     if params.target_modules == "auto":
-        return family.default_target_modules(model.config, "lora")
+        return family.default_target_modules(model.config, "lora", section)
     return params.target_modules if params.target_modules == "all-linear" else list(params.target_modules)
 
 
@@ -42,7 +42,7 @@ def lora_config(params: LoraParams, model, section: str = "lora") -> LoraConfig:
     checking every listed target module exists in it (all-linear is peft's shorthand for every
     linear layer but the output head). fan_in_fan_out is set for layers that store their weight
     transposed (GPT-2's Conv1D), so the adapter config records it."""
-    targets = resolved_targets(params, model)
+    targets = resolved_targets(params, model, section)
     if targets != "all-linear":
         check_target_modules(section, targets, model)
     return LoraConfig(

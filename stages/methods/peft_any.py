@@ -35,6 +35,15 @@ INTERNAL = {
 }
 
 
+# peft types whose training needs more than the shared Trainer recipe runs: refused rather than trained
+# as something else
+NEEDS_ITS_OWN_LOOP = {
+    "adalora": "reallocates its ranks by calling update_and_allocate(step) after every optimizer step and adds "
+    "an orthogonality loss, which the shared Trainer recipe does neither of: it would train as a fixed-rank "
+    "LoRA; use type lora (or add its callback in a module of its own, stages/methods/)",
+}
+
+
 def config_class(kind: str, section: str) -> type:
     """peft's config class for a type name (loha -> LoHaConfig)."""
     classes = {str(getattr(t, "value", t)).lower(): c for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
@@ -76,6 +85,8 @@ def dry_run(section: MethodParams, model):
     a type or setting peft cannot build for this model fails here, saying why, rather than after the
     weights load. Its `peft_config["default"]` has `auto` resolved as peft resolves it."""
     config_cls = config_class(section.type, section.name)
+    if section.type in NEEDS_ITS_OWN_LOOP:
+        raise StageError(f"{section.name}.type: {section.type} {NEEDS_ITS_OWN_LOOP[section.type]}")
     model_family, model_type = family.family(model.config), model.config.model_type
     args = method_arguments(section, config_cls, model)
     try:
