@@ -1,4 +1,4 @@
-"""Issue 19's GPU measurements, in parts that benchmarks/gpu.sh runs one by one under a time budget each.
+"""The GPU measurements, in parts that benchmarks/gpu.sh runs one by one under a time budget each.
 
 Every part measures the pipeline's own code path (stages/recipe.py's training_arguments and
 build_trainer, the stages' build_model, generate_summaries) on a random-weight model of the real

@@ -1,5 +1,5 @@
 """benchmarks/gpu.sh's summary: every part's JSON so far into $OUT/results.json, and $OUT/summary.md with
-issue 19's targets as measured (met, missed and by how much, or not measured when a part did not get there).
+the GPU targets as measured (met, missed and by how much, or not measured when a part did not get there).
 
     python benchmarks/gpu_summary.py PARTS_DIR STEPS_TSV CARD_TXT OUT_DIR
 
@@ -21,7 +21,7 @@ def load(path: Path) -> dict:
 
 
 def target_rows(parts: dict) -> list[tuple[str, str, str]]:
-    """(target, measured, verdict) for each of issue 19's targets."""
+    """(target, measured, verdict) for each GPU target."""
     stages, train, memory = parts.get("stages", {}), parts.get("train", {}), parts.get("memory", {})
     overhead = parts.get("overhead", {})
     rows = []
@@ -69,7 +69,7 @@ def main(parts_dir: str, steps_tsv: str, card_txt: str, out_dir: str) -> None:
     (out / "results.json").write_text(json.dumps({"card": card, "steps": steps, "parts": parts}, indent=2) + "\n")
     md = [f"# GPU run: {card}", "", "| part | exit | seconds |", "|---|---|---|"]
     md += [f"| {s[0]} | {s[1]} | {s[2] if len(s) > 2 else ''} |" for s in steps]
-    md += ["", "## Targets (issue 19)", "", "| target | measured | verdict |", "|---|---|---|"]
+    md += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     md += [f"| {name} | {value} | {verdict} |" for name, value, verdict in target_rows(parts)]
     for name, data in parts.items():
         md += ["", f"## {name}", "", "```json", json.dumps(data, indent=1)[:6000], "```"]
