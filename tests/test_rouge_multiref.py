@@ -98,7 +98,7 @@ def metric(tmp_path_factory):
     assert (cache / "modules" / "evaluate_modules" / "metrics" / "rouge_multiref").is_dir()
     yield loaded
     # evaluate appended the temp modules cache to sys.path and imported `evaluate_modules` from
-    # it: undo both, so a later evaluate.load in this session uses its own cache
+    # it: undo both, so a later evaluate.load in this process uses its own cache
     sys.path[:] = sys_path
     for name in [n for n in sys.modules if n == "evaluate_modules" or n.startswith("evaluate_modules.")]:
         del sys.modules[name]
