@@ -45,8 +45,9 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from stages.generate import generate_summaries  # noqa: E402
+from stages.method_params import TrainParams  # noqa: E402
 from stages.modeling import use_bf16  # noqa: E402
-from stages.params import PrepareParams, TrainParams, load_params  # noqa: E402
+from stages.params import PrepareParams, load_params  # noqa: E402
 from stages.prepare import fit_prompts, format_prompt, prepare_training_split  # noqa: E402
 from stages.recipe import build_trainer, training_arguments  # noqa: E402
 

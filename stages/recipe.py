@@ -16,8 +16,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallba
 from stages import family
 from stages.errors import StageError
 from stages.ledger import RunLedger
+from stages.method_params import TrainParams
 from stages.modeling import use_bf16
-from stages.params import TrainParams
 from stages.progress import TrainerProgress
 from stages.validation import validation_arguments
 

@@ -21,7 +21,8 @@ from tabulate import tabulate
 from stages.curve_rows import curve_rows, write_curve_rows
 from stages.errors import run_stage
 from stages.jsonio import read_json, read_jsonl, write_json
-from stages.params import UNTRAINED, load_params, method_label
+from stages.method_params import method_label
+from stages.params import UNTRAINED, load_params
 from stages.plots import fill, load_template, render_png
 from stages.rouge import ROUGE_TYPES, holm_adjust, paired_test
 

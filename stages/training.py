@@ -27,10 +27,11 @@ from stages.checkpoints import checkpoint_batch, fingerprint, remove_checkpoints
 from stages.curves import attach_curves
 from stages.jsonio import read_json, write_json
 from stages.ledger import saved_mb, training_costs, training_metrics
+from stages.method_params import MethodParams, TrainParams
 from stages.methods.plan import Plan
 from stages.modeling import load_model, load_tokenizer, pick_device, read_pin, set_determinism, use_bf16
 from stages.oom import discard_attempt, halved
-from stages.params import MethodParams, ModelParams, Params, TrainParams
+from stages.params import ModelParams, Params
 from stages.recipe import build_trainer, training_arguments
 from stages.validation import attach_validation, selection_metrics, validation_record
 

@@ -31,7 +31,8 @@ from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, Trainer
 
 from stages import family
 from stages.generate import generate_summaries
-from stages.params import GenerateParams, TrainParams, ValidateParams
+from stages.method_params import TrainParams
+from stages.params import GenerateParams, ValidateParams
 from stages.rouge import mean_scores, score_corpus
 
 # select_by -> (metric_for_best_model, greater_is_better); `last` keeps the final weights

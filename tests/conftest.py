@@ -113,7 +113,7 @@ def dialogsum_rows(split: str, count: int, references: int = 1) -> list[dict]:
 def tiny_train_params(**changes):
     """A training recipe for the tiny model in tests: fp32, no warm-up, decay, grouping or retry,
     a log line every step, one process, the last weights kept; `changes` sets what a test varies."""
-    from stages.params import TrainParams
+    from stages.method_params import TrainParams
 
     fixed = dict(
         epochs=1,
@@ -146,7 +146,8 @@ def raw() -> dict:
 
 def problems(raw: dict) -> str:
     """The one error load_params would raise for `raw`, as text."""
-    from stages.params import ParamsError, parse_params
+    from stages.params import parse_params
+    from stages.schema import ParamsError
 
     with pytest.raises(ParamsError) as info:
         parse_params(raw)

@@ -108,7 +108,7 @@ def test_a_curated_section_adds_to_the_axis_by_name_alone(raw):
     [("lora", "lora", "LoRA"), ("prompt", "prompt_tuning", "prompt tuning"), ("lora_r8", "lora", "lora_r8 (LoRA)")],
 )
 def test_method_labels(name, kind, label):
-    from stages.params import method_label
+    from stages.method_params import method_label
 
     assert method_label(name, kind) == label
 

@@ -144,7 +144,7 @@ def test_every_accepted_scheduler_is_one_transformers_builds_from_its_name():
 
     from transformers import SchedulerType
 
-    from stages.params import LR_SCHEDULERS
+    from stages.method_params import LR_SCHEDULERS
 
     assert set(typing.get_args(LR_SCHEDULERS)) <= {s.value for s in SchedulerType}
 

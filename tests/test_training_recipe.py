@@ -20,10 +20,11 @@ from stages import launch, training
 from stages.curves import attach_curves
 from stages.errors import StageError
 from stages.ledger import RunLedger, training_costs, training_metrics, whole_run_loss
+from stages.method_params import TrainParams
 from stages.methods.plan import Plan
 from stages.modeling import load_model, load_tokenizer, save_model
 from stages.oom import halved
-from stages.params import ModelParams, Params, TrainParams, load_params
+from stages.params import ModelParams, Params, load_params
 from stages.recipe import build_trainer, check_one_device_per_process, token_mean_loss, training_arguments, use_tf32
 from tests.conftest import REPO, tiny_train_params
 

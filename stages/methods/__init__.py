@@ -3,15 +3,16 @@ fine-tuning, LoRA with its PiSSA/OLoRA conversion and QLoRA, IA3's feed-forward 
 tuning's init); every other type is a peft config type by name (peft_any.py).
 
 Which methods exist, their types and arguments are data: params.yaml's `methods` and one section
-each (schema: stages/params.py). `plan` turns a section into what the training skeleton needs
+each (schema: stages/method_params.py). `plan` turns a section into what the training skeleton needs
 (stages/methods/plan.py), checked against a meta model before any weights load.
 """
 
 from __future__ import annotations
 
+from stages.method_params import MethodParams
 from stages.methods import full, ia3, lora, peft_any, prompt
 from stages.methods.plan import Plan
-from stages.params import MethodParams, ModelParams
+from stages.params import ModelParams
 
 MODULES = {"full": full, "lora": lora, "ia3": ia3, "prompt_tuning": prompt}  # every other type: peft_any
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from stages.method_params import MethodParams
 from stages.methods.plan import Plan
 from stages.modeling import save_model
-from stages.params import MethodParams, ModelParams
+from stages.params import ModelParams
 
 
 def build_model(base):

@@ -15,9 +15,10 @@ from peft import IA3Config, get_peft_model
 
 from stages import family
 from stages.errors import StageError
+from stages.method_params import Ia3Params, MethodParams
 from stages.methods.plan import Plan
 from stages.modeling import check_target_modules, meta_model, save_adapter
-from stages.params import Ia3Params, MethodParams, ModelParams
+from stages.params import ModelParams
 
 
 def resolved_modules(params: Ia3Params, model, section: str = "ia3") -> tuple[list[str], list[str]]:

@@ -20,9 +20,10 @@ from pathlib import Path
 from peft import LoraConfig, get_peft_model
 
 from stages import family
+from stages.method_params import LoraParams, MethodParams
 from stages.methods.plan import Plan
 from stages.modeling import check_target_modules, load_model, meta_model, save_adapter
-from stages.params import LoraParams, MethodParams, ModelParams
+from stages.params import ModelParams
 
 # init -> peft's init_lora_weights; True = A Kaiming-uniform, B zero (the LoRA paper's init)
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}

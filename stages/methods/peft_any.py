@@ -19,9 +19,10 @@ from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PromptLearningConfig, get_peft_mod
 
 from stages import family
 from stages.errors import StageError
+from stages.method_params import MethodParams
 from stages.methods.plan import Plan
 from stages.modeling import check_target_modules, linear_layer_names, meta_model, save_adapter
-from stages.params import MethodParams, ModelParams
+from stages.params import ModelParams
 
 # PeftConfig fields that describe the run, not the method: set by peft or by this module
 INTERNAL = {

@@ -17,9 +17,10 @@ from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from transformers import PreTrainedTokenizerBase
 
 from stages import family
+from stages.method_params import MethodParams, PromptParams
 from stages.methods.plan import Plan
 from stages.modeling import load_tokenizer, save_adapter
-from stages.params import MethodParams, ModelParams, PromptParams
+from stages.params import ModelParams
 
 COMMON_TOKENS = 5000  # Lester et al. 2021 Sec. 2.1 sample the init from the 5,000 most common tokens
 
