@@ -221,6 +221,11 @@ class MethodParams:
     def label(self) -> str:
         return method_label(self.name, self.type)
 
+    def as_written(self) -> dict:
+        """The section as params.yaml holds it: its type, its recipe differences, its arguments."""
+        config = self.config.args if isinstance(self.config, PeftArgs) else dataclasses.asdict(self.config)
+        return {"type": self.type, **self.overrides, **config}
+
 
 def method_label(name: str, kind: str) -> str:
     """What the report calls a method: its type's name for the type's usual section (lora: LoRA, prompt:

@@ -25,6 +25,7 @@ from stages import family
 from stages.card import model_card
 from stages.checkpoints import checkpoint_batch, fingerprint, remove_checkpoints, resumable_checkpoint
 from stages.curves import attach_curves
+from stages.generate import QUANTIZATION_FILE  # beside an adapter: how its base loads
 from stages.jsonio import read_json, write_json
 from stages.ledger import saved_mb, training_costs, training_metrics
 from stages.method_params import MethodParams, TrainParams
@@ -37,7 +38,6 @@ from stages.validation import attach_validation, selection_metrics, validation_r
 
 PREPARED_DIR = Path("data/prepared")  # training reads its train/ and validation/ folders only
 BASE_PIN = Path("models/base/pin.json")
-QUANTIZATION_FILE = "quantization.json"  # beside an adapter: how its base loads (stages/generate.py reads it)
 
 
 def exit_with_launcher() -> None:
@@ -190,25 +190,21 @@ def resolved_metrics(resolved: dict) -> dict[str, str | int]:
 def ran_with(run: Run) -> dict:
     """The params this run trained with, flat as `dvc params diff` and scripts/tune.py name them
     (lora.r, train.epochs): the report checks tuned settings against them."""
-    section = run.section
-    config = section.config.args if hasattr(section.config, "args") else dataclasses.asdict(section.config)
-    own = {"type": section.type, **section.overrides, **config}
     return {
         **{f"train.{k}": v for k, v in run.params.train.items()},
-        **{f"{run.method}.{k}": v for k, v in own.items()},
+        **{f"{run.method}.{k}": v for k, v in run.section.as_written().items()},
     }
 
 
 def card_params(run: Run, resolved: dict) -> dict:
     """What the model card records: the seed, model, validation, the resolved recipe and the method."""
     section = run.section
-    config = section.config.args if hasattr(section.config, "args") else dataclasses.asdict(section.config)
     return {
         "seed": run.params.seed,
         "model": dataclasses.asdict(run.params.model),
         "validate": dataclasses.asdict(run.params.validate),
         "train": dataclasses.asdict(section.recipe),  # the shared recipe with this method's differences
-        run.method: {"type": section.type, **section.overrides, **config},
+        run.method: section.as_written(),
         **({f"{run.method}_resolved": resolved} if resolved else {}),
     }
 
