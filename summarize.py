@@ -1,6 +1,6 @@
-"""Summarize new dialogues with any trained variant: the base model, models/full or models/lora.
+"""Summarize new dialogues with any trained variant: the base model, models/full/seed42 or models/lora/seed42.
 
-    python -m summarize --model models/lora dialogue.txt more.jsonl "#Person1#: Hi! ..." [--output out.jsonl]
+    python -m summarize --model models/lora/seed42 dialogue.txt more.jsonl "#Person1#: Hi! ..." [--output out.jsonl]
 
 Each input is a `.txt` file (one dialogue), a `.jsonl` file (one object per line with a
 `dialogue` field and optionally an `id`), `-` (one dialogue from stdin) or literal dialogue
@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model",
         required=True,
         metavar="DIR|base",
-        help="a full model directory (config.json, e.g. models/full), a PEFT adapter "
-        "directory (adapter_config.json, e.g. models/lora), or 'base' for "
+        help="a full model directory (config.json, e.g. models/full/seed42), a PEFT adapter "
+        "directory (adapter_config.json, e.g. models/lora/seed42), or 'base' for "
         "params.yaml's model.name (write ./base for a directory named base)",
     )
     parser.add_argument(
@@ -200,7 +200,7 @@ def load_directory(
     if not directory.is_dir():
         raise StageError(
             f"model directory {str(directory)!r} not found; pass a trained model "
-            "(models/full, models/lora) or --model base"
+            "(models/full/seed42, models/lora/seed42) or --model base"
         )
     if (directory / "adapter_config.json").is_file():
         return load_adapter(directory, base_model, defaults, dtype)

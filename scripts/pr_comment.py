@@ -23,8 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-EVALUATE = "metrics/evaluate"  # <variant>.json: rougeL, rougeL_ci_low, rougeL_ci_high (x100)
-SCORES = "data/scores"  # <variant>.jsonl: per-dialogue ROUGE (0-1) by id, DVC-cached (not in git)
+EVALUATE = "metrics/evaluate"  # <run>.json (lora/seed42.json, base.json): rougeL, rougeL_ci_low, rougeL_ci_high (x100)
+SCORES = "data/scores"  # <run>.jsonl: per-dialogue ROUGE (0-1) by id, DVC-cached (not in git)
 # The report's images (committed), with the titles the comment gives them
 PLOTS = {
     "metrics/plots/rouge_by_variant.png": "ROUGE-L by variant",
@@ -104,15 +104,21 @@ def noise_verdict(was: float, low: float | None, high: float | None, test: dict 
     return f"{'no' if low <= was <= high else 'yes'} (interval overlap, not a test)"
 
 
+def run_of(path: str) -> str:
+    """metrics/evaluate/lora/seed42.json -> lora/seed42 (stages/runs.py's run name)."""
+    return Path(path).relative_to(EVALUATE).with_suffix("").as_posix()
+
+
 def rouge_table(base: str) -> str:
-    """One row per variant with a metrics/evaluate/<variant>.json on either side."""
-    old_paths = run("git", "ls-tree", "--name-only", base, f"{EVALUATE}/").split()
-    old = {Path(p).stem: json.loads(run("git", "show", f"{base}:{p}")) for p in old_paths if p.endswith(".json")}
-    new = {p.stem: json.loads(p.read_text()) for p in Path(EVALUATE).glob("*.json")}
+    """One row per run (a method under one seed, or a baseline) with a metrics/evaluate/<run>.json on
+    either side."""
+    old_paths = run("git", "ls-tree", "-r", "--name-only", base, f"{EVALUATE}/").split()
+    old = {run_of(p): json.loads(run("git", "show", f"{base}:{p}")) for p in old_paths if p.endswith(".json")}
+    new = {run_of(str(p)): json.loads(p.read_text()) for p in Path(EVALUATE).rglob("*.json")}
     if not old and not new:
         return f"No ROUGE metrics ({EVALUATE}/*.json) on either side."
     tests = paired_tests(base, sorted(old.keys() & new.keys()))
-    lines = ["| variant | ROUGE-L old | ROUGE-L new | change | beyond noise? |", "|---|---:|---:|---:|---|"]
+    lines = ["| run | ROUGE-L old | ROUGE-L new | change | beyond noise? |", "|---|---:|---:|---:|---|"]
     for variant in sorted(old.keys() | new.keys()):
         was, now = old.get(variant, {}).get("rougeL"), new.get(variant, {}).get("rougeL")
         low, high = new.get(variant, {}).get("rougeL_ci_low"), new.get(variant, {}).get("rougeL_ci_high")
@@ -123,11 +129,11 @@ def rouge_table(base: str) -> str:
         lines.append(f"| {variant} | {number(was)} | {number(now)} | {change} | {verdict} |")
     lines += [
         "",
-        f"*Beyond noise*: **paired test** where both sides' per-dialogue scores (`{SCORES}/<variant>.jsonl`, "
+        f"*Beyond noise*: **paired test** where both sides' per-dialogue scores (`{SCORES}/<run>.jsonl`, "
         "DVC-cached) are at hand: a sign-flip test on the per-dialogue ROUGE-L differences, Holm-adjusted over "
         f"the variants tested, significant below {SIGNIFICANCE}. Otherwise **interval overlap (not a test)**: "
         "whether the old ROUGE-L lies outside the new run's 95% bootstrap interval (`rougeL_ci_low`..`rougeL_ci_high` "
-        "in `metrics/evaluate/<variant>.json`); a gain on every dialogue can sit inside that interval.",
+        "in `metrics/evaluate/<run>.json`); a gain on every dialogue can sit inside that interval.",
     ]
     return "\n".join(lines)
 

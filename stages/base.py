@@ -6,7 +6,7 @@ each training stage, generation) loads the same base weights, and a moved Hub br
 a changed pin (and reruns what it feeds) only when this stage reruns: on a `model` change or
 `dvc repro -f base`. It has its own stage, apart from the lead rule, so a `lead.turns` change
 never re-resolves the pin. It also writes the zero-cost metrics/train/base.json,
-metrics/timing/train_base.json and an empty metrics/validation/base.json, the files every trained
+metrics/timing/train/base.json and an empty metrics/validation/base.json, the files every trained
 method writes, so the cost table has a row for the original model.
 """
 
@@ -24,7 +24,7 @@ from stages.params import ModelParams, load_params
 PIN_FILE = Path("models/base/pin.json")
 PIN_METRICS_FILE = Path("metrics/base_model.json")
 METRICS_FILE = Path("metrics/train/base.json")
-TIMING_FILE = Path("metrics/timing/train_base.json")
+TIMING_FILE = Path("metrics/timing/train/base.json")
 CURVES_FILE = Path("metrics/validation/base.json")  # no training, no curves: the same files as a method
 
 

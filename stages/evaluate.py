@@ -1,16 +1,17 @@
-"""Stage `evaluate@<variant>`: score a variant's summaries with multi-reference ROUGE.
+"""Stages `evaluate@<method>-<seed>` and `evaluate_baseline@<baseline>`: score one run's summaries
+with multi-reference ROUGE (stages/runs.py names runs: `lora/seed42`, `base`; <run> below).
 
-Reads only files: data/predictions/<variant>.jsonl (from generate@<variant>), the test references
-(data/prepared/references.jsonl, matched by dialogue id) and the variant's training metrics. Scoring is separate from generation, so changing a statistics param reruns
+Reads only files: data/predictions/<run>.jsonl (from its generate stage), the test references
+(data/prepared/references.jsonl, matched by dialogue id) and the run's training metrics. Scoring is separate from generation, so changing a statistics param reruns
 this and the report in seconds, never the hours of generation.
 
-Outputs: metrics/evaluate/<variant>.json (flat ROUGE means with 95% bootstrap intervals: a pure,
+Outputs: metrics/evaluate/<run>.json (flat ROUGE means with 95% bootstrap intervals: a pure,
 seeded function of the predictions, bit-identical for the same predictions),
-data/scores/<variant>.jsonl (per-dialogue ROUGE, for paired tests and worst-case reading) and
-metrics/cost/<variant>.json (what the variant cost: trainable params, size, train time, peak
-memory, generation throughput; noisy by nature, kept apart) and metrics/curves/<variant>.json (its
-training curves, from metrics/validation/<variant>.json). The last two only carry what training
-recorded to the report, so the report depends on the listed variants' stages alone.
+data/scores/<run>.jsonl (per-dialogue ROUGE, for paired tests and worst-case reading) and
+metrics/cost/<run>.json (what the variant cost: trainable params, size, train time, peak
+memory, generation throughput; noisy by nature, kept apart) and metrics/curves/<run>.json (its
+training curves, from metrics/validation/<run>.json). The last two only carry what training
+recorded to the report, so the report depends on the listed runs' stages alone.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from stages.errors import StageError, run_stage
 from stages.jsonio import read_json, read_jsonl, write_json
 from stages.params import load_params
 from stages.rouge import ROUGE_TYPES, bootstrap_ci, mean_scores, score_corpus
+from stages.runs import checked_run, stage_args
 
 PREDICTIONS_DIR = Path("data/predictions")
 REFERENCES_FILE = Path("data/prepared/references.jsonl")
@@ -126,28 +128,30 @@ def write_scores(path: Path, predictions: list[dict], per_dialogue: list[dict[st
             f.write(json.dumps({"id": row["id"], **{k: round(v, 6) for k, v in scores.items()}}) + "\n")
 
 
-def main(variant: str) -> None:
+def main(variant: str, seed: int | None) -> None:
     params = load_params()
-    if variant not in params.variants:
-        raise StageError(f"unknown variant {variant!r}; params.yaml variants are {', '.join(params.variants)}")
-    predictions = with_references(read_jsonl(PREDICTIONS_DIR / f"{variant}.jsonl"), read_jsonl(REFERENCES_FILE))
+    try:
+        run = checked_run(variant, seed, params.variants, params.seeds, params.baselines)
+    except ValueError as error:
+        raise StageError(str(error)) from None
+    predictions = with_references(read_jsonl(PREDICTIONS_DIR / f"{run}.jsonl"), read_jsonl(REFERENCES_FILE))
     means, per_dialogue = score(predictions)
     metrics = evaluation_metrics(means, per_dialogue, predictions, params.evaluate.bootstrap_resamples, params.seed)
-    write_scores(SCORES_DIR / f"{variant}.jsonl", predictions, per_dialogue)
-    write_json(metrics, METRICS_DIR / f"{variant}.json")
+    write_scores(SCORES_DIR / f"{run}.jsonl", predictions, per_dialogue)
+    write_json(metrics, METRICS_DIR / f"{run}.json")
     write_json(
         cost_row(
-            read_json(TRAIN_DIR / f"{variant}.json"),
-            read_json(TIMING_DIR / f"train_{variant}.json"),
-            read_json(TIMING_DIR / f"generate_{variant}.json"),
+            read_json(TRAIN_DIR / f"{run}.json"),
+            read_json(TIMING_DIR / "train" / f"{run}.json"),
+            read_json(TIMING_DIR / "generate" / f"{run}.json"),
         ),
-        COST_DIR / f"{variant}.json",
+        COST_DIR / f"{run}.json",
     )
-    record = read_json(VALIDATION_DIR / f"{variant}.json")
+    record = read_json(VALIDATION_DIR / f"{run}.json")
     # the curves, and the params its training ran with (the report checks tuned settings against them)
     carried = {"validation": record["history"], "training": record["training"], "params": record.get("params", {})}
-    write_json(carried, CURVES_DIR / f"{variant}.json")
+    write_json(carried, CURVES_DIR / f"{run}.json")
 
 
 if __name__ == "__main__":
-    run_stage(lambda: main(sys.argv[1] if len(sys.argv) > 1 else ""))
+    run_stage(lambda: main(*stage_args(sys.argv[1:], "evaluate")))

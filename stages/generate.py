@@ -1,15 +1,16 @@
-"""Stage `generate@<variant>`: one summary per unique test dialogue, from the variant's folder in models/.
+"""Stages `generate@<method>-<seed>` and `generate_baseline@<baseline>`: one summary per unique test
+dialogue, from the run's folder in models/ (stages/runs.py names runs: `lora/seed42`, `base`).
 
-Every variant is a folder: models/base (the original model, pinned by the base stage),
-models/lead (the lead-N rule, written by the lead stage), models/full (a full model) and one
-adapter folder per PEFT method, evaluated unmerged; an adapter folder carries the pin of the base
-it was trained on (pin.json), so this stage reads nothing outside models/<variant>. Generation
+Every run is a folder: models/base (the original model, pinned by the base stage), models/lead
+(the lead-N rule, written by the lead stage), models/full/seed<seed> (a full model) and one adapter
+folder per PEFT method and seed, evaluated unmerged; an adapter folder carries the pin of the base
+it was trained on (pin.json), so this stage reads nothing outside models/<run>. Generation
 depends only on the model, the test prompts (not the references) and the `generate` params;
 scoring is the evaluate stage's, so a statistics or reference change never regenerates summaries.
 
-Outputs: data/predictions/<variant>.jsonl (one line per dialogue), metrics/generate/<variant>.json
+Outputs: data/predictions/<run>.jsonl (one line per dialogue), metrics/generate/<run>.json
 (the generation settings and precision used, length diagnostics: deterministic) and
-metrics/timing/generate_<variant>.json (load and generation wall clock apart, the device and the
+metrics/timing/generate/<run>.json (load and generation wall clock apart, the device and the
 batch size that ran after any out-of-memory halving).
 """
 
@@ -27,6 +28,7 @@ from transformers import GenerationConfig  # a settings object: importing it loa
 from stages.errors import StageError, run_stage
 from stages.jsonio import read_json, write_json, write_jsonl
 from stages.params import GenerateParams, ModelParams, Params, load_params
+from stages.runs import checked_run, stage_args
 from stages.splits import read_split
 
 if TYPE_CHECKING:  # the model path imports torch where it runs: generate@lead (a rule) never loads it
@@ -40,7 +42,7 @@ LEAD_FILE = "lead.json"  # models/lead/lead.json: the lead rule's settings
 QUANTIZATION_FILE = "quantization.json"  # beside every adapter: how its base loads (QLoRA: quantized, as in training)
 PREDICTIONS_DIR = Path("data/predictions")
 METRICS_DIR = Path("metrics/generate")
-TIMING_DIR = Path("metrics/timing")
+TIMING_DIR = Path("metrics/timing/generate")
 SPEAKER_TAG = re.compile(r"^\s*#[^#]+#\s*:\s*")  # DialogSum turns start with "#Person1#: "
 
 
@@ -316,22 +318,24 @@ def model_generation(
     return generated, runtime, load, precision
 
 
-def main(variant: str) -> None:
+def main(variant: str, seed: int | None) -> None:
     params = load_params()
-    if variant not in params.variants:
-        raise StageError(f"unknown variant {variant!r}; params.yaml variants are {', '.join(params.variants)}")
+    try:
+        run = checked_run(variant, seed, params.variants, params.seeds, params.baselines)
+    except ValueError as error:
+        raise StageError(str(error)) from None
     test = read_split(TEST_DIR)  # columns id, dialogue, input_ids
-    model_dir = MODELS_DIR / variant
+    model_dir = MODELS_DIR / run
     if (model_dir / LEAD_FILE).is_file():  # a rule, not a model: nothing to load, no precision, no torch
         started, load, precision = time.perf_counter(), {"load_runtime_s": 0.0, "device": "none"}, "none"
         generated, runtime = lead_summaries(model_dir / LEAD_FILE, test), time.perf_counter() - started
     else:
-        generated, runtime, load, precision = model_generation(model_dir, test, params, variant)
-    write_predictions(PREDICTIONS_DIR / f"{variant}.jsonl", test, generated)
+        generated, runtime, load, precision = model_generation(model_dir, test, params, run)
+    write_predictions(PREDICTIONS_DIR / f"{run}.jsonl", test, generated)
     metrics = generation_metrics(params.generate, generated, precision, base_quantization(model_dir))
-    write_json(metrics, METRICS_DIR / f"{variant}.json")
-    write_json(generation_timing(load, generated, runtime, len(test["id"])), TIMING_DIR / f"generate_{variant}.json")
+    write_json(metrics, METRICS_DIR / f"{run}.json")
+    write_json(generation_timing(load, generated, runtime, len(test["id"])), TIMING_DIR / f"{run}.json")
 
 
 if __name__ == "__main__":
-    run_stage(lambda: main(sys.argv[1] if len(sys.argv) > 1 else ""))
+    run_stage(lambda: main(*stage_args(sys.argv[1:], "generate")))

@@ -1,7 +1,7 @@
 """Start a method's training stage: in this process, or under torchrun (DDP) when its recipe's
 `processes` > 1 (train.processes, or the method section's own).
 
-`python -m stages.launch lora` replaces itself (exec) with `python -m stages.train lora`,
+`python -m stages.launch lora 42` replaces itself (exec) with `python -m stages.train lora 42`,
 so killing `dvc repro` kills the training too; torchrun is used only when asked for, because it
 starts its workers in their own session, where a SIGKILL to DVC does not reach them (the
 workers watch for that themselves: see stages/training.py exit_with_launcher).
@@ -16,13 +16,14 @@ import sys
 
 from stages.errors import run_stage
 from stages.params import load_params
+from stages.runs import stage_args
 
 
-def command(method: str, processes: int) -> list[str]:
+def command(method: str, seed: int, processes: int) -> list[str]:
     if processes == 1:
-        return [sys.executable, "-m", "stages.train", method]
+        return [sys.executable, "-m", "stages.train", method, str(seed)]
     torchrun = shutil.which("torchrun") or "torchrun"
-    return [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m", "stages.train", method]
+    return [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m", "stages.train", method, str(seed)]
 
 
 def one_gpu_env(environ: dict[str, str], visible_gpus: int, method: str) -> dict[str, str]:
@@ -62,10 +63,10 @@ def visible_gpus() -> int:
     return count.value
 
 
-def main(method: str) -> None:
+def main(method: str, seed: int) -> None:
     params = load_params()
     processes = params.recipe(method).processes  # an unknown method fails here, naming the ones there are
-    argv = command(method, processes)
+    argv = command(method, seed, processes)
     environ = dict(os.environ)
     if processes == 1:
         environ = one_gpu_env(environ, visible_gpus(), method)
@@ -74,4 +75,4 @@ def main(method: str) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(lambda: main(sys.argv[1] if len(sys.argv) > 1 else ""))
+    run_stage(lambda: main(*stage_args(sys.argv[1:], "launch", seeded=True)))

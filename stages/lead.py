@@ -3,7 +3,7 @@
 models/lead/lead.json holds the rule's settings (the dialogue's first `lead.turns` turns; the
 generate stage applies it). Its own stage, apart from the base model's pin, so changing
 `lead.turns` reruns only the lead variant. Like every variant it gets a zero-cost
-metrics/train/lead.json, metrics/timing/train_lead.json and an empty
+metrics/train/lead.json, metrics/timing/train/lead.json and an empty
 metrics/validation/lead.json, as every trained method writes them.
 """
 
@@ -17,7 +17,7 @@ from stages.params import load_params
 
 RULE_FILE = Path("models/lead/lead.json")
 METRICS_FILE = Path("metrics/train/lead.json")
-TIMING_FILE = Path("metrics/timing/train_lead.json")
+TIMING_FILE = Path("metrics/timing/train/lead.json")
 CURVES_FILE = Path("metrics/validation/lead.json")  # no training, no curves: the same files as a method
 
 

@@ -180,7 +180,9 @@ FIXED_SECTIONS = (
     "seed",
     "deterministic",
     "methods",
+    "seeds",
     "variants",
+    "baselines",
     "model",
     "data",
     "prepare",
@@ -198,7 +200,9 @@ class Params:
     seed: int
     deterministic: bool
     methods: list[str]  # the trained methods, each a section of its own (`sections`)
-    variants: list[str]
+    seeds: list[int]  # the training seeds: every trained method trains once per seed
+    variants: list[str]  # the trained methods compared (each under every seed)
+    baselines: list[str]  # the zero-cost variants compared (base, lead): no training, no seed
     model: ModelParams
     data: DataParams
     prepare: PrepareParams
@@ -311,18 +315,41 @@ def method_problems(methods: list[str], sections: dict[str, Any]) -> list[str]:
 
 
 def variant_problems(variants: list[str], methods: list[str], sections: dict[str, Any] | None = None) -> list[str]:
-    known = [*UNTRAINED, *methods]
-    untrained = [v for v in variants if v not in known and v in (sections or {})]
-    unknown = [v for v in variants if v not in known and v not in untrained]
+    baselines = [v for v in variants if v in UNTRAINED]
+    untrained = [v for v in variants if v not in methods and v in (sections or {})]
+    unknown = [v for v in variants if v not in methods and v not in untrained and v not in baselines]
     return (
-        check(not unknown, f"variants: unknown {', '.join(unknown)}; each must be one of {', '.join(known)}")
+        check(
+            not unknown, f"variants: unknown {', '.join(unknown)}; each must be one of methods ({', '.join(methods)})"
+        )
+        + check(
+            not baselines,
+            f"variants: {', '.join(baselines)} is a baseline, not a trained method; list it in baselines "
+            f"(baselines: [{', '.join(UNTRAINED)}])",
+        )
         + check(
             not untrained,
             f"variants: {', '.join(untrained)} is not trained; add it to methods too "
             f"(-S 'methods=[{', '.join([*methods, *untrained])}]')",
         )
         + check(len(set(variants)) == len(variants), f"variants: {variants} names a variant twice")
-        + check(bool(variants), "variants: must name at least one variant, e.g. [base, lora]")
+        + check(bool(variants), "variants: must name at least one trained method, e.g. [full, lora]")
+    )
+
+
+def baseline_problems(baselines: list[str]) -> list[str]:
+    unknown = [b for b in baselines if b not in UNTRAINED]
+    return check(
+        not unknown, f"baselines: unknown {', '.join(unknown)}; each must be one of {', '.join(UNTRAINED)}"
+    ) + check(len(set(baselines)) == len(baselines), f"baselines: {baselines} names a baseline twice")
+
+
+def seed_problems(seeds: list[int]) -> list[str]:
+    negative = [s for s in seeds if s < 0]
+    return (
+        check(bool(seeds), "seeds: must name at least one training seed, e.g. [42]")
+        + check(not negative, f"seeds: must be >= 0, got {', '.join(map(str, negative))}")
+        + check(len(set(seeds)) == len(seeds), f"seeds: {seeds} names a seed twice")
     )
 
 
@@ -343,6 +370,8 @@ def parse_params(raw: Any) -> Params:
     if params is not None:
         problems.extend(method_problems(params.methods, sections))
         problems.extend(variant_problems(params.variants, params.methods, sections))
+        problems.extend(baseline_problems(params.baselines))
+        problems.extend(seed_problems(params.seeds))
     if problems:
         # "params.lora.r" reads worse than "lora.r": drop the root prefix
         lines = [p.removeprefix("params.") for p in problems]

@@ -18,15 +18,21 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from stages.aggregate import Variant, comparisons, evaluation_row, mean_row
 from stages.curve_rows import curve_rows, write_curve_rows
 from stages.errors import run_stage
+from stages.frontier import frontier_rows, pareto_cell, pareto_optimal
 from stages.jsonio import read_json, read_jsonl, write_json
-from stages.method_params import method_label
+from stages.labels import label, variant_labels
 from stages.params import UNTRAINED, load_params
 from stages.plots import fill, load_template, render_png
-from stages.rouge import ROUGE_TYPES, holm_adjust, paired_test
+from stages.rouge import ROUGE_TYPES
+from stages.runs import run_name
+from stages.tuning_report import mismatch_sentences, selection_table, tuning_mismatches, tuning_sentence
+from stages.verdict import SIGNIFICANCE, Verdict
 
-BASELINE_LABELS = {"base": "original (zero-shot)", "lead": "lead baseline"}
+__all__ = ["comparisons", "pareto_optimal"]  # tests and notebooks import them from here
+
 EVALUATE_DIR = Path("metrics/evaluate")
 GENERATE_DIR = Path("metrics/generate")
 COST_DIR = Path("metrics/cost")
@@ -43,26 +49,14 @@ PLOTS_DIR = Path("metrics/plots")  # <plot name>.png, rendered from .dvc/plots/<
 ROUGE_PLOT, FRONTIER_PLOT = "rouge_by_variant", "frontier"  # plot names in dvc.yaml's `plots:`
 REVISION = "workspace"  # what DVC calls the working tree's rows
 PER_DIALOGUE_FILE = Path("data/per_dialogue.jsonl")
-SIGNIFICANCE = 0.05  # family-wise error rate over all comparisons together (Holm)
+INTERVALS = (
+    "A trained method's score is the mean over its seeds. With one seed, the interval is a percentile bootstrap "
+    "over test dialogues: it leaves training noise out. With two or more, it is a two-level bootstrap (seeds, then "
+    "dialogues): the mean +- t x its bootstrap standard error, the seed level's variance corrected to unbiased and "
+    "the degrees of freedom from Welch-Satterthwaite, since percentile intervals of a bootstrap over 2-3 seeds "
+    "never reach past the seeds' own range. The baselines have no seed: their intervals resample dialogues."
+)
 BASELINES_GROUP, TRAINED_GROUP = "baselines (no training)", "trained"  # the ROUGE plot's two panels
-OPTIMAL, DOMINATED = "Pareto-optimal", "dominated"
-WITHIN_NOISE = "Pareto-optimal, but its 95% CI overlaps a cheaper variant's"  # frontier.json `status`
-ZERO_COST = "zero-cost"
-
-
-def variant_labels(variants: list[str], cost: dict[str, dict]) -> dict[str, str]:
-    """What the report calls each variant: the baselines by role, a method by its type (recorded by its
-    training stage as method_type in its cost row), with the section's name when it is not the type's own."""
-    return {v: BASELINE_LABELS.get(v) or method_label(v, cost[v].get("method_type", v)) for v in variants}
-
-
-def label(variant: str, labels: dict[str, str] | None = None) -> str:
-    """A variant's display name; without `labels`, the name read as its type's usual section (lora: LoRA)."""
-    if labels and variant in labels:
-        return labels[variant]
-    return BASELINE_LABELS.get(variant) or method_label(
-        variant, {"prompt": "prompt_tuning", "prefix": "prefix_tuning"}.get(variant, variant)
-    )
 
 
 def full_fine_tuning(variants: list[str], cost: dict[str, dict]) -> str | None:
@@ -80,22 +74,6 @@ def comparison_pairs(variants: list[str], full: str | None = "full") -> list[tup
     pairs += [(v, full) for v in trained if v != full and full in variants]
     pairs += [("base", "lead")] if {"base", "lead"} <= set(variants) else []
     return pairs
-
-
-def comparisons(scores: dict[str, list[dict]], pairs: list[tuple[str, str]], resamples: int, seed: int) -> list[dict]:
-    """Paired tests on per-dialogue multi-reference ROUGE-L (x100) for each (a, b) in `pairs`.
-
-    Each result has the raw `p_value` and `p_holm`, Holm-adjusted over all pairs.
-    """
-    results = []
-    for a, b in pairs:
-        test = paired_test([r["rougeL"] for r in scores[a]], [r["rougeL"] for r in scores[b]], resamples, seed)
-        results.append({"a": a, "b": b, **{k: (100 * v if k != "p_value" else v) for k, v in test.items()}})
-    # Several tests at 0.05 each would call a difference significant by chance far more often than
-    # 5% of the time; Holm's adjustment keeps that chance at SIGNIFICANCE for the whole family.
-    for result, p_holm in zip(results, holm_adjust([r["p_value"] for r in results]) if results else []):
-        result["p_holm"] = p_holm
-    return results
 
 
 def comparison_sentence(result: dict, labels: dict[str, str] | None = None) -> str:
@@ -126,78 +104,24 @@ def rouge_table(
 
 
 def interval_table(variants: list[str], evaluation: dict[str, dict], labels: dict[str, str] | None = None) -> str:
-    rows = [
-        [
-            label(v, labels),
-            *(
-                f"{evaluation[v][t]:.2f} [{evaluation[v][f'{t}_ci_low']:.2f}, {evaluation[v][f'{t}_ci_high']:.2f}]"
-                for t in ROUGE_TYPES
-            ),
-        ]
-        for v in variants
-    ]
-    return tabulate(rows, headers=["model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"], tablefmt="github")
-
-
-def pareto_optimal(points: dict[str, tuple[float, float]]) -> set[str]:
-    """Variants no other variant beats: none has at most their cost and at least their quality,
-    with one of the two strictly better. `points` maps variant -> (cost, quality)."""
-    return {
-        v
-        for v, (cost, quality) in points.items()
-        if not any(c <= cost and q >= quality and (c, q) != (cost, quality) for c, q in points.values())
-    }
-
-
-def cheaper_overlapping(
-    variant: str, variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict]
-) -> str | None:
-    """The cheapest variant that costs fewer trainable params than `variant` and whose 95% interval
-    reaches `variant`'s: its gain over that one is within the noise (interval overlap, not a test)."""
-    params, low = cost[variant]["trainable_params"], evaluation[variant]["rougeL_ci_low"]
-    overlapping = [
-        v for v in variants if cost[v]["trainable_params"] < params and evaluation[v]["rougeL_ci_high"] >= low
-    ]
-    return min(overlapping, key=lambda v: cost[v]["trainable_params"], default=None)
-
-
-def frontier_rows(
-    variants: list[str], evaluation: dict[str, dict], cost: dict[str, dict], labels: dict[str, str] | None = None
-) -> list[dict]:
-    """Every variant as a point (trainable params, ROUGE-L). The ones that train nothing (the
-    original model, lead) take part at 0 params, so a trained variant at or below the best of
-    them is dominated. `status` says how the plot draws it: zero-cost (a reference line),
-    Pareto-optimal, Pareto-optimal within the noise of a cheaper variant, or dominated."""
-    optimal = pareto_optimal({v: (cost[v]["trainable_params"], evaluation[v]["rougeL"]) for v in variants})
+    """Per variant: the mean over seeds with its 95% interval per ROUGE type, the seeds and each seed's
+    ROUGE-L with their standard deviation (training noise; none with one seed, or for a baseline)."""
     rows = []
     for v in variants:
-        params = cost[v]["trainable_params"]
-        overlaps = cheaper_overlapping(v, variants, evaluation, cost) if v in optimal and params > 0 else None
-        if params == 0:
-            status = ZERO_COST
-        else:
-            status = DOMINATED if v not in optimal else WITHIN_NOISE if overlaps else OPTIMAL
+        e = evaluation[v]
+        sd = e.get("rougeL_seed_sd")
+        seeds = ", ".join(f"{x:.2f}" for x in e.get("seed_rougeL", [])) if e.get("seeds", 1) > 1 else "-"
         rows.append(
-            {
-                "variant": v,
-                "label": label(v, labels),
-                "trainable_params": params,
-                "zero_cost": params == 0,
-                "rougeL": evaluation[v]["rougeL"],
-                "rougeL_ci_low": evaluation[v]["rougeL_ci_low"],
-                "rougeL_ci_high": evaluation[v]["rougeL_ci_high"],
-                "pareto": OPTIMAL if v in optimal else DOMINATED,
-                "overlaps": overlaps,
-                "status": status,
-            }
+            [
+                label(v, labels),
+                *(f"{e[t]:.2f} [{e[f'{t}_ci_low']:.2f}, {e[f'{t}_ci_high']:.2f}]" for t in ROUGE_TYPES),
+                e.get("seeds", 1),
+                seeds,
+                f"{sd:.2f}" if sd is not None else "-",
+            ]
         )
-    return rows
-
-
-def pareto_cell(row: dict, labels: dict[str, str] | None = None) -> str:
-    if row["pareto"] != OPTIMAL:
-        return "no"
-    return f"yes, but its 95% CI overlaps {label(row['overlaps'], labels)}'s" if row["overlaps"] else "yes"
+    headers = ["model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "seeds", "ROUGE-L per seed", "seed SD"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def cost_table(
@@ -304,84 +228,6 @@ def apart_time(c: dict) -> str:
     return f"{c['validation_runtime_s'] / 60:.1f} + {c.get('save_runtime_s', 0.0) / 60:.1f} min"
 
 
-SELECTED_BY = {"rougeL": "best validation ROUGE-L", "loss": "lowest validation loss", "last": "the last"}
-
-
-def kept_checkpoint(c: dict) -> str:
-    """Which checkpoint a method's saved model is, from its cost row (stages/validation.py's keys)."""
-    kept = f"step {c['selected_step']} of {c['planned_steps']} ({SELECTED_BY[c['select_by']]})"
-    return kept + (f"; stopped early at step {c['last_step']}" if c["last_step"] < c["planned_steps"] else "")
-
-
-def tuning_mismatches(tuning: dict, ran: dict[str, dict]) -> dict[str, list[tuple[str, object, object]]]:
-    """Per tuned method, the tuned settings its reported model did not run with: (key, tuned, ran).
-    `ran`: each variant's params as its training recorded them (metrics/curves/<variant>.json)."""
-    found = {}
-    for method, chosen in tuning["methods"].items():
-        if method in ran:
-            differ = [(k, v, ran[method].get(k)) for k, v in chosen["settings"].items() if ran[method].get(k) != v]
-            if differ:
-                found[method] = differ
-    return found
-
-
-def tuned_cell(chosen: dict | None, mismatch: list[tuple[str, object, object]] | None = None) -> str:
-    if not chosen:
-        return "no: params.yaml's recipe"
-    if mismatch:
-        ran = ", ".join(f"{k} {r} (tuned: {t})" for k, t, r in mismatch)
-        return f"no: the model ran with {ran}; rerun with the picks (scripts/tune.py --run)"
-    grid = "; ".join(f"{k} in {chosen['grid'][k]} -> {v}" for k, v in chosen["settings"].items())
-    return f"{grid or 'nothing varied'} ({chosen['runs_compared']} runs)"
-
-
-def selection_table(
-    variants: list[str],
-    cost: dict[str, dict],
-    tuning: dict,
-    labels: dict[str, str] | None = None,
-    mismatches: dict[str, list] | None = None,
-) -> str:
-    """Per trained variant: the checkpoint kept, its validation ROUGE-L and what was tuned over which grid."""
-    rows = [
-        [
-            label(v, labels),
-            kept_checkpoint(cost[v]),
-            f"{cost[v]['selected_val_rougeL']:.2f} ({cost[v]['validation_dialogues']} dialogues)",
-            tuned_cell(tuning["methods"].get(v), (mismatches or {}).get(v)),
-        ]
-        for v in variants
-        if "select_by" in cost[v]
-    ]
-    headers = ["model", "checkpoint kept", "validation ROUGE-L", "tuned on validation (grid -> picked)"]
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
-
-
-def mismatch_sentences(mismatches: dict[str, list], labels: dict[str, str] | None = None) -> list[str]:
-    """One warning per method whose reported model did not run with the settings tuning picked."""
-    return [
-        f"**Warning: {label(m, labels)} did not run with its tuned settings** ("
-        + ", ".join(f"`{k}` tuned {t!r}, ran {r!r}" for k, t, r in differ)
-        + "): the tuning above is not what this report's numbers come from."
-        for m, differ in mismatches.items()
-    ]
-
-
-def tuning_sentence(tuning: dict) -> str:
-    test = "was not" if tuning["test_used"] is False else "WAS"
-    untuned = (
-        "Nothing was tuned: each method ran at its params.yaml recipe, and a recipe taken from a paper can favour "
-        "one method over another (README: Tuning each method on validation). "
-        if not tuning["methods"]
-        else ""
-    )
-    return (
-        f"{untuned}The test split {test} used to choose anything: checkpoints, early stopping and the tuned "
-        f"settings were chosen on the validation split. Tuning compares runs by {tuning['selected_by']}: see "
-        f"`metrics/tuning.json`, written by `scripts/tune.py`."
-    )
-
-
 def examples_section(
     variants: list[str],
     predictions: dict[str, list[dict]],
@@ -464,6 +310,7 @@ def render(
     tuning: dict,
     labels: dict[str, str] | None = None,
     mismatches: dict[str, list] | None = None,
+    verdict: Verdict | None = None,
 ) -> str:
     mismatches = mismatches or {}
     return (
@@ -474,6 +321,7 @@ def render(
                 f"Base model `{base_model['base_model_name']}` at revision `{base_model['base_model_revision']}` "
                 f"(resolved: `{base_model['base_model_resolved_revision']}`). ROUGE F-measures x100 on the test split, "
                 "one generated summary per unique dialogue.",
+                *(verdict.section() if verdict else []),
                 *quantization_notes(variants, generation, labels),
                 "## Quality and cost",
                 "Trainable params, adapter or model size on disk, whole-run train wall time (across resumes), peak "
@@ -492,11 +340,16 @@ def render(
                 image(ROUGE_PLOT, "ROUGE-L by variant with 95% bootstrap intervals"),
                 "## Mean over references (comparable to per-row numbers reported elsewhere)",
                 rouge_table(variants, evaluation, "_mean_ref", labels),
-                "## 95% bootstrap confidence intervals (multi-reference, resampling dialogues)",
+                "## 95% confidence intervals (multi-reference)",
+                INTERVALS,
                 interval_table(variants, evaluation, labels),
                 f"## Paired tests on ROUGE-L (Holm-adjusted over {len(tests)} comparisons, family-wise error rate "
                 f"{SIGNIFICANCE})",
-                f"Paired sign-flip tests on per-dialogue multi-reference ROUGE-L. The p-values are Holm-adjusted over "
+                "Paired tests on per-dialogue multi-reference ROUGE-L: the same test dialogues on both sides. With one "
+                "seed a side, a sign-flip randomization test with a paired bootstrap CI; with more, each side's seeds are "
+                "resampled on their own and the dialogues together (two-level bootstrap), and the test is the difference "
+                "over its bootstrap standard error on Welch-Satterthwaite degrees of freedom. "
+                f"The p-values are Holm-adjusted over "
                 f"the {len(tests)} comparisons, so the chance of wrongly calling any of them significant is at "
                 f'most {SIGNIFICANCE} (family-wise error rate); "significantly" means Holm-adjusted p < {SIGNIFICANCE}. '
                 f"Each line shows the raw p too; the 95% CIs (paired bootstrap of the mean difference) are not adjusted.",
@@ -525,26 +378,54 @@ def render(
     )
 
 
+def run_curves(loaded: dict[str, Variant], labels: dict[str, str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every run's curves for the curated plots, each seed its own line when there are several."""
+    curves, names = {}, {}
+    for variant in loaded.values():
+        for run, seed, record in zip(variant.runs, variant.seeds, variant.curves):
+            curves[run] = record
+            names[run] = labels[variant.name] + (f" seed {seed}" if len(variant.runs) > 1 else "")
+    return curves, names
+
+
+def load_variant(name: str, seeds: list[int] | None) -> Variant:
+    """A variant's runs (each seed of a trained method, or the baseline's one run) and their files."""
+    runs = [run_name(name, seed) for seed in seeds] if seeds else [run_name(name)]
+    return Variant(
+        name,
+        runs,
+        list(seeds) if seeds else [None],
+        [read_json(EVALUATE_DIR / f"{r}.json") for r in runs],
+        [read_json(GENERATE_DIR / f"{r}.json") for r in runs],
+        [read_json(COST_DIR / f"{r}.json") for r in runs],
+        [read_jsonl(SCORES_DIR / f"{r}.jsonl") for r in runs],
+        [read_json(CURVES_DIR / f"{r}.json") for r in runs],  # curves and the params each training ran with
+    )
+
+
 def main() -> None:
     params = load_params()
-    variants = params.variants
-    evaluation = {v: read_json(EVALUATE_DIR / f"{v}.json") for v in variants}
-    generation = {v: read_json(GENERATE_DIR / f"{v}.json") for v in variants}
-    cost = {v: read_json(COST_DIR / f"{v}.json") for v in variants}
-    labels = variant_labels(variants, cost)
-    curves = {v: read_json(CURVES_DIR / f"{v}.json") for v in variants}  # curves and params each training ran with
+    order = [*params.variants, *params.baselines]  # report order: the trained methods, then the baselines
+    loaded = {v: load_variant(v, params.seeds if v in params.variants else None) for v in order}
+    resamples, seed = params.evaluate.bootstrap_resamples, params.seed
+    evaluation = {v: evaluation_row(loaded[v], resamples, seed) for v in order}
+    generation = {v: mean_row(loaded[v].generation) for v in order}
+    cost = {v: mean_row(loaded[v].cost) for v in order}
+    labels = variant_labels(order, cost)
     tuning = read_json(TUNING_FILE)
-    mismatches = tuning_mismatches(tuning, {v: c.get("params", {}) for v, c in curves.items()})
-    predictions = {v: read_jsonl(PREDICTIONS_DIR / f"{v}.jsonl") for v in variants}
-    scores = {v: read_jsonl(SCORES_DIR / f"{v}.jsonl") for v in variants}
+    mismatches = tuning_mismatches(tuning, {v: [c.get("params", {}) for c in loaded[v].curves] for v in order})
+    runs = [r for v in order for r in loaded[v].runs]
+    predictions = {r: read_jsonl(PREDICTIONS_DIR / f"{r}.jsonl") for r in runs}
     references = {row["id"]: row["references"] for row in read_jsonl(REFERENCES_FILE)}
-    pairs = comparison_pairs(variants, full_fine_tuning(variants, cost))
-    tests = comparisons(scores, pairs, params.evaluate.bootstrap_resamples, params.seed)
-    frontier = frontier_rows(variants, evaluation, cost, labels)
-    examples = examples_section(variants, predictions, references, params.report.examples, labels)
+    full = full_fine_tuning(order, cost)
+    tests = comparisons(loaded, comparison_pairs(order, full), resamples, seed)
+    frontier = frontier_rows(order, evaluation, cost, labels)
+    firsts = {v: predictions[loaded[v].runs[0]] for v in order}  # the examples show each variant's first seed
+    examples = examples_section(order, firsts, references, params.report.examples, labels)
+    verdict = Verdict(params.variants, params.seeds, tests, cost, labels, full, tuning)
     REPORT_FILE.write_text(
         render(
-            variants,
+            order,
             evaluation,
             generation,
             cost,
@@ -556,19 +437,20 @@ def main() -> None:
             tuning,
             labels,
             mismatches,
+            verdict,
         )
     )
-    rouge_rows = plot_rows(variants, evaluation, cost, labels)
+    rouge_rows = plot_rows(order, evaluation, cost, labels)
     write_json(rouge_rows, PLOT_FILE)
     write_json(frontier, FRONTIER_FILE)
-    write_curve_rows(curve_rows(curves, labels))
+    write_curve_rows(curve_rows(*run_curves(loaded, labels)))
     for name, rows in ((ROUGE_PLOT, rouge_rows), (FRONTIER_PLOT, frontier)):
         render_png(fill(load_template(name), rows, REVISION), PLOTS_DIR / f"{name}.png")
+    scores = {r: rows for v in order for r, rows in zip(loaded[v].runs, loaded[v].scores)}
     PER_DIALOGUE_FILE.parent.mkdir(parents=True, exist_ok=True)
     PER_DIALOGUE_FILE.write_text(
         "".join(
-            json.dumps(r, ensure_ascii=False) + "\n"
-            for r in per_dialogue_rows(variants, predictions, scores, references)
+            json.dumps(r, ensure_ascii=False) + "\n" for r in per_dialogue_rows(runs, predictions, scores, references)
         )
     )
 

@@ -34,6 +34,7 @@ from stages.modeling import load_model, load_tokenizer, pick_device, read_pin, s
 from stages.oom import discard_attempt, halved
 from stages.params import ModelParams, Params
 from stages.recipe import build_trainer, training_arguments
+from stages.runs import run_name
 from stages.validation import attach_validation, selection_metrics, validation_record
 
 PREPARED_DIR = Path("data/prepared")  # training reads its train/ and validation/ folders only
@@ -79,12 +80,13 @@ def frozen_base_dtype(precision: str, device: torch.device, quantization: str = 
 class Run:
     """One training stage's run: its method, the params, the device and the pinned base model.
 
-    The paths follow from the method's name alone (one name per concept): models/<method>,
-    checkpoints/<method>, dvclive/<method>, metrics/train/<method>.json,
-    metrics/validation/<method>.json and metrics/timing/train_<method>.json.
+    The paths follow from the run's name alone (stages/runs.py: `<method>/seed<seed>`): models/<run>,
+    checkpoints/<run>, dvclive/<run>, metrics/train/<run>.json, metrics/validation/<run>.json and
+    metrics/timing/train/<run>.json.
     """
 
     method: str
+    seed: int  # the training seed (init, data order, dropout); params.seed draws the validation subset
     params: Params
     device: torch.device
     base: ModelParams  # params.model at the commit the base stage pinned
@@ -98,24 +100,28 @@ class Run:
         return self.section.recipe
 
     @property
+    def name(self) -> str:
+        return run_name(self.method, self.seed)
+
+    @property
     def model_dir(self) -> Path:
-        return Path("models") / self.method
+        return Path("models") / self.name
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path("checkpoints") / self.method
+        return Path("checkpoints") / self.name
 
     @property
     def curves_dir(self) -> Path:
-        return Path("dvclive") / self.method
+        return Path("dvclive") / self.name
 
 
-def start_run(method: str, params: Params) -> Run:
+def start_run(method: str, seed: int, params: Params) -> Run:
     """Before anything heavy: watch the launcher, seed, pick the device, read the base's pin."""
     exit_with_launcher()
-    set_determinism(params.seed, params.deterministic)
+    set_determinism(seed, params.deterministic)
     params.method(method)  # an unknown method fails here, naming the ones there are
-    return Run(method, params, pick_device(), read_pin(BASE_PIN, params.model))
+    return Run(method, seed, params, pick_device(), read_pin(BASE_PIN, params.model))
 
 
 class Trained(typing.NamedTuple):
@@ -145,7 +151,7 @@ def train(run: Run, plan: Plan, prepared_dir: Path = PREPARED_DIR) -> Trained:
     family.ensure_pad_token(tokenizer)  # GPT-2, Llama 3: pad = EOS (masks come from lengths, never from ids)
     train_split, validation = load_training_splits(prepared_dir)
     run_fingerprint = fingerprint(
-        prepared_dir, run.params.seed, read_json(BASE_PIN), recipe, validate, section.type, section.config
+        prepared_dir, [run.seed, run.params.seed], read_json(BASE_PIN), recipe, validate, section.type, section.config
     )
     batch = (recipe.batch_size, recipe.gradient_accumulation_steps)
     resumed = checkpoint_batch(run.checkpoint_dir, run_fingerprint)
@@ -157,7 +163,7 @@ def train(run: Run, plan: Plan, prepared_dir: Path = PREPARED_DIR) -> Trained:
         started = time.perf_counter()
         base = load_model(run.base.name, run.base.revision, dtype, plan.quantization, run.base.attn_implementation)
         model = plan.build(base)
-        args = training_arguments(recipe, run.params.seed, run.checkpoint_dir, run.device, run.method, batch)
+        args = training_arguments(recipe, run.seed, run.checkpoint_dir, run.device, run.method, batch)
         trainer = build_trainer(model, tokenizer, train_split, validation, args, recipe.pad_to_multiple_of)
         subset = attach_validation(trainer, tokenizer, validation, recipe, validate, run.params.seed)
         resume = resumable_checkpoint(trainer, run.checkpoint_dir, run_fingerprint)
@@ -172,7 +178,7 @@ def train(run: Run, plan: Plan, prepared_dir: Path = PREPARED_DIR) -> Trained:
             discard_attempt(trainer, run.checkpoint_dir, run.curves_dir)
             batch = halved(batch)
             print(
-                f"CUDA out of memory: restarting train@{run.method} clean with per-device batch {batch[0]} x "
+                f"CUDA out of memory: restarting train@{run.method}-{run.seed} clean with per-device batch {batch[0]} x "
                 f"{batch[1]} accumulation (= {batch[0] * batch[1]} per device per optimizer step)"
             )
 
@@ -200,7 +206,8 @@ def card_params(run: Run, resolved: dict) -> dict:
     """What the model card records: the seed, model, validation, the resolved recipe and the method."""
     section = run.section
     return {
-        "seed": run.params.seed,
+        "seed": run.seed,  # training
+        "validation_seed": run.params.seed,  # the validation subset's draw
         "model": dataclasses.asdict(run.params.model),
         "validate": dataclasses.asdict(run.params.validate),
         "train": dataclasses.asdict(section.recipe),  # the shared recipe with this method's differences
@@ -229,16 +236,16 @@ def finish_run(run: Run, trained: Trained, plan: Plan) -> None:
         **resolved_metrics(plan.resolved),
         "saved_mb": saved_mb(run.model_dir),
     }
-    write_json(metrics, Path("metrics/train") / f"{run.method}.json")
+    write_json(metrics, Path("metrics/train") / f"{run.name}.json")
     validation = {**validation_record(trainer, subset, run.recipe, run.params.seed), "params": ran_with(run)}
-    write_json(validation, Path("metrics/validation") / f"{run.method}.json")
+    write_json(validation, Path("metrics/validation") / f"{run.name}.json")
     costs = {
         **training_costs(trainer),  # the training loop's time apart from its validations'
         "save_runtime_s": save_s,  # the final save: not training (PiSSA/OLoRA also re-decompose the base here)
         "train_oom_retries": trained.oom_retries,
         "train_oom_lost_s": trained.oom_lost_s,
     }
-    write_json(costs, Path("metrics/timing") / f"train_{run.method}.json")
+    write_json(costs, Path("metrics/timing/train") / f"{run.name}.json")
     card = model_card(
         BASE_PIN, plan.library, card_params(run, plan.resolved), metrics, family.unwrap(trainer.model).config
     )
