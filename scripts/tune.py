@@ -1,12 +1,13 @@
 """Pick each method's settings by validation ROUGE-L from DVC experiments, never by test.
 
-    dvc exp run --queue -S 'lora.learning_rate=3.0e-4,1.0e-3,3.0e-3' -S 'lora.r=8,16,32' train@lora
+    dvc exp run --queue -S 'lora.learning_rate=3.0e-4,1.0e-3,3.0e-3' -S 'lora.r=8,16,32' train@lora-42
     dvc queue start --jobs 1          # one at a time on one GPU; wait for `dvc queue status`
     python scripts/tune.py            # writes metrics/tuning.json, prints the winners
     python scripts/tune.py --run      # then runs the whole pipeline (test generation, report) with them
 
 It reads `dvc exp show --json` (the committed baseline and its experiments) and, per method, takes
-the experiment whose metrics/train/<method>.json has the highest `selected_val_rougeL`: the
+the experiment whose metrics/train/<method>/seed<seed>.json (the trial seed: the first of `seeds`)
+has the highest `selected_val_rougeL`: the
 validation ROUGE-L of the checkpoint that stage saved (stages/validation.py). Only
 metrics/train/* files are read: test scores (metrics/evaluate/*) never enter the choice. The
 settings reported as tuned are the method's params (its section, <method>.*) that differ
@@ -37,6 +38,11 @@ SHARED = ("seed", "deterministic", "model", "data", "prepare", "train", "validat
 def declared_methods(params_file: Path = PARAMS_FILE) -> list[str]:
     """The trained methods, as params.yaml declares them (`methods`)."""
     return list(yaml.safe_load(params_file.read_text())["methods"])
+
+
+def trial_seed(params_file: Path = PARAMS_FILE) -> int:
+    """The seed trials train under: the first training seed params.yaml declares (`seeds`)."""
+    return int(yaml.safe_load(params_file.read_text())["seeds"][0])
 
 
 def experiment_rows(shown: list[dict]) -> list[dict]:
@@ -112,9 +118,15 @@ def trials(rows: list[dict], method: str) -> list[dict]:
     return kept
 
 
-def pick(rows: list[dict], method: str) -> dict | None:
-    """The row with the best validation ROUGE-L for `method`, what varied and over which values."""
-    scored = trials([r for r in rows if METRIC in r["metrics"].get(f"metrics/train/{method}.json", {})], method)
+def train_metrics(method: str, seed: int) -> str:
+    """A method's training metrics under one seed (stages/runs.py names the run <method>/seed<seed>)."""
+    return f"metrics/train/{method}/seed{seed}.json"
+
+
+def pick(rows: list[dict], method: str, seed: int) -> dict | None:
+    """The row with the best validation ROUGE-L for `method` under `seed`, what varied and over which values."""
+    path = train_metrics(method, seed)
+    scored = trials([r for r in rows if METRIC in r["metrics"].get(path, {})], method)
     if not scored:
         return None
     if differing := shared_differences(scored):
@@ -129,12 +141,12 @@ def pick(rows: list[dict], method: str) -> dict | None:
     keys = sorted({k for s in settings for k in s})
     tuned = [k for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1]
     # highest score first; ties go to the first row (the baseline commit, then experiments as DVC lists them)
-    best = max(range(len(scored)), key=lambda i: (scored[i]["metrics"][f"metrics/train/{method}.json"][METRIC], -i))
+    best = max(range(len(scored)), key=lambda i: (scored[i]["metrics"][path][METRIC], -i))
     return {
         "experiment": scored[best]["name"],
         "rev": scored[best]["rev"],
-        "validation_rougeL": scored[best]["metrics"][f"metrics/train/{method}.json"][METRIC],
-        "validation_dialogues": scored[best]["metrics"][f"metrics/train/{method}.json"].get("validation_dialogues"),
+        "validation_rougeL": scored[best]["metrics"][path][METRIC],
+        "validation_dialogues": scored[best]["metrics"][path].get("validation_dialogues"),
         "runs_compared": len(scored),
         "settings": {k: settings[best].get(k) for k in tuned},
         "grid": {k: distinct([s.get(k) for s in settings]) for k in tuned},
@@ -148,11 +160,12 @@ def distinct(values: list) -> list:
     return sorted(unique) if numbers else unique
 
 
-def tuning(rows: list[dict], methods: list[str]) -> dict:
-    picked = {m: pick(rows, m) for m in methods}
+def tuning(rows: list[dict], methods: list[str], seed: int) -> dict:
+    picked = {m: pick(rows, m, seed) for m in methods}
     return {
-        "selected_by": f"validation ROUGE-L of the saved checkpoint ({METRIC} in metrics/train/<method>.json)",
+        "selected_by": f"validation ROUGE-L of the saved checkpoint ({METRIC} in metrics/train/<method>/seed<seed>.json)",
         "test_used": False,  # only metrics/train/* are read (experiment_rows)
+        "trial_seed": seed,  # every trial trained under this seed; the picks then run under every seed
         "methods": {m: p for m, p in picked.items() if p is not None},
     }
 
@@ -182,9 +195,13 @@ def main() -> None:
     shown = json.loads(
         subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout
     )
-    result = tuning(experiment_rows(shown), args.methods)
+    result = tuning(experiment_rows(shown), args.methods, trial_seed())
     if not result["methods"]:
-        sys.exit("no experiment has metrics/train/<method>.json with " + METRIC + ": run a grid first (see --help)")
+        sys.exit(
+            "no experiment has metrics/train/<method>/seed<seed>.json with "
+            + METRIC
+            + ": run a grid first (see --help)"
+        )
     TUNING_FILE.parent.mkdir(parents=True, exist_ok=True)
     TUNING_FILE.write_text(json.dumps(result, indent=2) + "\n")
     for method, chosen in result["methods"].items():

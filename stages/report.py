@@ -31,7 +31,7 @@ from stages.runs import run_name
 from stages.tuning_report import mismatch_sentences, selection_table, tuning_mismatches, tuning_sentence
 from stages.verdict import SIGNIFICANCE, Verdict
 
-__all__ = ["comparisons", "pareto_optimal"]  # tests and notebooks import them from here
+__all__ = ["pareto_optimal"]  # tests and notebooks import it from here
 
 EVALUATE_DIR = Path("metrics/evaluate")
 GENERATE_DIR = Path("metrics/generate")
@@ -405,7 +405,7 @@ def load_variant(name: str, seeds: list[int] | None) -> Variant:
 
 def main() -> None:
     params = load_params()
-    order = [*params.variants, *params.baselines]  # report order: the trained methods, then the baselines
+    order = [*params.baselines, *params.variants]  # report order: the baselines, then the trained methods
     loaded = {v: load_variant(v, params.seeds if v in params.variants else None) for v in order}
     resamples, seed = params.evaluate.bootstrap_resamples, params.seed
     evaluation = {v: evaluation_row(loaded[v], resamples, seed) for v in order}

@@ -69,6 +69,18 @@ def speaker_heavy_dialogues(count: int) -> list[dict]:
     return sorted(heavy, key=lambda r: (len(r["dialogue"]) + 3 * len(r["summary"]), r["id"]))[:count]
 
 
+SEED = str(load_params(REPO / "params.yaml").seeds[0])  # the default training seed
+
+
+def run_args(variant: str) -> tuple[str, ...]:
+    """A generate/evaluate stage's arguments: a trained method's seed, none for a baseline."""
+    return (variant,) if variant in ("base", "lead") else (variant, SEED)
+
+
+def run_path(variant: str) -> str:
+    return variant if variant in ("base", "lead") else f"{variant}/seed{SEED}"
+
+
 def run_stage(module: str, *args: str, cwd: Path) -> None:
     """Run a stage as DVC would (one torch thread: tests/conftest.py)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -87,7 +99,8 @@ def memorized(tmp_path_factory) -> Path:
     copy_project(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
-    params["variants"] = list(VARIANTS)  # full fine-tuning and LoRA against the untrained references
+    params["variants"] = [v for v in VARIANTS if v not in ("base", "lead")]  # against the untrained references
+    params["baselines"] = [v for v in VARIANTS if v in ("base", "lead")]
     params["full"].update(FULL)  # each method's own section: its recipe, and LoRA's arguments
     params["lora"].update(LORA_TRAIN)
     params["lora"].update(LORA)
@@ -100,10 +113,10 @@ def memorized(tmp_path_factory) -> Path:
         ("stages.base",),
         ("stages.lead",),
         ("stages.prepare",),
-        ("stages.train", "full"),
-        ("stages.train", "lora"),
-        *(("stages.generate", v) for v in VARIANTS),
-        *(("stages.evaluate", v) for v in VARIANTS),
+        ("stages.train", "full", SEED),
+        ("stages.train", "lora", SEED),
+        *(("stages.generate", *run_args(v)) for v in VARIANTS),
+        *(("stages.evaluate", *run_args(v)) for v in VARIANTS),
         ("stages.report",),
     ):
         run_stage(module, *args, cwd=work)
@@ -114,7 +127,7 @@ def test_the_ceiling_test_uses_the_default_generation_params(memorized):
     # what the generate stage recorded it used, against what the committed params.yaml asks for
     committed = recorded_generation(generation_config(load_params(REPO / "params.yaml").generate))
     for variant in VARIANTS:
-        used = json.loads((memorized / "metrics" / "generate" / f"{variant}.json").read_text())
+        used = json.loads((memorized / "metrics" / "generate" / f"{run_path(variant)}.json").read_text())
         assert {k: used[k] for k in committed} == committed, variant
     # the premise: some memorized summary repeats a 3-gram (FLAN-T5 splits "#Person1#" into 5
     # tokens), so a no_repeat_ngram_size of 3 could not write it back
@@ -128,18 +141,18 @@ def test_the_ceiling_test_uses_the_default_generation_params(memorized):
 
 
 def test_full_fine_tuning_reaches_the_ceiling(memorized):
-    metrics = json.loads((memorized / "metrics" / "evaluate" / "full.json").read_text())
+    metrics = json.loads((memorized / "metrics" / "evaluate" / "full" / f"seed{SEED}.json").read_text())
     assert metrics["rougeL"] >= 90, metrics
     assert "| full fine-tuning" in (memorized / "metrics" / "report.md").read_text()
 
 
 def test_lora_reaches_the_ceiling(memorized):
-    metrics = json.loads((memorized / "metrics" / "evaluate" / "lora.json").read_text())
+    metrics = json.loads((memorized / "metrics" / "evaluate" / "lora" / f"seed{SEED}.json").read_text())
     assert metrics["rougeL"] >= 90, metrics
     # under bf16 training (a GPU's default, and this CPU's where it runs bf16 natively) the frozen base
     # was bf16 (stages/training.py frozen_base_dtype): the ceiling covers that default where it can
     bf16 = use_bf16("auto", torch.device("cpu"))
-    trained = json.loads((memorized / "metrics" / "train" / "lora.json").read_text())
+    trained = json.loads((memorized / "metrics" / "train" / "lora" / f"seed{SEED}.json").read_text())
     assert trained["train_base_dtype"] == ("bf16" if bf16 else "fp32"), trained
     # the LoRA that reached it is the one LORA asks for: every linear layer and the head
     assert (trained["method_type"], trained["resolved_target_modules"]) == (
@@ -179,7 +192,7 @@ def memorized_llama(tmp_path_factory) -> Path:
     copy_project(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
-    params["variants"] = list(LLAMA_VARIANTS)
+    params["variants"], params["baselines"] = list(LLAMA_VARIANTS), []
     params["full"].update(LLAMA_FULL)  # each method's own section: its recipe, and LoRA's arguments
     params["lora"].update(LLAMA_LORA_TRAIN)
     params["lora"].update(LLAMA_LORA)
@@ -193,10 +206,10 @@ def memorized_llama(tmp_path_factory) -> Path:
     for module, *args in (
         ("stages.base",),
         ("stages.prepare",),
-        ("stages.train", "full"),
-        ("stages.train", "lora"),
-        *(("stages.generate", v) for v in LLAMA_VARIANTS),
-        *(("stages.evaluate", v) for v in LLAMA_VARIANTS),
+        ("stages.train", "full", SEED),
+        ("stages.train", "lora", SEED),
+        *(("stages.generate", *run_args(v)) for v in LLAMA_VARIANTS),
+        *(("stages.evaluate", *run_args(v)) for v in LLAMA_VARIANTS),
     ):
         run_stage(module, *args, cwd=work)
     return work
@@ -205,10 +218,10 @@ def memorized_llama(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("variant", LLAMA_VARIANTS)
 def test_a_memorized_decoder_only_model_reaches_the_ceiling(memorized_llama, variant):
     committed = recorded_generation(generation_config(load_params(REPO / "params.yaml").generate))
-    used = json.loads((memorized_llama / "metrics" / "generate" / f"{variant}.json").read_text())
+    used = json.loads((memorized_llama / "metrics" / "generate" / f"{run_path(variant)}.json").read_text())
     assert {k: used[k] for k in committed} == committed  # the default generation params
     assert json.loads((memorized_llama / "metrics" / "base_model.json").read_text())["base_model_family"] == "causal"
-    metrics = json.loads((memorized_llama / "metrics" / "evaluate" / f"{variant}.json").read_text())
+    metrics = json.loads((memorized_llama / "metrics" / "evaluate" / f"{run_path(variant)}.json").read_text())
     assert metrics["rougeL"] >= 90, metrics
-    predictions = (memorized_llama / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines()
+    predictions = (memorized_llama / "data" / "predictions" / f"{run_path(variant)}.jsonl").read_text().splitlines()
     assert not any("Summary:" in json.loads(row)["prediction"] for row in predictions)  # no prompt echoed

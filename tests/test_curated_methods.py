@@ -158,7 +158,7 @@ def test_a_bad_method_is_one_clear_error_before_any_weights_load(stage_dir, tiny
     write_params(stage_dir, tiny_model_dir, bad)
     monkeypatch.setattr(training, "load_model", lambda *args: pytest.fail("loaded the weights before checking"))
     with pytest.raises(StageError) as info:
-        train.main("bad")
+        train.main("bad", 42)
     assert str(info.value).startswith(expected)
     assert not (stage_dir / "models" / "bad").exists() and not (stage_dir / "checkpoints").exists()
 
@@ -166,7 +166,7 @@ def test_a_bad_method_is_one_clear_error_before_any_weights_load(stage_dir, tiny
 def test_the_stage_process_exits_2_with_the_one_line(stage_dir, tiny_model_dir):
     write_params(stage_dir, tiny_model_dir, {"type": "loha", "rank": 8})
     result = subprocess.run(
-        [sys.executable, "-m", "stages.launch", "bad"],
+        [sys.executable, "-m", "stages.launch", "bad", "42"],
         cwd=stage_dir,
         capture_output=True,
         text=True,

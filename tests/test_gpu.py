@@ -394,6 +394,6 @@ def test_offline_tiny_pipeline_reproduces_end_to_end_on_the_card(tmp_path_factor
     ).stdout
     assert stages_run(output) == set(listed.split())  # every declared stage ran
     for method in ("full", "lora"):  # trained on the card: CUDA's peak memory, not the CPU's RSS
-        costs = json.loads((repo / "metrics" / "timing" / f"train_{method}.json").read_text())
+        costs = json.loads((repo / "metrics" / "timing" / "train" / method / "seed42.json").read_text())
         assert costs.get("peak_gpu_memory_mb", 0) > 0, costs
     assert "up to date" in run(["dvc", "status"], repo)

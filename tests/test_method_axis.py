@@ -28,9 +28,12 @@ def test_every_default_method_resolves_to_its_recipe_and_arguments_before_the_sh
         assert dataclasses.asdict(params.recipe(method)) == BEFORE[f"train_{method}"], method
     for method in ("lora", "ia3", "prompt"):
         assert dataclasses.asdict(params.method(method).config) == BEFORE[method], method
-    assert params.variants == BEFORE["variants"]
-    assert {k: v for k, v in dataclasses.asdict(params).items() if k not in ("methods", "train", "sections")} == {
-        k: v for k, v in BEFORE.items() if not k.startswith("train_") and k not in ("lora", "ia3", "prompt")
+    # the variants compared are the same: the trained ones in `variants`, base and lead in `baselines`
+    assert ["base", *params.variants, "lead"] == BEFORE["variants"] and params.baselines == ["base", "lead"]
+    assert params.seeds == [BEFORE["seed"]]  # one training seed, the one the single-seed pipeline trained with
+    skip = ("methods", "train", "sections", "variants", "baselines", "seeds")
+    assert {k: v for k, v in dataclasses.asdict(params).items() if k not in skip} == {
+        k: v for k, v in BEFORE.items() if not k.startswith("train_") and k not in ("lora", "ia3", "prompt", "variants")
     }
     assert {m: params.method(m).type for m in params.methods} == {
         "full": "full",
@@ -83,6 +86,10 @@ def test_methods_must_name_sections_and_variants_trained_methods(raw):
     raw["methods"] = ["full", "lora", "dora"]
     raw["variants"] = ["base", "full", "lora", "loha", "lead"]
     message = problems(raw)
+    assert (
+        "variants: base, lead is a baseline, not a trained method; list it in baselines (baselines: [base, lead])"
+        in message
+    )
     assert "methods: dora has no section; add one, e.g. dora: {type: loha, learning_rate: 1.0e-3, r: 8}" in message
     assert "variants: loha is not trained; add it to methods too (-S 'methods=[full, lora, dora, loha]')" in message
 
@@ -96,7 +103,7 @@ def test_a_section_without_a_type_is_an_unknown_section(raw):
 
 def test_a_curated_section_adds_to_the_axis_by_name_alone(raw):
     raw["methods"] = [*raw["methods"], "loha"]
-    raw["variants"] = ["base", *raw["methods"], "lead"]
+    raw["variants"] = list(raw["methods"])
     params = parse_params(raw)
     loha = params.method("loha")
     assert (loha.type, loha.label, loha.config.args) == ("loha", "LoHa", {"r": 8, "alpha": 8, "target_modules": "auto"})
@@ -159,7 +166,7 @@ def test_no_import_cycle_among_stages_and_scripts():
 
 def test_the_stage_of_an_unknown_method_exits_2_naming_the_methods(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    result = run_bare_stage(tmp_path, "stages.launch", "dora")
+    result = run_bare_stage(tmp_path, "stages.launch", "dora", "42")
     assert result.returncode == 2
     assert result.stderr == "error: unknown method 'dora'; params.yaml methods are full, lora, ia3, prompt\n"
 

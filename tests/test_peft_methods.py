@@ -342,8 +342,8 @@ def workdir(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.mark.parametrize("method", ["ia3", "prompt"])
 def test_stage_runs_end_to_end(workdir, method):
-    run_stage("stages.train", method, cwd=workdir)
-    adapter = workdir / "models" / method
+    run_stage("stages.train", method, "42", cwd=workdir)
+    adapter = workdir / "models" / method / "seed42"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == {"ia3": "IA3", "prompt": "PROMPT_TUNING"}[method]
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
@@ -356,7 +356,7 @@ def test_stage_runs_end_to_end(workdir, method):
     card_params = yaml.safe_load(card.split("## Params\n\n```yaml\n", 1)[1].split("```", 1)[0])
     assert card_params[method]["type"] == {"ia3": "ia3", "prompt": "prompt_tuning"}[method]
     assert card_params["train"]["epochs"] == 1 and card_params["train"]["batch_size"] == 2  # the resolved recipe
-    metrics = json.loads((workdir / "metrics" / "train" / f"{method}.json").read_text())
+    metrics = json.loads((workdir / "metrics" / "train" / method / "seed42.json").read_text())
     assert metrics["train_steps"] == 3 and metrics["trainable_params"] > 0
     assert metrics["method_type"] == card_params[method]["type"]
     if method == "ia3":  # what auto resolved to on the T5, recorded beside the metrics and in the card
@@ -367,10 +367,11 @@ def test_stage_runs_end_to_end(workdir, method):
             "feedforward_modules": ["wo"],
             "fan_in_fan_out": False,
         }
-    assert (workdir / "metrics" / "timing" / f"train_{method}.json").is_file()
-    assert (workdir / "dvclive" / method / "plots" / "metrics" / "loss.tsv").is_file()
-    assert (workdir / "checkpoints" / method).is_dir()  # where the run checkpointed, emptied once finished
-    assert not list((workdir / "checkpoints" / method).glob("checkpoint-*"))
+    assert (workdir / "metrics" / "timing" / "train" / method / "seed42.json").is_file()
+    assert (workdir / "dvclive" / method / "seed42" / "plots" / "metrics" / "loss.tsv").is_file()
+    assert (workdir / "checkpoints" / method / "seed42").is_dir()  # where the run checkpointed, emptied once finished
+    assert not list((workdir / "checkpoints" / method / "seed42").glob("checkpoint-*"))
+    assert card_params["seed"] == 42 and card_params["validation_seed"] == 42  # training seed, subset seed
     assert not list(workdir.glob(f"*/train_{method}"))  # no output under the old per-stage names
 
 

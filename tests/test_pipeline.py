@@ -28,7 +28,9 @@ COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text())
 # six distinct peft types besides full fine-tuning (LoRA, IA3, prompt tuning, prefix tuning, LoHa, VeRA)
 CURATED = ("prefix", "loha", "vera")
 TRAINED = (*COMMITTED["methods"], *CURATED)
-VARIANTS = ("base", *TRAINED, "lead")
+BASELINES = ("base", "lead")
+SEEDS = (42, 43)  # two training seeds: every trained method runs twice, the report aggregates them
+RUNS = (*(f"{m}/seed{s}" for m in TRAINED for s in SEEDS), *BASELINES)  # stages/runs.py's names
 ROUGE_KEYS = {"rouge1", "rouge2", "rougeL", "rougeLsum"}
 
 
@@ -66,11 +68,23 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+def trained_stages(stage: str, methods=TRAINED, seeds=SEEDS) -> set[str]:
+    """`train@lora-42` ...: a matrix stage per method and seed."""
+    return {f"{stage}@{m}-{s}" for m in methods for s in seeds}
+
+
+def scoring_stages(methods=TRAINED, seeds=SEEDS, baselines=BASELINES, stages=("generate", "evaluate")) -> set[str]:
+    return {
+        *(n for stage in stages for n in trained_stages(stage, methods, seeds)),
+        *(f"{stage}_baseline@{b}" for stage in stages for b in baselines),
+    }
+
+
 def smoke_params(raw: dict, model_dir: Path) -> dict:
     """The documented offline smoke run: tiny model, a slice of DialogSum, 1 short epoch."""
     raw["model"]["name"] = str(model_dir)
     raw["data"].update(source=str(DIALOGSUM), limit=24)  # 24 rows per split; test = 8 dialogues x 3
-    raw["methods"], raw["variants"] = list(TRAINED), list(VARIANTS)
+    raw["methods"], raw["variants"], raw["seeds"] = list(TRAINED), list(TRAINED), list(SEEDS)
     # the shared recipe, so every method: 24 rows / (4 x 2 per step) = 3 steps
     raw["train"].update(epochs=1, batch_size=4, gradient_accumulation_steps=2, eval_batch_size=8, dataloader_workers=0)
     # logging_steps stays 50: a run shorter than that must still write its curves
@@ -108,10 +122,9 @@ def test_repro_runs_every_stage(reproduced):
         "prepare",
         "base",
         "lead",
-        *(f"train@{m}" for m in TRAINED),
         "report",
-        *(f"generate@{v}" for v in VARIANTS),
-        *(f"evaluate@{v}" for v in VARIANTS),
+        *trained_stages("train"),
+        *scoring_stages(),
     }
 
 
@@ -120,22 +133,22 @@ def test_declared_outputs_exist(pipeline_repo, reproduced):
     for split in ("train", "validation", "test"):
         assert (repo / "data" / "raw" / f"{split}.jsonl").is_file()
     assert (repo / "data" / "prepared" / "dataset_dict.json").is_file()
-    assert {p.name for p in (repo / "models" / "full").iterdir()} >= {
+    assert {p.name for p in (repo / "models" / "full" / "seed42").iterdir()} >= {
         "config.json",
         "model.safetensors",
         "tokenizer.json",
     }
-    assert json.loads((repo / "models" / "full" / "config.json").read_text())["tie_word_embeddings"] is False
-    assert {p.name for p in (repo / "models" / "lora").iterdir()} >= {
+    assert json.loads((repo / "models" / "full" / "seed43" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert {p.name for p in (repo / "models" / "lora" / "seed43").iterdir()} >= {
         "adapter_config.json",
         "adapter_model.safetensors",
     }
-    assert not (repo / "models" / "lora" / "model.safetensors").exists()  # adapter only
-    for variant in VARIANTS:
-        lines = (repo / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines()
+    assert not (repo / "models" / "lora" / "seed42" / "model.safetensors").exists()  # adapter only
+    for run_name in RUNS:
+        lines = (repo / "data" / "predictions" / f"{run_name}.jsonl").read_text().splitlines()
         assert len(lines) == 8  # one per unique test dialogue, not per reference row
         assert "generation_runtime_s" in json.loads(
-            (repo / "metrics" / "timing" / f"generate_{variant}.json").read_text()
+            (repo / "metrics" / "timing" / "generate" / f"{run_name}.json").read_text()
         )
     # the title names the model and data that ran (here the tiny model and the local DialogSum copy)
     assert (repo / "metrics" / "report.md").read_text().startswith(f"# {repo.parent / 'tiny'} on {DIALOGSUM}: ")
@@ -148,13 +161,13 @@ def test_metric_files_have_the_expected_keys(pipeline_repo, reproduced):
     prepared = json.loads((metrics / "prepare.json").read_text())
     assert prepared["test_dialogues"] == 8 and prepared["test_references"] == 24
     assert {"train_dialogue_cut", "train_target_truncated", "test_dialogue_cut"} <= set(prepared)
-    for method in ("full", "lora"):
+    for method in ("full/seed42", "lora/seed43"):
         train = json.loads((metrics / "train" / f"{method}.json").read_text())
         assert {"trainable_params", "total_params", "train_loss", "eval_loss", "batch_per_step"} <= set(train)
         # validated by generation on 4 dialogues at the run's one evaluation (its last step), which is the one kept
         assert train["validation_dialogues"] == 4 and train["evaluations"] == 1
         assert train["selected_step"] == train["train_steps"] and 0 <= train["selected_val_rougeL"] <= 100
-        costs = json.loads((metrics / "timing" / f"train_{method}.json").read_text())
+        costs = json.loads((metrics / "timing" / "train" / f"{method}.json").read_text())
         assert {"train_runtime_s", "train_samples_per_second", "peak_rss_mb"} <= set(costs)
         # train time is the optimizer loop: the whole train() call less its validations; the save apart
         assert costs["validation_runtime_s"] > 0 and costs["save_runtime_s"] > 0
@@ -163,11 +176,11 @@ def test_metric_files_have_the_expected_keys(pipeline_repo, reproduced):
         )
         # the logged train loss is per token like eval_loss, not multiplied by accumulation steps
         assert train["train_loss_mean"] < 1.3 * train["eval_loss"]
-    full, lora = (json.loads((metrics / "train" / f"{m}.json").read_text()) for m in ("full", "lora"))
+    full, lora = (json.loads((metrics / "train" / m / "seed42.json").read_text()) for m in ("full", "lora"))
     assert full["trainable_params"] == full["total_params"]
     assert 0 < lora["trainable_params"] < full["trainable_params"] / 10
-    for variant in VARIANTS:
-        scores = json.loads((metrics / "evaluate" / f"{variant}.json").read_text())
+    for run_name in RUNS:
+        scores = json.loads((metrics / "evaluate" / f"{run_name}.json").read_text())
         assert ROUGE_KEYS <= set(scores) and {f"{k}_mean_ref" for k in ROUGE_KEYS} <= set(scores)
         assert scores["dialogues"] == 8 and scores["references"] == 24
         assert all(0 <= scores[k] <= 100 for k in ROUGE_KEYS)
@@ -178,7 +191,8 @@ def test_report_states_significance_in_words(pipeline_repo, reproduced):
     for heading in (
         "## Multi-reference ROUGE",
         "## Mean over references",
-        "## 95% bootstrap confidence intervals",
+        "## Verdict",
+        "## 95% confidence intervals",
         "## Paired tests on ROUGE-L",
         "## Generation diagnostics",
         "## Examples",
@@ -186,17 +200,33 @@ def test_report_states_significance_in_words(pipeline_repo, reproduced):
         assert heading in report
     assert re.search(r"- \*\*full fine-tuning\*\* (is significantly (better|worse) than|vs) \*\*original", report)
     assert "| lead baseline" in report
+    # the verdict comes first, one sentence per trained method, over both seeds
+    assert report.index("## Verdict") < report.index("## Quality and cost")
+    verdict = report.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    assert "- **LoRA**: " in verdict and "ROUGE-L vs full fine-tuning (95% CI " in verdict
+    assert "2 seeds x 8 dialogues" in verdict and "of full fine-tuning's trainable params" in verdict
+    assert "Every trained method ran under 2 training seeds (42, 43)" in verdict
+    # per method: the mean over seeds, each seed's score and their standard deviation
+    intervals = report.split("## 95% confidence intervals", 1)[1].split("\n## ", 1)[0]
+    lora = next(line for line in intervals.splitlines() if line.startswith("| LoRA "))
+    cells = [c.strip() for c in lora.strip("|").split("|")]
+    assert cells[5] == "2" and len(cells[6].split(", ")) == 2 and re.fullmatch(r"\d+\.\d\d", cells[7])
+    per_seed = [
+        json.loads((pipeline_repo / "metrics" / "evaluate" / "lora" / f"seed{s}.json").read_text()) for s in SEEDS
+    ]
+    assert float(cells[3].split(" [")[0]) == pytest.approx(sum(e["rougeL"] for e in per_seed) / 2, abs=0.006)
 
 
 def test_dvc_plots_render_rouge_by_variant(pipeline_repo, reproduced):
     shown = run_json(["dvc", "plots", "show", "--json"], pipeline_repo)["data"]
     values = shown["rouge_by_variant"][0]["content"]["data"]["values"]
-    assert [v["variant"] for v in values] == list(VARIANTS) and all("rougeL" in v for v in values)
-    # validation ROUGE-L per step, one series per trained method, named as the report names it
+    assert [v["variant"] for v in values] == [*BASELINES, *TRAINED] and all("rougeL" in v for v in values)
+    # validation ROUGE-L per step, one series per trained method and seed, named as the report names it
     validation = shown["metrics/plots/validation_rougeL.json"][0]["content"]["data"]["values"]
-    labels = ["full fine-tuning", "LoRA", "IA3", "prompt tuning", "prefix tuning", "LoHa", "VeRA"]
+    methods = ["full fine-tuning", "LoRA", "IA3", "prompt tuning", "prefix tuning", "LoHa", "VeRA"]
+    labels = [f"{m} seed {s}" for m in methods for s in SEEDS]
     assert list(dict.fromkeys(v["method"] for v in validation)) == labels
-    assert [v["place"] for v in validation] == list(range(len(TRAINED)))  # one validation each: the last step
+    assert [v["place"] for v in validation] == list(range(len(labels)))  # one validation each: the last step
     assert all(v["step"] == 3 and 0 <= v["rougeL"] <= 100 for v in validation)
     losses = shown["metrics/plots/training_loss.json"][0]["content"]["data"]["values"]
     assert {(v["method"], v["curve"]) for v in losses} == {(m, c) for m in labels for c in ("train", "validation")}
@@ -227,7 +257,7 @@ def test_editing_local_data_reruns_the_data_stage_and_only_what_the_snapshot_cha
         assert stages_run(run(["dvc", "repro"], repo)) == {
             "data",
             "prepare",
-            *(f"evaluate@{v}" for v in VARIANTS),
+            *scoring_stages(stages=("evaluate",)),
             "report",
         }
     finally:
@@ -244,8 +274,10 @@ def test_frontier_plot_renders_every_trained_variant(pipeline_repo, reproduced):
     values = shown["data"]["frontier"][0]["content"]["data"]["values"]
     # the zero-cost variants take part too (reference lines in the plot, points in the dominance check)
     assert {v["variant"] for v in values if not v["zero_cost"]} == set(TRAINED)
-    assert {v["variant"] for v in values if v["zero_cost"]} == set(VARIANTS) - set(TRAINED)
+    assert {v["variant"] for v in values if v["zero_cost"]} == set(BASELINES)
     assert all(v["rougeL_ci_low"] <= v["rougeL"] <= v["rougeL_ci_high"] for v in values)
+    # each seed's own point rides along with the trained variants' means
+    assert all(len(v["seed_rougeL"]) == (1 if v["zero_cost"] else 2) for v in values)
     assert {v["pareto"] for v in values} <= {"Pareto-optimal", "dominated"} and "Pareto-optimal" in {
         v["pareto"] for v in values
     }
@@ -253,8 +285,8 @@ def test_frontier_plot_renders_every_trained_variant(pipeline_repo, reproduced):
     assert "## Quality and cost" in report and all(f"| {label} " in report for label in ("LoRA", "full fine-tuning"))
     # the cost rows carry the dtype each trained method's base weights were held in (the runs table shows it)
     for method in TRAINED:
-        trained = json.loads((pipeline_repo / "metrics" / "train" / f"{method}.json").read_text())
-        cost = json.loads((pipeline_repo / "metrics" / "cost" / f"{method}.json").read_text())
+        trained = json.loads((pipeline_repo / "metrics" / "train" / method / "seed42.json").read_text())
+        cost = json.loads((pipeline_repo / "metrics" / "cost" / method / "seed42.json").read_text())
         assert cost["train_base_dtype"] == trained["train_base_dtype"]
     assert "base weights held in" in report
 
@@ -264,12 +296,12 @@ def test_noop_repro_runs_nothing(pipeline_repo, reproduced):
 
 
 def test_a_subset_of_variants_runs_only_what_it_needs(pipeline_repo, reproduced):
-    # `-S 'variants=[base,lora,lead]' report`: forced, the report's upstream is exactly these
+    # `-S 'variants=[lora]' report`: forced, the report's upstream is exactly LoRA's runs and the baselines
     params_file = pipeline_repo / "params.yaml"
     original = params_file.read_text()
     try:
         params = yaml.safe_load(original)
-        params["variants"] = ["base", "lora", "lead"]
+        params["variants"] = ["lora"]
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         planned = stages_run(run(["dvc", "repro", "--dry", "--force", "report"], pipeline_repo))
     finally:
@@ -279,9 +311,9 @@ def test_a_subset_of_variants_runs_only_what_it_needs(pipeline_repo, reproduced)
         "prepare",
         "base",
         "lead",
-        "train@lora",
         "report",
-        *(f"{stage}@{v}" for stage in ("generate", "evaluate") for v in ("base", "lora", "lead")),
+        *trained_stages("train", ["lora"]),
+        *scoring_stages(["lora"]),
     }
 
 
@@ -325,12 +357,12 @@ def test_prompt_change_does_not_refetch_but_data_change_does(pipeline_repo, repr
 
 def test_attention_implementation_reruns_what_runs_the_model_not_the_pin_or_tokenization(pipeline_repo, reproduced):
     planned = dry_run_with(pipeline_repo, "model", "attn_implementation", "eager")
-    assert planned == {*(f"train@{m}" for m in TRAINED), *(f"generate@{v}" for v in VARIANTS)}
+    assert planned == {*trained_stages("train"), *scoring_stages(stages=("generate",))}
 
 
 def test_training_curves_and_model_cards(pipeline_repo, reproduced):
     repo = pipeline_repo
-    for method in TRAINED:
+    for method in (f"{m}/seed{s}" for m in TRAINED for s in SEEDS):
         rows = (repo / "dvclive" / method / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
         # 24 rows / (4 x 2 per step) = 3 steps, fewer than logging_steps: the last step is logged anyway
         step = rows[0].split("\t").index("step")
@@ -346,7 +378,7 @@ def test_training_curves_and_model_cards(pipeline_repo, reproduced):
     }
     assert not shown.get("errors"), shown["errors"]  # every declared curve file exists
     assert (repo / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()  # DVCLive left it alone
-    full_card, lora_card = ((repo / "models" / v / "README.md").read_text() for v in ("full", "lora"))
+    full_card, lora_card = ((repo / "models" / v / "seed42" / "README.md").read_text() for v in ("full", "lora"))
     assert full_card.startswith("---\nbase_model: ") and "library_name: transformers" in full_card
     pin = json.loads((repo / "models" / "base" / "pin.json").read_text())
     assert pin["resolved_revision"].startswith("sha256:")  # a local model directory: a content hash
@@ -362,7 +394,7 @@ def test_remote_push_clone_pull_is_clean(pipeline_repo, reproduced, tmp_path):
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     run(["dvc", "pull"], clone)
-    assert (clone / "models" / "full" / "model.safetensors").is_file()
+    assert (clone / "models" / "full" / "seed43" / "model.safetensors").is_file()
     assert "Data and pipelines are up to date" in run(["dvc", "status"], clone)
     assert stages_run(run(["dvc", "repro"], clone)) == set()
 
@@ -371,27 +403,44 @@ def test_lora_experiment_reruns_exactly_its_stages(pipeline_repo, reproduced):
     repo = pipeline_repo
     git_commit(repo, "reproduced")
     output = run(["dvc", "exp", "run", "-S", "lora.r=16"], repo)
-    assert stages_run(output) == {"train@lora", "generate@lora", "evaluate@lora", "report"}
+    lora = {"lora"}
+    assert stages_run(output) == {*trained_stages("train", lora), *scoring_stages(lora, baselines=()), "report"}
 
     diff = run_json(["dvc", "metrics", "diff", "--json"], repo)
-    trainable = diff["metrics/train/lora.json"]["trainable_params"]
+    trainable = diff["metrics/train/lora/seed42.json"]["trainable_params"]
     assert trainable["new"] * 2 == trainable["old"]  # rank 32 -> 16 halves the adapter
-    assert "metrics/evaluate/full.json" not in diff  # untouched variants show no change
+    assert "metrics/evaluate/full/seed42.json" not in diff  # untouched variants show no change
     # a random tiny model may score the same after the change, so ask for unchanged rows too
-    rouge = run_json(["dvc", "metrics", "diff", "--all", "--json"], repo)["metrics/evaluate/lora.json"]
+    rouge = run_json(["dvc", "metrics", "diff", "--all", "--json"], repo)["metrics/evaluate/lora/seed43.json"]
     assert ROUGE_KEYS <= set(rouge) and {"old", "new"} <= set(rouge["rougeL"])
     params_diff = run_json(["dvc", "params", "diff", "--json"], repo)
     assert params_diff["params.yaml"]["lora.r"] == {"old": 32, "new": 16, "diff": -16}
 
     shown = run_json(["dvc", "exp", "show", "--json"], repo)
     text = json.dumps(shown)
-    assert "metrics/evaluate/lora.json" in text and '"rougeL"' in text
+    assert "metrics/evaluate/lora/seed42.json" in text and '"rougeL"' in text
+
+
+def test_adding_a_seed_runs_only_that_seed_and_dropping_one_only_the_report(pipeline_repo, reproduced):
+    params_file = pipeline_repo / "params.yaml"
+    original = params_file.read_text()
+    try:
+        for seeds, expected in (
+            ([*SEEDS, 44], {*trained_stages("train", seeds=[44]), *scoring_stages(seeds=[44], baselines=()), "report"}),
+            ([SEEDS[0]], {"report"}),  # the dropped seed's stages leave dvc.yaml; the report re-aggregates
+        ):
+            params = yaml.safe_load(original)
+            params["seeds"] = seeds
+            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+            assert stages_run(run(["dvc", "repro", "--dry"], pipeline_repo)) == expected, seeds
+    finally:
+        params_file.write_text(original)
 
 
 def test_statistics_change_reruns_no_generation_and_no_training(pipeline_repo, reproduced):
     git_commit(pipeline_repo, "before a statistics change")
     output = run(["dvc", "exp", "run", "-S", "evaluate.bootstrap_resamples=300"], pipeline_repo)
-    assert stages_run(output) == {"report", *(f"evaluate@{v}" for v in VARIANTS)}
+    assert stages_run(output) == {"report", *scoring_stages(stages=("evaluate",))}
 
 
 @pytest.mark.parametrize(
@@ -406,7 +455,7 @@ def test_statistics_change_reruns_no_generation_and_no_training(pipeline_repo, r
 def test_each_method_change_touches_its_own_training_stage_only(pipeline_repo, reproduced, method, key, value):
     # a dry run lists the stages whose own dependencies changed; what follows them (generate@, evaluate@
     # and the report for that method) is the graph, run for real in test_lora_experiment_reruns_exactly_its_stages
-    assert dry_run_with(pipeline_repo, method, key, value) == {f"train@{method}"}
+    assert dry_run_with(pipeline_repo, method, key, value) == trained_stages("train", [method])
 
 
 def test_lead_turns_change_reruns_the_lead_variant_only(pipeline_repo, reproduced):
@@ -414,7 +463,7 @@ def test_lead_turns_change_reruns_the_lead_variant_only(pipeline_repo, reproduce
     # would otherwise re-pin and retrain everything)
     git_commit(pipeline_repo, "before a lead change")
     output = run(["dvc", "exp", "run", "-S", "lead.turns=3"], pipeline_repo)
-    assert stages_run(output) == {"lead", "generate@lead", "evaluate@lead", "report"}
+    assert stages_run(output) == {"lead", "generate_baseline@lead", "evaluate_baseline@lead", "report"}
 
 
 def test_training_only_prepare_change_regenerates_no_untrained_variant(pipeline_repo, reproduced):
@@ -434,7 +483,7 @@ def test_training_only_prepare_change_regenerates_no_untrained_variant(pipeline_
     finally:
         params_file.write_text(original)
         run(["dvc", "repro", "prepare"], pipeline_repo)  # the reproduced state back (DVC's run cache)
-    assert changed == {f"train@{m}" for m in TRAINED}
+    assert changed == trained_stages("train")
     assert "Data and pipelines are up to date" in run(["dvc", "status"], pipeline_repo)
 
 
@@ -515,7 +564,8 @@ def test_adding_a_method_by_the_readme_s_steps_gets_its_row_in_the_report(pipeli
         output = "".join(run(shlex.split(command), repo) for command in commands)
         # only the new method's stages and the report run (the other methods come as they were)
         assert {s for s in stages_run(output) if s != "report"} == {
-            f"{s}@{name}" for s in ("train", "generate", "evaluate")
+            *trained_stages("train", [name]),
+            *scoring_stages([name], baselines=()),
         }
         label = "LoKr"
         report = (repo / "metrics" / "report.md").read_text()
@@ -523,16 +573,16 @@ def test_adding_a_method_by_the_readme_s_steps_gets_its_row_in_the_report(pipeli
         assert f"**{label}** vs **full fine-tuning**" in report or f"**{label}** is significantly" in report
         frontier = json.loads((repo / "metrics" / "frontier.json").read_text())
         assert {row["variant"]: row["label"] for row in frontier}[name] == label
-        train = json.loads((repo / "metrics" / "train" / f"{name}.json").read_text())
+        train = json.loads((repo / "metrics" / "train" / name / "seed42.json").read_text())
         assert train["method_type"] == "lokr" and train["resolved_target_modules"] == "q,v"
-        assert (repo / "models" / name / "adapter_config.json").is_file()
+        assert (repo / "models" / name / "seed43" / "adapter_config.json").is_file()
     finally:
         params_file.write_text(original)
     run(["dvc", "repro"], repo)  # the committed state back, from DVC's run cache
 
 
 def test_a_shared_recipe_change_retrains_every_method(pipeline_repo, reproduced):
-    assert dry_run_with(pipeline_repo, "train", "epochs", 2) == {f"train@{m}" for m in TRAINED}
+    assert dry_run_with(pipeline_repo, "train", "epochs", 2) == trained_stages("train")
 
 
 def test_the_report_flags_tuned_settings_the_reported_model_did_not_run_with(pipeline_repo, reproduced):

@@ -17,10 +17,12 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, copy_project, make_tiny_model, require_shared
-from tests.test_pipeline import git_commit, run, smoke_params, stages_run
+from tests.test_pipeline import git_commit, run, scoring_stages, smoke_params, stages_run, trained_stages
 
 COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text())
 VARIANTS, TRAINED = tuple(COMMITTED["variants"]), tuple(COMMITTED["methods"])  # the committed lists
+BASELINES, SEEDS = tuple(COMMITTED["baselines"]), tuple(COMMITTED["seeds"])  # one seed: the one-seed report
+RUNS = (*(f"{v}/seed{s}" for v in VARIANTS for s in SEEDS), *BASELINES)
 # family -> (make_tiny_model.py args, family recorded in metrics/base_model.json, LoRA's auto targets)
 FAMILIES = {
     "bart": (["--family", "bart"], "seq2seq", "q_proj,v_proj"),
@@ -42,7 +44,7 @@ def reproduced(request, tmp_path_factory) -> tuple[str, Path]:
     params["data"]["limit"] = 12
     # the committed methods (the curated peft methods run once, on T5, in tests/test_pipeline.py, and a
     # step, save and reload on Llama in tests/test_curated_methods.py)
-    params["methods"], params["variants"] = list(TRAINED), list(VARIANTS)
+    params["methods"], params["variants"], params["seeds"] = list(TRAINED), list(VARIANTS), list(SEEDS)
     params["generate"].update(max_new_tokens=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
@@ -53,25 +55,24 @@ def reproduced(request, tmp_path_factory) -> tuple[str, Path]:
         "prepare",
         "base",
         "lead",
-        *(f"train@{m}" for m in TRAINED),
         "report",
-        *(f"generate@{v}" for v in VARIANTS),
-        *(f"evaluate@{v}" for v in VARIANTS),
+        *trained_stages("train", TRAINED, SEEDS),
+        *scoring_stages(VARIANTS, SEEDS, BASELINES),
     }
     return name, repo
 
 
 def test_every_variant_generates_and_scores(reproduced):
     _, repo = reproduced
-    for variant in VARIANTS:
+    for run_name in RUNS:
         rows = [
-            json.loads(line) for line in (repo / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines()
+            json.loads(line) for line in (repo / "data" / "predictions" / f"{run_name}.jsonl").read_text().splitlines()
         ]
         assert len(rows) == 4  # one per unique test dialogue
-        scores = json.loads((repo / "metrics" / "evaluate" / f"{variant}.json").read_text())
+        scores = json.loads((repo / "metrics" / "evaluate" / f"{run_name}.json").read_text())
         assert scores["dialogues"] == 4 and 0 <= scores["rougeL"] <= 100
     for variant in TRAINED:
-        train = json.loads((repo / "metrics" / "train" / f"{variant}.json").read_text())
+        train = json.loads((repo / "metrics" / "train" / variant / f"seed{SEEDS[0]}.json").read_text())
         assert 0 < train["trainable_params"] <= train["total_params"]
 
 
@@ -80,16 +81,18 @@ def test_the_family_and_its_defaults_are_recorded(reproduced):
     _, model_family, lora_targets = FAMILIES[name]
     base = json.loads((repo / "metrics" / "base_model.json").read_text())
     assert base["base_model_family"] == model_family
-    trained = json.loads((repo / "metrics" / "train" / "lora.json").read_text())  # what `auto` resolved to
+    trained = json.loads(
+        (repo / "metrics" / "train" / "lora" / f"seed{SEEDS[0]}.json").read_text()
+    )  # what `auto` resolved to
     assert (trained["resolved_target_modules"], trained["resolved_fan_in_fan_out"]) == (
         lora_targets,
         int(name == "gpt2"),
     )
-    lora = json.loads((repo / "models" / "lora" / "adapter_config.json").read_text())
+    lora = json.loads((repo / "models" / "lora" / f"seed{SEEDS[0]}" / "adapter_config.json").read_text())
     assert sorted(lora["target_modules"]) == lora_targets.split(",")
     assert lora["fan_in_fan_out"] is (name == "gpt2")  # GPT-2's Conv1D stores weights transposed
     assert lora["task_type"] == ("SEQ_2_SEQ_LM" if model_family == "seq2seq" else "CAUSAL_LM")
-    card = (repo / "models" / "lora" / "README.md").read_text()
+    card = (repo / "models" / "lora" / f"seed{SEEDS[0]}" / "README.md").read_text()
     assert f"base_model: {repo.parent / 'tiny'}" in card and f"- {model_family}" in card and f"- {name}" in card
     assert "flan-t5" not in card.lower() and f"target_modules:\n  - {lora_targets.split(',')[0]}" in card
 
@@ -98,6 +101,8 @@ def test_the_report_names_the_model_that_ran(reproduced):
     _, repo = reproduced
     report = (repo / "metrics" / "report.md").read_text()
     assert report.startswith(f"# {repo.parent / 'tiny'} on ") and "FLAN-T5" not in report.splitlines()[0]
+    # one seed (the default): the report says seed variance was not measured and how to measure it
+    assert "**Seed variance was not measured**" in report and "dvc exp run -S 'seeds=[42,43,44]'" in report
 
 
 def test_a_causal_prediction_never_contains_its_prompt(reproduced):

@@ -56,6 +56,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+BASELINES = ("base", "lead")
+
+
+def run_path(variant: str) -> str:
+    """Where a variant's one run writes: a trained method under seed 42, a baseline under its name."""
+    return variant if variant in BASELINES else f"{variant}/seed42"
+
+
 def write_variant(repo: Path, variant: str, rouge_l: float, trainable: int) -> None:
     """What generate@ and evaluate@ write for one variant: its metrics, cost row, predictions, scores."""
     rng = np.random.default_rng(len(variant))
@@ -68,10 +76,12 @@ def write_variant(repo: Path, variant: str, rouge_l: float, trainable: int) -> N
             f"{rouge_type}_ci_low": low,
             f"{rouge_type}_ci_high": high,
         }
-    write_json(repo / "metrics" / "evaluate" / f"{variant}.json", evaluation)
-    write_json(repo / "metrics" / "generate" / f"{variant}.json", {"gen_mean_tokens": 21.5, "gen_hit_max_share": 0.0})
+    write_json(repo / "metrics" / "evaluate" / f"{run_path(variant)}.json", evaluation)
     write_json(
-        repo / "metrics" / "cost" / f"{variant}.json",
+        repo / "metrics" / "generate" / f"{run_path(variant)}.json", {"gen_mean_tokens": 21.5, "gen_hit_max_share": 0.0}
+    )
+    write_json(
+        repo / "metrics" / "cost" / f"{run_path(variant)}.json",
         {
             **({"method_type": METHOD_TYPES[variant]} if variant in METHOD_TYPES else {}),
             "trainable_params": trainable,
@@ -87,7 +97,7 @@ def write_variant(repo: Path, variant: str, rouge_l: float, trainable: int) -> N
     ids = [f"test_{i}" for i in range(DIALOGUES)]
     references = [[f"Person1 books table {i}.", f"A table {i} is booked.", "Dinner."] for i in range(DIALOGUES)]
     write_jsonl(
-        repo / "data" / "predictions" / f"{variant}.jsonl",
+        repo / "data" / "predictions" / f"{run_path(variant)}.jsonl",
         [
             {"id": i, "dialogue": f"#Person1#: table {n}?", "references": r, "prediction": f"{variant} summary {n}"}
             for n, (i, r) in enumerate(zip(ids, references))
@@ -98,7 +108,7 @@ def write_variant(repo: Path, variant: str, rouge_l: float, trainable: int) -> N
     )
     per_dialogue = np.clip(rouge_l / 100 + rng.normal(0, 0.05, DIALOGUES), 0, 1) if rouge_l else np.zeros(DIALOGUES)
     write_jsonl(
-        repo / "data" / "scores" / f"{variant}.jsonl",
+        repo / "data" / "scores" / f"{run_path(variant)}.jsonl",
         [
             {"id": i, **{t: float(s) for t in ("rouge1", "rouge2", "rougeL", "rougeLsum")}}
             for i, s in zip(ids, per_dialogue)
@@ -126,7 +136,9 @@ def write_curves(repo: Path, method: str, start_loss: float, learning_rate: floa
     validation = [
         {"step": s, "rougeL": 20 + s / 2, "loss": validation_loss(start_loss, s)} for s in range(4, STEPS + 1, 4)
     ]
-    write_json(repo / "metrics" / "curves" / f"{method}.json", {"validation": validation, "training": training})
+    write_json(
+        repo / "metrics" / "curves" / f"{run_path(method)}.json", {"validation": validation, "training": training}
+    )
 
     metrics = repo / "dvclive" / method / "plots" / "metrics"
     (metrics / "eval").mkdir(parents=True, exist_ok=True)
@@ -160,7 +172,9 @@ def write_outputs(repo: Path, rouge_l: dict[str, float]) -> None:
 
 def set_variants(repo: Path, variants: list[str]) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["variants"] = variants
+    params["variants"] = [v for v in variants if v not in BASELINES]  # trained, each under seed 42
+    params["baselines"] = [v for v in variants if v in BASELINES]
+    params["seeds"] = [42]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

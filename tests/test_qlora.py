@@ -53,20 +53,24 @@ def qlora(tmp_path_factory) -> Path:
     for module, *args in (
         ("stages.base",),
         ("stages.prepare",),
-        ("stages.train", "lora"),
-        ("stages.generate", "lora"),
+        ("stages.train", "lora", "42"),
+        ("stages.generate", "lora", "42"),
     ):
         run_stage(module, *args, cwd=work)
     return work
 
 
 def test_qlora_trains_on_a_4bit_base_and_records_it(qlora):
-    assert json.loads((qlora / "models" / "lora" / "quantization.json").read_text()) == {"quantization": "4bit"}
-    train = json.loads((qlora / "metrics" / "train" / "lora.json").read_text())
+    assert json.loads((qlora / "models" / "lora" / "seed42" / "quantization.json").read_text()) == {
+        "quantization": "4bit"
+    }
+    train = json.loads((qlora / "metrics" / "train" / "lora" / "seed42.json").read_text())
     assert 0 < train["trainable_params"] < train["total_params"] and train["train_loss"] > 0
     assert train["method_type"] == "lora"
-    assert json.loads((qlora / "metrics" / "generate" / "lora.json").read_text())["base_quantization"] == "4bit"
-    assert "quantization: 4bit" in (qlora / "models" / "lora" / "README.md").read_text()
+    assert (
+        json.loads((qlora / "metrics" / "generate" / "lora" / "seed42.json").read_text())["base_quantization"] == "4bit"
+    )
+    assert "quantization: 4bit" in (qlora / "models" / "lora" / "seed42" / "README.md").read_text()
 
 
 def test_qlora_adapter_reloads_onto_the_same_quantized_base(qlora):
@@ -74,7 +78,9 @@ def test_qlora_adapter_reloads_onto_the_same_quantized_base(qlora):
     the adapter is not a no-op: the base alone says something else."""
     params = load_params(qlora / "params.yaml")
     pin = json.loads((qlora / "models" / "base" / "pin.json").read_text())
-    tokenizer, model = load_variant(qlora / "models" / "lora", ModelParams(pin["name"], pin["revision"]), torch.float32)
+    tokenizer, model = load_variant(
+        qlora / "models" / "lora" / "seed42", ModelParams(pin["name"], pin["revision"]), torch.float32
+    )
     assert family.is_quantized(model)
     test = Dataset.load_from_disk(str(qlora / "data" / "prepared" / "test"))
     generated = generate_summaries(model.eval(), tokenizer, test["input_ids"], params.generate)
@@ -109,7 +115,7 @@ def test_a_stage_imports_bitsandbytes_only_where_params_quantize(qlora, tmp_path
     """bitsandbytes' import compiles kernels (~3.5 s per stage on 2 cores), and peft imports it
     whenever installed: a stage process loads it only when a params section quantizes, and a
     quantized load asked for anyway says why it cannot run instead of "pip install bitsandbytes"."""
-    quantized, result = imported_modules("stages.generate", "lora", cwd=qlora)
+    quantized, result = imported_modules("stages.generate", "lora", "42", cwd=qlora)
     assert result.returncode == 0, result.stderr
     assert {"peft", "bitsandbytes.nn"} <= quantized
 
@@ -118,11 +124,13 @@ def test_a_stage_imports_bitsandbytes_only_where_params_quantize(qlora, tmp_path
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["lora"]["quantization"] = "none"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    plain, result = imported_modules("stages.train", "lora", cwd=work)  # trains on the unquantized base
+    plain, result = imported_modules("stages.train", "lora", "42", cwd=work)  # trains on the unquantized base
     assert result.returncode == 0, result.stderr
     assert "peft" in plain and "bitsandbytes.nn" not in plain
-    (work / "models" / "lora" / "quantization.json").write_text('{"quantization": "4bit"}')  # a 4-bit adapter
-    _, result = imported_modules("stages.generate", "lora", cwd=work)
+    (work / "models" / "lora" / "seed42" / "quantization.json").write_text(
+        '{"quantization": "4bit"}'
+    )  # a 4-bit adapter
+    _, result = imported_modules("stages.generate", "lora", "42", cwd=work)
     assert result.returncode == 2  # a StageError (stages/errors.py)
     assert [line for line in result.stderr.splitlines() if not line.startswith("import time:")] == [
         "error: a 4bit load needs bitsandbytes, which this stage keeps unimported because no params.yaml "
@@ -134,10 +142,10 @@ def test_a_stage_imports_bitsandbytes_only_where_params_quantize(qlora, tmp_path
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["python", "-m", "stages.generate", "lora"], True),
-        (["python", "-X", "importtime", "-m", "stages.train", "lora"], True),
-        (["/venv/bin/python", "-u", "-m", "stages.train", "full"], True),  # a torchrun worker
-        (["python", "-m", "stages.launch", "lora"], True),  # dvc.yaml's train@lora
+        (["python", "-m", "stages.generate", "lora", "42"], True),
+        (["python", "-X", "importtime", "-m", "stages.train", "lora", "42"], True),
+        (["/venv/bin/python", "-u", "-m", "stages.train", "full", "42"], True),  # a torchrun worker
+        (["python", "-m", "stages.launch", "lora", "42"], True),  # dvc.yaml's train@lora-42
         (["python", "-m", "pytest", "tests"], False),
         (["python", "-c", "import stages.generate"], False),
     ],

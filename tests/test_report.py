@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 
+from stages import aggregate
+from stages.aggregate import Variant
 from stages.report import (
     SIGNIFICANCE,
     comparison_pairs,
     comparison_sentence,
-    comparisons,
     frontier_rows,
     pareto_cell,
     pareto_optimal,
@@ -33,7 +34,16 @@ COMPARISONS = comparison_pairs(VARIANTS)
 
 def as_predictions(**scores: np.ndarray) -> dict[str, list[dict]]:
     """Per-dialogue rows as the evaluate stage writes them (only ROUGE-L matters here)."""
-    return {variant: [{"rougeL": float(x)} for x in values] for variant, values in scores.items()}
+    return {
+        variant: [{"id": f"d{i}", "rougeL": float(x)} for i, x in enumerate(values)]
+        for variant, values in scores.items()
+    }
+
+
+def comparisons(scores: dict[str, list[dict]], pairs, resamples: int, seed: int) -> list[dict]:
+    """The report's paired tests on one seed per variant (each variant one run's per-dialogue rows)."""
+    loaded = {v: Variant(v, [v], [None], [{}], [{}], [{}], [rows], [{}]) for v, rows in scores.items()}
+    return aggregate.comparisons(loaded, pairs, resamples, seed)
 
 
 def by_pair(results: list[dict]) -> dict[tuple[str, str], dict]:
@@ -227,7 +237,7 @@ def test_the_committed_tuning_file_says_nothing_was_tuned_in_tune_py_s_format() 
     """metrics/tuning.json is the report's dep: committed as tune.py writes it for an empty grid."""
     tune = load_script("tune")
     assert json.loads((REPO / "metrics" / "tuning.json").read_text()) == tune.tuning(
-        [], tune.declared_methods(REPO / "params.yaml")
+        [], tune.declared_methods(REPO / "params.yaml"), tune.trial_seed(REPO / "params.yaml")
     )
 
 
@@ -471,10 +481,13 @@ def test_tuned_settings_the_reported_model_did_not_run_with_are_flagged_not_clai
         },
     }
     # LoRA ran at r 32 after an edit; its learning rate is the tuned one
-    ran = {"lora": {"lora.r": 32, "lora.learning_rate": 0.001, "train.epochs": 3}, "base": {}}
+    ran = {"lora": [{"lora.r": 32, "lora.learning_rate": 0.001, "train.epochs": 3}] * 2, "base": [{}]}
     mismatches = tuning_mismatches(tuning, ran)
     assert mismatches == {"lora": [("lora.r", 16, 32)]}
-    assert tuning_mismatches(tuning, {"lora": {"lora.r": 16, "lora.learning_rate": 0.001}}) == {}
+    assert tuning_mismatches(tuning, {"lora": [{"lora.r": 16, "lora.learning_rate": 0.001}]}) == {}
+    # one seed of two ran with the pick: still flagged, with each seed's value
+    split = {"lora": [{"lora.r": 16, "lora.learning_rate": 0.001}, {"lora.r": 32, "lora.learning_rate": 0.001}]}
+    assert tuning_mismatches(tuning, split) == {"lora": [("lora.r", 16, [16, 32])]}
     cost = {
         "lora": {
             "select_by": "rougeL",

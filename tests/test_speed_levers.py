@@ -135,7 +135,7 @@ def stage_run(model_dir: Path, workdir: Path, method: str, recipe, monkeypatch, 
     )
     section = PARAMS.sections[method]
     section = dataclasses.replace(section, recipe=recipe, config=dataclasses.replace(section.config, **config))
-    run = training.start_run(method, dataclasses.replace(params, sections={**PARAMS.sections, method: section}))
+    run = training.start_run(method, 42, dataclasses.replace(params, sections={**PARAMS.sections, method: section}))
     assert run.recipe == recipe and run.section.config == section.config  # the run trains what it was given
     return run
 

@@ -153,7 +153,7 @@ def test_missing_model_directory_is_one_error_line_and_exit_2(workdir):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: model directory 'models/missing' not found; pass a trained model (models/full, models/lora) "
+        "error: model directory 'models/missing' not found; pass a trained model (models/full/seed42, models/lora/seed42) "
         "or --model base"
     )
 

@@ -101,7 +101,7 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
 
 def start_and_kill_after_first_checkpoint(repo: Path, method: str) -> None:
     # --force: the stage may be up to date from an earlier test
-    stage = f"train@{method}"
+    stage = f"train@{method}-42"
     process = subprocess.Popen(
         ["dvc", "repro", "--force", "--single-item", stage],
         cwd=repo,
@@ -111,7 +111,7 @@ def start_and_kill_after_first_checkpoint(repo: Path, method: str) -> None:
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
-    while not list((repo / "checkpoints" / method).glob("checkpoint-*/trainer_state.json")):
+    while not list((repo / "checkpoints" / method / "seed42").glob("checkpoint-*/trainer_state.json")):
         assert process.poll() is None, f"{stage} ended before its first checkpoint"
         assert time.monotonic() < deadline, f"no checkpoint from {stage} within 300 s"
         time.sleep(0.2)
@@ -122,41 +122,41 @@ def start_and_kill_after_first_checkpoint(repo: Path, method: str) -> None:
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_killed_training_resumes_from_its_last_checkpoint(repo, method):
     start_and_kill_after_first_checkpoint(repo, method)
-    result = run(["dvc", "repro", f"train@{method}"], repo)
-    assert f"resuming from checkpoints/{method}/checkpoint-" in result.stdout
-    metrics = json.loads((repo / "metrics" / "train" / f"{method}.json").read_text())
+    result = run(["dvc", "repro", f"train@{method}-42"], repo)
+    assert f"resuming from checkpoints/{method}/seed42/checkpoint-" in result.stdout
+    metrics = json.loads((repo / "metrics" / "train" / method / "seed42.json").read_text())
     assert metrics["train_steps"] == 60  # the resumed run finishes the whole schedule
-    assert not list((repo / "checkpoints" / method).glob("checkpoint-*"))  # finished: nothing to resume
-    assert "Running stage" not in run(["dvc", "repro", f"train@{method}"], repo).stdout
+    assert not list((repo / "checkpoints" / method / "seed42").glob("checkpoint-*"))  # finished: nothing to resume
+    assert "Running stage" not in run(["dvc", "repro", f"train@{method}-42"], repo).stdout
 
 
 def test_checkpoint_from_other_params_is_discarded(repo):
     start_and_kill_after_first_checkpoint(repo, "full")
     with params_changed(repo, {"full": {"learning_rate": 2.0e-4}}):  # full's own recipe difference
-        result = run(["dvc", "repro", "train@full"], repo)
-        assert "discarding checkpoints in checkpoints/full: made with other params or data" in result.stdout
+        result = run(["dvc", "repro", "train@full-42"], repo)
+        assert "discarding checkpoints in checkpoints/full/seed42: made with other params or data" in result.stdout
         assert "resuming" not in result.stdout
 
 
 def test_training_from_scratch_is_bit_identical(repo):
     outputs = []
     for _ in range(2):
-        run([sys.executable, "-m", "stages.train", "full"], repo)
+        run([sys.executable, "-m", "stages.train", "full", "42"], repo)
         outputs.append(
             (
-                (repo / "metrics" / "train" / "full.json").read_bytes(),
-                (repo / "models" / "full" / "README.md").read_bytes(),  # the card: nothing noisy in it
-                (repo / "models" / "full" / "model.safetensors").read_bytes(),
+                (repo / "metrics" / "train" / "full" / "seed42.json").read_bytes(),
+                (repo / "models" / "full" / "seed42" / "README.md").read_bytes(),  # the card: nothing noisy in it
+                (repo / "models" / "full" / "seed42" / "model.safetensors").read_bytes(),
             )
         )
     assert outputs[0] == outputs[1]
-    costs = json.loads((repo / "metrics" / "timing" / "train_full.json").read_text())
+    costs = json.loads((repo / "metrics" / "timing" / "train" / "full" / "seed42.json").read_text())
     assert set(costs) == NOISY  # noisy figures are kept apart, under keys that say what they are
 
 
 def test_bad_lora_target_from_dvc_exp_run_fails_fast_with_the_names(repo):
     git_commit(repo, "baseline")  # dvc exp run needs a committed baseline
-    result = run(["dvc", "exp", "run", "-S", "lora.target_modules=[q,qv]", "train@lora"], repo, check=False)
+    result = run(["dvc", "exp", "run", "-S", "lora.target_modules=[q,qv]", "train@lora-42"], repo, check=False)
     run(["git", "checkout", "--", "params.yaml"], repo)  # a failed experiment leaves its -S values behind
     assert result.returncode != 0
     assert (
@@ -168,7 +168,7 @@ def test_bad_lora_target_from_dvc_exp_run_fails_fast_with_the_names(repo):
 def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
     git_commit(repo, "baseline")
     # DVC refuses to override a key that does not exist; "+" appends it, as a user would after that hint
-    result = run(["dvc", "exp", "run", "-S", "lora.r=0", "-S", "+lora.rank=8", "train@lora"], repo, check=False)
+    result = run(["dvc", "exp", "run", "-S", "lora.r=0", "-S", "+lora.rank=8", "train@lora-42"], repo, check=False)
     run(["git", "checkout", "--", "params.yaml"], repo)
     assert result.returncode != 0
     output = result.stderr + result.stdout
@@ -202,11 +202,11 @@ def test_incomplete_checkpoint_from_a_kill_during_save_is_skipped(tmp_path, caps
 def test_two_process_ddp_training_on_cpu(repo):
     # LoRA's own section asks for 2 processes: only its recipe changes (full keeps train.processes: 1)
     with params_changed(repo, {"lora": {"processes": 2, "epochs": 1, "save_steps": 1000}}):
-        run(["dvc", "repro", "train@lora"], repo)  # torchrun --nproc_per_node=2, gloo on CPU
-        metrics = json.loads((repo / "metrics" / "train" / "lora.json").read_text())
+        run(["dvc", "repro", "train@lora-42"], repo)  # torchrun --nproc_per_node=2, gloo on CPU
+        metrics = json.loads((repo / "metrics" / "train" / "lora" / "seed42.json").read_text())
         assert metrics["processes"] == 2
         assert metrics["train_steps"] == 15  # 30 rows / (1 per process x 2 processes)
-        assert (repo / "models" / "lora" / "adapter_model.safetensors").is_file()
+        assert (repo / "models" / "lora" / "seed42" / "adapter_model.safetensors").is_file()
 
 
 def training_processes(repo: Path) -> list[int]:

@@ -116,7 +116,7 @@ def skeleton_run(tiny_model_dir: Path, workdir: Path, recipe: TrainParams, monke
         "full",
         recipe,
     )
-    run = training.start_run("full", params)
+    run = training.start_run("full", 42, params)
     assert run.recipe == recipe  # the run trains with the recipe given
     return run
 
@@ -138,7 +138,7 @@ def test_out_of_memory_restarts_clean_at_half_the_batch(tiny_model_dir, tmp_path
     assert retried.oom_retries == 2  # 8 x 1 and 4 x 2 ran out of memory; halving, not 0.9x steps
     assert (metrics["per_device_batch_size"], metrics["gradient_accumulation_steps"]) == (2, 4)
     assert metrics["batch_per_step"] == 8 and metrics["train_steps"] == 4  # as without the error
-    assert "restarting train@full clean with per-device batch 4 x 2 accumulation" in capsys.readouterr().out
+    assert "restarting train@full-42 clean with per-device batch 4 x 2 accumulation" in capsys.readouterr().out
     retried_curve = read_curve(run.curves_dir / "plots" / "metrics" / "loss.tsv")
     assert list(retried_curve) == [1, 2, 3, 4]  # the failed attempts' rows are gone: no duplicate steps
     retried_weights = {k: v.clone() for k, v in retried.trainer.model.state_dict().items()}
@@ -318,8 +318,8 @@ def test_launch_main_uses_the_device_count(monkeypatch, tmp_path):
     params = with_recipe(load_params(REPO / "params.yaml"), "full", TRAIN)
     monkeypatch.setattr(launch, "load_params", lambda: params)
     monkeypatch.setattr(launch.os, "execve", lambda path, argv, env: seen.update(argv=argv, env=env))
-    launch.main("full")
-    assert seen["argv"][-3:] == ["-m", "stages.train", "full"]
+    launch.main("full", 42)
+    assert seen["argv"][-4:] == ["-m", "stages.train", "full", "42"]
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0"
 
 

@@ -33,15 +33,15 @@ LEARNS, STALLS = (
 
 
 def plant_test_score(repo: Path, rouge_l: float) -> None:
-    (repo / "metrics" / "evaluate").mkdir(parents=True, exist_ok=True)
-    (repo / "metrics" / "evaluate" / "full.json").write_text(json.dumps({"rougeL": rouge_l}))
+    (repo / "metrics" / "evaluate" / "full").mkdir(parents=True, exist_ok=True)
+    (repo / "metrics" / "evaluate" / "full" / "seed42.json").write_text(json.dumps({"rougeL": rouge_l}))
 
 
 def queue(repo: Path, learning_rate: float, planted_test_rougeL: float) -> None:
     """Queue a train@full experiment whose test score is planted: the queue takes the workspace's
-    edit of the committed metrics/evaluate/full.json along, and evaluate@full does not run."""
+    edit of the committed metrics/evaluate/full/seed42.json along, and evaluate@full-42 does not run."""
     plant_test_score(repo, planted_test_rougeL)
-    run(["dvc", "exp", "run", "--queue", "-S", f"full.learning_rate={learning_rate}", "train@full"], repo)
+    run(["dvc", "exp", "run", "--queue", "-S", f"full.learning_rate={learning_rate}", "train@full-42"], repo)
 
 
 def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
@@ -82,8 +82,8 @@ def test_tune_picks_by_validation_never_by_test(tmp_path, tiny_model_dir):
         data = experiment["revs"][0]["data"]
         lr = data["params"]["params.yaml"]["data"]["full"]["learning_rate"]
         runs[lr] = (
-            data["metrics"]["metrics/train/full.json"]["data"]["selected_val_rougeL"],
-            data["metrics"]["metrics/evaluate/full.json"]["data"]["rougeL"],
+            data["metrics"]["metrics/train/full/seed42.json"]["data"]["selected_val_rougeL"],
+            data["metrics"]["metrics/evaluate/full/seed42.json"]["data"]["rougeL"],
         )
     # the premises: validation prefers the rate that learns, the planted test scores the other one
     assert runs[LEARNS][0] > runs[STALLS][0] and runs[LEARNS][1] < runs[STALLS][1]
@@ -143,14 +143,14 @@ def test_runs_that_differ_in_a_shared_param_are_refused_with_what_differs():
             "name": name,
             "rev": name,
             "params": changed,
-            "metrics": {"metrics/train/lora.json": {tune.METRIC: rouge_l}},
+            "metrics": {"metrics/train/lora/seed42.json": {tune.METRIC: rouge_l}},
         }
 
     comparable = [row("a", 30.0), row("b", 35.0, lora__learning_rate=3.0e-3)]
-    assert tune.pick(comparable, "lora")["settings"] == {"lora.learning_rate": 3.0e-3}
+    assert tune.pick(comparable, "lora", 42)["settings"] == {"lora.learning_rate": 3.0e-3}
     mixed = [*comparable, row("c", 40.0, validate__dialogues=10)]
     with pytest.raises(SystemExit) as refused:
-        tune.pick(mixed, "lora")
+        tune.pick(mixed, "lora", 42)
     assert str(refused.value) == (
         f"lora: the runs differ in params every method shares, so their validation ROUGE-L does not compare: "
         f"validate.dialogues in [10, {params['validate']['dialogues']}]. Compare runs that differ only in "
@@ -165,19 +165,22 @@ def test_an_experiment_that_did_not_retrain_a_method_is_not_its_trial():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     lora_grid = json.loads(json.dumps(params))
     lora_grid["lora"]["learning_rate"] = 3.0e-3
-    metrics = {"metrics/train/full.json": {tune.METRIC: 30.0}, "metrics/train/lora.json": {tune.METRIC: 31.0}}
+    metrics = {
+        "metrics/train/full/seed42.json": {tune.METRIC: 30.0},
+        "metrics/train/lora/seed42.json": {tune.METRIC: 31.0},
+    }
     rows = [
         {"name": "baseline", "rev": "a", "params": params, "metrics": metrics},
         {
             "name": "lora-lr",
             "rev": "b",
             "params": lora_grid,
-            "metrics": {**metrics, "metrics/train/lora.json": {tune.METRIC: 33.0}},
+            "metrics": {**metrics, "metrics/train/lora/seed42.json": {tune.METRIC: 33.0}},
         },
         {"name": "rerun", "rev": "c", "params": params, "metrics": metrics},  # the baseline's settings again
     ]
-    assert tune.pick(rows, "full")["runs_compared"] == 1
-    lora = tune.pick(rows, "lora")
+    assert tune.pick(rows, "full", 42)["runs_compared"] == 1
+    lora = tune.pick(rows, "lora", 42)
     assert (lora["runs_compared"], lora["experiment"], lora["settings"]) == (
         2,
         "lora-lr",
@@ -193,10 +196,20 @@ def test_a_recipe_key_one_run_inherits_compares_by_its_value():
     warm = json.loads(json.dumps(params))
     warm["lora"]["warmup_ratio"] = 0.1
     rows = [
-        {"name": "baseline", "rev": "a", "params": params, "metrics": {"metrics/train/lora.json": {tune.METRIC: 35.0}}},
-        {"name": "warm", "rev": "b", "params": warm, "metrics": {"metrics/train/lora.json": {tune.METRIC: 30.0}}},
+        {
+            "name": "baseline",
+            "rev": "a",
+            "params": params,
+            "metrics": {"metrics/train/lora/seed42.json": {tune.METRIC: 35.0}},
+        },
+        {
+            "name": "warm",
+            "rev": "b",
+            "params": warm,
+            "metrics": {"metrics/train/lora/seed42.json": {tune.METRIC: 30.0}},
+        },
     ]
-    picked = tune.pick(rows, "lora")
+    picked = tune.pick(rows, "lora", 42)
     inherited = params["train"]["warmup_ratio"]
     assert picked["grid"] == {"lora.warmup_ratio": sorted([inherited, 0.1])}
     assert picked["settings"] == {"lora.warmup_ratio": inherited}
