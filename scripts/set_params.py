@@ -1,6 +1,6 @@
 """Set params.yaml values in place, with `dvc exp run -S`'s syntax and code, then check the file.
 
-    python scripts/set_params.py model.name=/tmp/tiny-t5 data.limit=30 'variants=[base,lora,lead]'
+    python scripts/set_params.py model.name=/tmp/tiny-t5 data.limit=30 'variants=[full,lora]'
     dvc repro
 
 For a first run in a fresh clone (the offline smoke run): `dvc exp run -S` would first check out

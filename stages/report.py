@@ -7,7 +7,7 @@ interval per variant, a bar chart), metrics/frontier.json (every variant's ROUGE
 against trainable parameters, Pareto-optimal variants marked, the zero-cost ones included),
 metrics/plots/{rouge_by_variant,frontier}.png (those two plots rendered offline from the templates
 `dvc plots show` uses) and data/per_dialogue.jsonl (every variant's summary and ROUGE per dialogue).
-Only the listed variants are read, so a subset run (`-S 'variants=[base,lora,lead]'`) reports
+Only the listed variants are read, so a subset run (`-S 'variants=[lora]'`, beside the baselines) reports
 what it ran.
 """
 

@@ -109,7 +109,7 @@ def test_metrics_and_predictions_are_bit_identical_across_runs(workdir, variant)
     assert metrics["dialogues"] == 6 and metrics["references"] == 18  # 18 rows, each dialogue generated once
     assert metrics["rougeL_ci_low"] <= metrics["rougeL"] <= metrics["rougeL_ci_high"]
     assert "generation_runtime_s" not in metrics  # timings live in metrics/timing/, apart from scores
-    assert (workdir / "metrics" / "timing" / f"generate_{variant}.json").is_file()
+    assert (workdir / "metrics" / "timing" / "generate" / f"{variant}.json").is_file()
     cost = json.loads((workdir / "metrics" / "cost" / f"{variant}.json").read_text())
     assert cost["trainable_params"] == 0 and cost["train_runtime_s"] == 0.0  # nothing trained
     assert cost["generation_dialogues_per_second"] > 0
@@ -139,8 +139,9 @@ def test_unknown_variant_is_refused(workdir, stage):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 2
-    variants = ", ".join(load_params(REPO / "params.yaml").variants)
-    assert result.stderr == f"error: unknown variant 'fulll'; params.yaml variants are {variants}\n"
+    params = load_params(REPO / "params.yaml")
+    named = ", ".join([*params.variants, *params.baselines])
+    assert result.stderr == f"error: unknown variant 'fulll'; params.yaml variants and baselines are {named}\n"
 
 
 class OutOfMemoryAbove:
@@ -168,7 +169,7 @@ def test_generation_halves_the_batch_on_out_of_memory(tiny_model_dir, capsys):
     generated = generate_summaries(flaky, tokenizer, input_ids, params)
     assert generated.summaries == generate_summaries(model, tokenizer, input_ids, params).summaries
     assert flaky.batch_sizes == [5, 4, 2, 2, 1]  # 8 -> 4 -> 2, then the remaining dialogue
-    assert generated.batch_size == 2  # the batch that ran, recorded in metrics/timing/generate_<variant>.json
+    assert generated.batch_size == 2  # the batch that ran, recorded in metrics/timing/generate/<run>.json
     assert "CUDA out of memory: retrying with generate.batch_size=2" in capsys.readouterr().err
 
 
@@ -233,8 +234,8 @@ def test_throughput_counts_generation_only_and_load_time_apart(workdir, monkeypa
 
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(generate, "load_variant", slow_load)
-    generate.main("base")
-    timing = json.loads((workdir / "metrics" / "timing" / "generate_base.json").read_text())
+    generate.main("base", None)
+    timing = json.loads((workdir / "metrics" / "timing" / "generate" / "base.json").read_text())
     assert timing["load_runtime_s"] >= 3.0
     assert timing["generation_runtime_s"] < timing["load_runtime_s"]  # 6 tiny dialogues: well under 3 s
     # throughput from the unrounded generation time; the file rounds that time to 0.01 s (+-0.005)

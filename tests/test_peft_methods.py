@@ -403,7 +403,7 @@ def test_stage_stops_on_an_unknown_target_before_loading_weights(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(training, "load_model", lambda *args: pytest.fail("loaded the weights before checking"))
     with pytest.raises(StageError) as info:
-        train.main(method)
+        train.main(method, 42)
     assert str(info.value) == expected
 
 

@@ -146,7 +146,7 @@ def test_comment_leads_with_rouge_by_variant_and_a_paired_test(exp_comment):
     """Both sides' per-dialogue scores are in the local DVC cache: the verdict is a paired test."""
     assert exp_comment.startswith("## ROUGE-L by variant (vs main)\n")
     compact = _between(exp_comment, "## ROUGE-L by variant (vs main)\n", "## Plots")
-    assert _rows(compact)[0] == ["variant", "ROUGE-L old", "ROUGE-L new", "change", "beyond noise?"]
+    assert _rows(compact)[0] == ["run", "ROUGE-L old", "ROUGE-L new", "change", "beyond noise?"]
     # p floors at 1 / (10000 + 1) for a gain on every dialogue; Holm over the 2 variants tested doubles it
     assert _rows(compact)[2:] == [
         # a gain on each of 200 dialogues, though 33.0 lies inside the new interval [32.3, 34.3]

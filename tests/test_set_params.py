@@ -25,12 +25,12 @@ def set_params(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 def test_values_are_set_with_exp_run_syntax_and_comments_stay(tmp_path):
     result = set_params(
-        tmp_path, "data.limit=30", "lora.learning_rate=5.0e-4", "train.epochs=1", "variants=[base,lora,lead]"
+        tmp_path, "data.limit=30", "lora.learning_rate=5.0e-4", "train.epochs=1", "variants=[full,lora]"
     )
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "params.yaml").read_text()
     params = yaml.safe_load(text)
-    assert params["data"]["limit"] == 30 and params["variants"] == ["base", "lora", "lead"]
+    assert params["data"]["limit"] == 30 and params["variants"] == ["full", "lora"]
     assert params["lora"]["learning_rate"] == 5.0e-4 and params["train"]["epochs"] == 1
     assert "# max rows kept per split for smoke runs" in text  # the file's comments survive
     committed = yaml.safe_load((REPO / "params.yaml").read_text())
