@@ -432,7 +432,9 @@ def test_adding_a_seed_runs_only_that_seed_and_dropping_one_only_the_report(pipe
             params = yaml.safe_load(original)
             params["seeds"] = seeds
             params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-            assert stages_run(run(["dvc", "repro", "--dry"], pipeline_repo)) == expected, seeds
+            # `dvc status` (a dry run would stop at generate@*-44, whose model does not exist yet) names
+            # every stage that would run: new, with changed deps, or with changed params
+            assert set(run_json(["dvc", "status", "--json"], pipeline_repo)) == expected, seeds
     finally:
         params_file.write_text(original)
 

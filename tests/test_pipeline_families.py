@@ -109,6 +109,6 @@ def test_a_causal_prediction_never_contains_its_prompt(reproduced):
     name, repo = reproduced
     if FAMILIES[name][1] != "causal":
         pytest.skip("a seq2seq model's output never includes its input")
-    for variant in TRAINED + ("base",):
-        for row in (repo / "data" / "predictions" / f"{variant}.jsonl").read_text().splitlines():
+    for run_name in (*(f"{m}/seed{SEEDS[0]}" for m in TRAINED), "base"):
+        for row in (repo / "data" / "predictions" / f"{run_name}.jsonl").read_text().splitlines():
             assert "Summarize the following conversation" not in json.loads(row)["prediction"]

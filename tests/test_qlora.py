@@ -85,7 +85,8 @@ def test_qlora_adapter_reloads_onto_the_same_quantized_base(qlora):
     test = Dataset.load_from_disk(str(qlora / "data" / "prepared" / "test"))
     generated = generate_summaries(model.eval(), tokenizer, test["input_ids"], params.generate)
     written = [
-        json.loads(r)["prediction"] for r in (qlora / "data" / "predictions" / "lora.jsonl").read_text().splitlines()
+        json.loads(r)["prediction"]
+        for r in (qlora / "data" / "predictions" / "lora" / "seed42.jsonl").read_text().splitlines()
     ]
     assert generated.summaries == written
     with model.disable_adapter():
