@@ -1,24 +1,30 @@
-"""Pick each method's settings by validation ROUGE-L from DVC experiments, never by test.
+"""The equal-budget tuning protocol, in one command: trials on validation, picks, then every seed through the report.
 
-    dvc exp run --queue -S 'lora.learning_rate=3.0e-4,1.0e-3,3.0e-3' -S 'lora.r=8,16,32' train@lora-42
-    dvc queue start --jobs 1          # one at a time on one GPU; wait for `dvc queue status`
-    python scripts/tune.py            # writes metrics/tuning.json, prints the winners
-    python scripts/tune.py --run      # then runs the whole pipeline (test generation, report) with them
+    python scripts/tune.py            # the whole protocol; run it again after an interruption
+    python scripts/tune.py --plan     # print each method's trials and stop
+    python scripts/tune.py --no-final # stop after the picks (metrics/tuning.json)
 
-It reads `dvc exp show --json` (the committed baseline and its experiments) and, per method, takes
-the experiment whose metrics/train/<method>/seed<seed>.json (the trial seed: the first of `seeds`)
-has the highest `selected_val_rougeL`: the
-validation ROUGE-L of the checkpoint that stage saved (stages/validation.py). Only
-metrics/train/* files are read: test scores (metrics/evaluate/*) never enter the choice. The
-settings reported as tuned are the method's params (its section, <method>.*) that differ
-between the experiments, with every value tried (the grid). `--run` runs `dvc exp run -S` with
-every method's winning settings in the workspace: the training stages come back from DVC's run
-cache when an experiment already trained them, then generation, scoring and the report run.
+1. Trials. Every method in `variants` gets `tune.trials` settings drawn from its `tune.space`
+   (stages/search.py: a seeded Latin hypercube), each trained under the trial seed (the first of
+   `seeds`) as a DVC experiment of its train stage alone, outside the workspace:
+   `dvc exp run --temp --name <method>-trial<i>-<digest> -S <settings> train@<method>-<seed>`.
+   No test generation runs. A trial already recorded (an experiment of this commit with the trial's
+   params and its training metrics) does not run again, and one that finished without being recorded
+   comes back from DVC's run cache in seconds: an interrupted protocol continues where it stopped.
+2. Picks. Per method, the trial whose saved checkpoint has the highest validation ROUGE-L
+   (selected_val_rougeL in metrics/train/<method>/seed<seed>.json, on validate.dialogues dialogues).
+   Only metrics/train/* are read: test scores (metrics/evaluate/*) never enter the choice. The trials,
+   their scores and the picks go to metrics/tuning.json.
+3. Final. `dvc exp run -S <picks>` in the workspace: params.yaml takes the picks, each method's
+   trial-seed training comes back from the run cache, the other seeds train, and generation, scoring
+   and the report run. Commit params.yaml, dvc.lock and metrics/ to keep the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import subprocess
 import sys
@@ -26,23 +32,18 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # stages/ from the repo root
+
+from stages.params import PARAMS_FILE, Params, ParamsLoader, parse_params  # noqa: E402
+from stages.search import draw  # noqa: E402
+
 TUNING_FILE = Path("metrics/tuning.json")
 METRIC = "selected_val_rougeL"  # validation ROUGE-L (x100) of the checkpoint the stage saved
-PARAMS_FILE = Path("params.yaml")
-# what every training stage reads besides its own section: runs that differ here were trained on other
-# data, another model, another shared recipe or scored on another validation subset, so their
-# validation scores do not compare
+# what every training stage reads besides its own section: a recorded run that differs here was trained
+# on other data, another model, another shared recipe or scored on another validation subset, so it is
+# no trial of this protocol
+RUN_CACHE_HIT = "is cached - skipping run"  # what DVC logs when a stage's outputs come back from the run cache
 SHARED = ("seed", "deterministic", "model", "data", "prepare", "train", "validate")
-
-
-def declared_methods(params_file: Path = PARAMS_FILE) -> list[str]:
-    """The trained methods, as params.yaml declares them (`methods`)."""
-    return list(yaml.safe_load(params_file.read_text())["methods"])
-
-
-def trial_seed(params_file: Path = PARAMS_FILE) -> int:
-    """The seed trials train under: the first training seed params.yaml declares (`seeds`)."""
-    return int(yaml.safe_load(params_file.read_text())["seeds"][0])
 
 
 def experiment_rows(shown: list[dict]) -> list[dict]:
@@ -74,48 +75,24 @@ def experiment_rows(shown: list[dict]) -> list[dict]:
     return rows
 
 
-def flat(section: dict, prefix: str) -> dict:
-    return {f"{prefix}.{key}": value for key, value in section.items()}
-
-
 def method_settings(params: dict, method: str) -> dict:
     """Every param of one method as it trained: its section over the shared recipe, so a recipe key one
     run sets in the section and another inherits from `train` compares by its value, never as None."""
     section = params.get(method, {})
     inherited = {k: v for k, v in (params.get("train") or {}).items() if k not in section}
-    return flat({**inherited, **section}, method)
+    return {f"{method}.{k}": v for k, v in {**inherited, **section}.items()}
 
 
-def shared_differences(rows: list[dict]) -> dict[str, list]:
-    """The shared params (SHARED) that differ between rows, with their values."""
-    settings = [
-        {k: v for section in SHARED for k, v in flat_any(r["params"].get(section), section).items()} for r in rows
-    ]
-    keys = sorted({k for s in settings for k in s})
-    return {
-        k: distinct([s.get(k) for s in settings]) for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1
-    }
+def with_settings(params: dict, method: str, settings: dict) -> dict:
+    """The params a trial trains with: the workspace's, with the trial's settings in the method's section."""
+    trial = copy.deepcopy(params)
+    trial[method] = {**trial[method], **settings}
+    return trial
 
 
-def flat_any(value, prefix: str) -> dict:
-    """A section as dotted keys (`seed` is a scalar, `validate` a mapping)."""
-    return flat(value, prefix) if isinstance(value, dict) else {prefix: value}
-
-
-def trials(rows: list[dict], method: str) -> list[dict]:
-    """One row per distinct training of `method`: an experiment that changed another method's params
-    carries this method's metrics unchanged (its training stage did not rerun), so it is not a trial of
-    this method. Runs are the same training when the method's section and every shared param match;
-    the first such row stands for them (the baseline commit, then experiments as DVC lists them)."""
-    seen, kept = set(), []
-    for row in rows:
-        key = json.dumps(
-            [method_settings(row["params"], method), [row["params"].get(section) for section in SHARED]], sort_keys=True
-        )
-        if key not in seen:
-            seen.add(key)
-            kept.append(row)
-    return kept
+def identity(params: dict, method: str) -> str:
+    """What makes two trainings of `method` the same: its settings and every shared param."""
+    return json.dumps([method_settings(params, method), [params.get(s) for s in SHARED]], sort_keys=True)
 
 
 def train_metrics(method: str, seed: int) -> str:
@@ -123,51 +100,31 @@ def train_metrics(method: str, seed: int) -> str:
     return f"metrics/train/{method}/seed{seed}.json"
 
 
-def pick(rows: list[dict], method: str, seed: int) -> dict | None:
-    """The row with the best validation ROUGE-L for `method` under `seed`, what varied and over which values."""
-    path = train_metrics(method, seed)
-    scored = trials([r for r in rows if METRIC in r["metrics"].get(path, {})], method)
-    if not scored:
-        return None
-    if differing := shared_differences(scored):
+def plan(params: Params, raw: dict) -> dict[str, list[dict]]:
+    """Per tuned method (the trained `variants`), its trials: settings, the params they train with, a name."""
+    missing = [m for m in params.variants if m not in params.tune.space]
+    if missing:
         raise SystemExit(
-            f"{method}: the runs differ in params every method shares, so their validation ROUGE-L does not "
-            "compare: "
-            + "; ".join(f"{k} in {v}" for k, v in differing.items())
-            + f". Compare runs that differ only in {method}.* "
-            "(`dvc exp remove` the others, or pass --methods without this one)."
+            f"tune.space: no search space for {', '.join(missing)}; every compared method needs one for an equal "
+            f"budget, e.g. tune.space.{missing[0]}: {{learning_rate: {{log: [1.0e-4, 1.0e-2]}}}}"
         )
-    settings = [method_settings(r["params"], method) for r in scored]
-    keys = sorted({k for s in settings for k in s})
-    tuned = [k for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1]
-    # highest score first; ties go to the first row (the baseline commit, then experiments as DVC lists them)
-    best = max(range(len(scored)), key=lambda i: (scored[i]["metrics"][path][METRIC], -i))
-    return {
-        "experiment": scored[best]["name"],
-        "rev": scored[best]["rev"],
-        "validation_rougeL": scored[best]["metrics"][path][METRIC],
-        "validation_dialogues": scored[best]["metrics"][path].get("validation_dialogues"),
-        "runs_compared": len(scored),
-        "settings": {k: settings[best].get(k) for k in tuned},
-        "grid": {k: distinct([s.get(k) for s in settings]) for k in tuned},
-    }
+    plans = {}
+    for method in params.variants:
+        trials = []
+        for i, settings in enumerate(draw(params.tune.space[method], params.tune.trials, params.seed), 1):
+            trained = with_settings(raw, method, settings)
+            digest = hashlib.sha256(identity(trained, method).encode()).hexdigest()[:6]
+            trials.append({"name": f"{method}-trial{i}-{digest}", "settings": settings, "params": trained})
+        plans[method] = trials
+    return plans
 
 
-def distinct(values: list) -> list:
-    """Each value once, numbers in increasing order, others in first-seen order."""
-    unique = list({json.dumps(v): v for v in values}.values())
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in unique)
-    return sorted(unique) if numbers else unique
-
-
-def tuning(rows: list[dict], methods: list[str], seed: int) -> dict:
-    picked = {m: pick(rows, m, seed) for m in methods}
-    return {
-        "selected_by": f"validation ROUGE-L of the saved checkpoint ({METRIC} in metrics/train/<method>/seed<seed>.json)",
-        "test_used": False,  # only metrics/train/* are read (experiment_rows)
-        "trial_seed": seed,  # every trial trained under this seed; the picks then run under every seed
-        "methods": {m: p for m, p in picked.items() if p is not None},
-    }
+def recorded(rows: list[dict], trial: dict, method: str, seed: int) -> dict | None:
+    """The first recorded row that is this trial's training with its validation score, if any."""
+    path, key = train_metrics(method, seed), identity(trial["params"], method)
+    return next(
+        (r for r in rows if METRIC in r["metrics"].get(path, {}) and identity(r["params"], method) == key), None
+    )
 
 
 def yaml_value(value) -> str:
@@ -179,38 +136,116 @@ def yaml_value(value) -> str:
     return json.dumps(value).replace('"', "") if isinstance(value, list) else str(value)
 
 
-def run_command(result: dict) -> list[str]:
-    """`dvc exp run` with every method's winning settings."""
+def overrides(method: str, settings: dict) -> list[str]:
     # ++: set the key in the method's section even where the workspace inherits it from `train`
+    return [arg for k, v in settings.items() for arg in ("-S", f"++{method}.{k}={yaml_value(v)}")]
+
+
+def trial_command(trial: dict, method: str, seed: int) -> list[str]:
+    """One trial: the method's train stage alone, in a temporary copy, recorded as a named experiment."""
+    return ["dvc", "exp", "run", "--temp", "--name", trial["name"], *overrides(method, trial["settings"]),
+            f"train@{method}-{seed}"]  # fmt: skip
+
+
+def picked(method: str, trials: list[dict], rows: list[dict], seed: int, space: dict) -> dict:
+    """The trial with the best validation ROUGE-L (ties: the earlier trial), with every trial's score."""
+    path = train_metrics(method, seed)
+    scored = [(t, recorded(rows, t, method, seed)) for t in trials]
+    lost = [t["name"] for t, row in scored if row is None]
+    if lost:
+        raise SystemExit(
+            f"{method}: trials {', '.join(lost)} have no recorded validation score; run the protocol again"
+        )
+    best = max(range(len(scored)), key=lambda i: (scored[i][1]["metrics"][path][METRIC], -i))
+    trial, row = scored[best]
+    return {
+        "experiment": row["name"],
+        "rev": row["rev"],
+        "validation_rougeL": row["metrics"][path][METRIC],
+        "validation_dialogues": row["metrics"][path].get("validation_dialogues"),
+        "runs_compared": len(scored),
+        "settings": {f"{method}.{k}": v for k, v in trial["settings"].items()},
+        "space": {f"{method}.{k}": dim.as_data() for k, dim in space.items()},
+        "trials": [
+            {
+                "experiment": r["name"],
+                "settings": {f"{method}.{k}": v for k, v in t["settings"].items()},
+                "validation_rougeL": r["metrics"][path][METRIC],
+            }
+            for t, r in scored
+        ],
+    }
+
+
+def tuning(params: Params, plans: dict[str, list[dict]], rows: list[dict], seed: int) -> dict:
+    methods = {m: picked(m, trials, rows, seed, params.tune.space[m]) for m, trials in plans.items()}
+    return {
+        "selected_by": f"validation ROUGE-L of the saved checkpoint ({METRIC} in metrics/train/<method>/seed<seed>.json)",
+        "test_used": False,  # only metrics/train/* are read (experiment_rows)
+        "trial_seed": seed,  # every trial trained under this seed; the picks then run under every seed
+        "trials_per_method": params.tune.trials,
+        "search": "centred Latin hypercube over tune.space (stages/search.py), seeded by `seed`",
+        "methods": methods,
+    }
+
+
+def final_command(result: dict) -> list[str]:
+    """`dvc exp run` in the workspace with every method's picks: every seed, through test, to the report."""
     sets = [f"++{k}={yaml_value(v)}" for m in result["methods"].values() for k, v in m["settings"].items()]
     return ["dvc", "exp", "run", *[arg for s in sets for arg in ("-S", s)]]
 
 
+def exp_rows() -> list[dict]:
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout
+    return experiment_rows(json.loads(shown))
+
+
+def run_trials(plans: dict[str, list[dict]], seed: int) -> None:
+    """Each trial not yet recorded, one at a time (a grid across GPUs is `dvc queue start --jobs N`)."""
+    rows = exp_rows()
+    for method, trials in plans.items():
+        for i, trial in enumerate(trials, 1):
+            described = ", ".join(f"{k}={v}" for k, v in trial["settings"].items())
+            done = recorded(rows, trial, method, seed)
+            if done is None:
+                print(f"{method} trial {i}/{len(trials)} ({described}): training", flush=True)
+                ran = subprocess.run(trial_command(trial, method, seed), capture_output=True, text=True)
+                if ran.returncode != 0:
+                    raise SystemExit(
+                        f"{method} trial {i} failed ({' '.join(trial_command(trial, method, seed))}):\n"
+                        + (ran.stderr or ran.stdout)[-3000:]
+                    )
+                if RUN_CACHE_HIT in ran.stdout + ran.stderr:
+                    print(f"{method} trial {i}/{len(trials)}: restored from DVC's run cache", flush=True)
+                rows = exp_rows()
+                done = recorded(rows, trial, method, seed)
+            score = done["metrics"][train_metrics(method, seed)][METRIC] if done else "not recorded"
+            print(f"{method} trial {i}/{len(trials)} ({described}): validation ROUGE-L {score}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    methods = declared_methods()
-    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
-    parser.add_argument("--run", action="store_true", help="then run the pipeline with the picked settings")
+    parser.add_argument("--plan", action="store_true", help="print each method's trials and stop")
+    parser.add_argument("--no-final", action="store_true", help="stop after the picks (metrics/tuning.json)")
     args = parser.parse_args()
-    shown = json.loads(
-        subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout
-    )
-    result = tuning(experiment_rows(shown), args.methods, trial_seed())
-    if not result["methods"]:
-        sys.exit(
-            "no experiment has metrics/train/<method>/seed<seed>.json with "
-            + METRIC
-            + ": run a grid first (see --help)"
-        )
+    raw = yaml.load(PARAMS_FILE.read_text(), Loader=ParamsLoader)  # noqa: S506 (a SafeLoader subclass)
+    params = parse_params(raw)
+    seed = params.seeds[0]
+    plans = plan(params, raw)
+    if args.plan:
+        for method, trials in plans.items():
+            print("\n".join(f"{t['name']}: {' '.join(trial_command(t, method, seed)[6:-1])}" for t in trials))
+        return
+    run_trials(plans, seed)
+    result = tuning(params, plans, exp_rows(), seed)
     TUNING_FILE.parent.mkdir(parents=True, exist_ok=True)
     TUNING_FILE.write_text(json.dumps(result, indent=2) + "\n")
     for method, chosen in result["methods"].items():
-        print(
-            f"{method}: {chosen['settings'] or 'nothing varied'} -> validation ROUGE-L {chosen['validation_rougeL']} ({chosen['experiment']}, {chosen['runs_compared']} runs)"
-        )
-    command = run_command(result)
-    print(" ".join(command))
-    if args.run:
+        print(f"{method}: picked {chosen['settings']} (validation ROUGE-L {chosen['validation_rougeL']}, "
+              f"best of {chosen['runs_compared']} trials)")  # fmt: skip
+    command = final_command(result)
+    print(" ".join(command), flush=True)
+    if not args.no_final:
         subprocess.run(command, check=True)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 
@@ -26,7 +26,9 @@ from stages.method_params import (
     PeftArgs,
     TrainParams,
 )
+from stages.run_lists import baseline_problems, method_problems, seed_problems, variant_problems
 from stages.schema import ParamsError, build, check
+from stages.tune_params import TuneParams, parse_tune
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -192,6 +194,7 @@ FIXED_SECTIONS = (
     "evaluate",
     "lead",
     "report",
+    "tune",
 )
 
 
@@ -215,6 +218,8 @@ class Params:
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     # every method section in the file, trained (in `methods`) or not; set by parse_params
     sections: dict[str, MethodParams] = dataclasses.field(default_factory=dict)
+    # the tuning protocol (scripts/tune.py); set by parse_params
+    tune: TuneParams = TuneParams(trials=2, space={})
 
     def method(self, name: str) -> MethodParams:
         if name not in self.methods:
@@ -223,9 +228,6 @@ class Params:
 
     def recipe(self, name: str) -> TrainParams:
         return self.method(name).recipe
-
-
-UNTRAINED = ("base", "lead")  # the original model and the lead-N rule: written by their own stages
 
 
 def shared_recipe(raw: Any, problems: list[str]) -> dict[str, Any] | None:
@@ -296,61 +298,20 @@ def method_section(
     return None if recipe is None else MethodParams(name, kind, overrides, recipe, config)
 
 
-def method_problems(methods: list[str], sections: dict[str, Any]) -> list[str]:
-    bad = [m for m in methods if not METHOD_NAME.match(m) or m in (*UNTRAINED, *FIXED_SECTIONS)]
-    missing = [m for m in methods if m not in sections and m not in bad]
-    return (
-        check(
-            not bad,
-            f"methods: {', '.join(bad)} cannot name a method; use lowercase letters, digits and _ "
-            f"(not {', '.join(UNTRAINED)} or a fixed section's name)",
-        )
-        + check(
-            not missing,
-            f"methods: {', '.join(missing)} has no section; add one, e.g. {missing[0] if missing else ''}: "
-            "{type: loha, learning_rate: 1.0e-3, r: 8}",
-        )
-        + check(len(set(methods)) == len(methods), f"methods: {methods} names a method twice")
-    )
+def edited_section_problems(raw: dict, shared: dict[str, Any] | None) -> Callable[[str, dict], list[str] | None]:
+    """For the tuning space's checks: the problems a method section has with some of its params edited
+    that it does not have as written (None if `name` is no method section)."""
 
+    def problems_of(name: str, edits: dict) -> list[str] | None:
+        section = raw.get(name)
+        if name in FIXED_SECTIONS or not isinstance(section, dict) or "type" not in section:
+            return None
+        before, after = [], []
+        method_section(name, section, shared, before)
+        method_section(name, {**section, **edits}, shared, after)
+        return [p for p in after if p not in before]
 
-def variant_problems(variants: list[str], methods: list[str], sections: dict[str, Any] | None = None) -> list[str]:
-    baselines = [v for v in variants if v in UNTRAINED]
-    untrained = [v for v in variants if v not in methods and v in (sections or {})]
-    unknown = [v for v in variants if v not in methods and v not in untrained and v not in baselines]
-    return (
-        check(
-            not unknown, f"variants: unknown {', '.join(unknown)}; each must be one of methods ({', '.join(methods)})"
-        )
-        + check(
-            not baselines,
-            f"variants: {', '.join(baselines)} is a baseline, not a trained method; list it in baselines "
-            f"(baselines: [{', '.join(UNTRAINED)}])",
-        )
-        + check(
-            not untrained,
-            f"variants: {', '.join(untrained)} is not trained; add it to methods too "
-            f"(-S 'methods=[{', '.join([*methods, *untrained])}]')",
-        )
-        + check(len(set(variants)) == len(variants), f"variants: {variants} names a variant twice")
-        + check(bool(variants), "variants: must name at least one trained method, e.g. [full, lora]")
-    )
-
-
-def baseline_problems(baselines: list[str]) -> list[str]:
-    unknown = [b for b in baselines if b not in UNTRAINED]
-    return check(
-        not unknown, f"baselines: unknown {', '.join(unknown)}; each must be one of {', '.join(UNTRAINED)}"
-    ) + check(len(set(baselines)) == len(baselines), f"baselines: {baselines} names a baseline twice")
-
-
-def seed_problems(seeds: list[int]) -> list[str]:
-    negative = [s for s in seeds if s < 0]
-    return (
-        check(bool(seeds), "seeds: must name at least one training seed, e.g. [42]")
-        + check(not negative, f"seeds: must be >= 0, got {', '.join(map(str, negative))}")
-        + check(len(set(seeds)) == len(seeds), f"seeds: {seeds} names a seed twice")
-    )
+    return problems_of
 
 
 def parse_params(raw: Any) -> Params:
@@ -358,17 +319,19 @@ def parse_params(raw: Any) -> Params:
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise ParamsError(f"1 problem(s) in params.yaml:\n  - params.yaml must be a mapping, got {type(raw).__name__}")
-    fixed = {k: v for k, v in raw.items() if k in FIXED_SECTIONS and k != "train"}  # train: shared_recipe
-    params = build(Params, fixed, "params", problems, skip=("train", "sections"))
+    # train: shared_recipe; tune: parse_tune
+    fixed = {k: v for k, v in raw.items() if k in FIXED_SECTIONS and k not in ("train", "tune")}
+    params = build(Params, fixed, "params", problems, skip=("train", "sections", "tune"))
     shared = shared_recipe(raw.get("train"), problems)
     sections = {
         name: method_section(name, value, shared, problems) for name, value in raw.items() if name not in FIXED_SECTIONS
     }
+    tune = parse_tune(raw.get("tune"), edited_section_problems(raw, shared), problems)
     seed = getattr(params, "seed", 0)
     if params is not None and seed < 0:
         problems.append(f"seed: must be >= 0, got {seed}")
     if params is not None:
-        problems.extend(method_problems(params.methods, sections))
+        problems.extend(method_problems(params.methods, sections, FIXED_SECTIONS))
         problems.extend(variant_problems(params.variants, params.methods, sections))
         problems.extend(baseline_problems(params.baselines))
         problems.extend(seed_problems(params.seeds))
@@ -376,7 +339,8 @@ def parse_params(raw: Any) -> Params:
         # "params.lora.r" reads worse than "lora.r": drop the root prefix
         lines = [p.removeprefix("params.") for p in problems]
         raise ParamsError(f"{len(lines)} problem(s) in params.yaml:\n" + "\n".join(f"  - {line}" for line in lines))
-    return dataclasses.replace(params, train=shared, sections={k: v for k, v in sections.items() if v is not None})
+    kept = {k: v for k, v in sections.items() if v is not None}
+    return dataclasses.replace(params, train=shared, sections=kept, tune=tune)
 
 
 class ParamsLoader(yaml.SafeLoader):

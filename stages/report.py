@@ -24,11 +24,12 @@ from stages.errors import run_stage
 from stages.frontier import frontier_rows, pareto_cell, pareto_optimal
 from stages.jsonio import read_json, read_jsonl, write_json
 from stages.labels import label, variant_labels
-from stages.params import UNTRAINED, load_params
+from stages.params import load_params
 from stages.plots import fill, load_template, render_png
 from stages.rouge import ROUGE_TYPES
+from stages.run_lists import UNTRAINED
 from stages.runs import run_name
-from stages.tuning_report import mismatch_sentences, selection_table, tuning_mismatches, tuning_sentence
+from stages.tuning_report import selection_table, tuning_mismatches, tuning_sentence
 from stages.verdict import SIGNIFICANCE, Verdict
 
 __all__ = ["pareto_optimal"]  # tests and notebooks import it from here
@@ -368,7 +369,6 @@ def render(
                 runs_table(variants, generation, cost, labels),
                 "## How each method was chosen on validation",
                 selection_table(variants, cost, tuning, labels, mismatches),
-                *mismatch_sentences(mismatches, labels),
                 tuning_sentence(tuning),
                 "## Examples",
                 examples,
@@ -422,7 +422,7 @@ def main() -> None:
     frontier = frontier_rows(order, evaluation, cost, labels)
     firsts = {v: predictions[loaded[v].runs[0]] for v in order}  # the examples show each variant's first seed
     examples = examples_section(order, firsts, references, params.report.examples, labels)
-    verdict = Verdict(params.variants, params.seeds, tests, cost, labels, full, tuning)
+    verdict = Verdict(params.variants, params.seeds, tests, cost, labels, full, tuning, mismatches)
     REPORT_FILE.write_text(
         render(
             order,

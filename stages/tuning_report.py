@@ -38,9 +38,17 @@ def tuned_cell(chosen: dict | None, mismatch: list[tuple[str, object, object]] |
         return "no: params.yaml's recipe"
     if mismatch:
         ran = ", ".join(f"{k} {r} (tuned: {t})" for k, t, r in mismatch)
-        return f"no: the model ran with {ran}; rerun with the picks (scripts/tune.py --run)"
-    grid = "; ".join(f"{k} in {chosen['grid'][k]} -> {v}" for k, v in chosen["settings"].items())
-    return f"{grid or 'nothing varied'} ({chosen['runs_compared']} runs)"
+        return f"no: the model ran with {ran}; rerun with the picks (python scripts/tune.py)"
+    tried = "; ".join(f"{k} in {space_text(chosen['space'].get(k))} -> {v}" for k, v in chosen["settings"].items())
+    return f"{tried or 'nothing varied'} ({chosen['runs_compared']} trials)"
+
+
+def space_text(spec) -> str:
+    """A tuned param's search space as params.yaml's tune.space writes it: [8, 16] or log 0.0002..0.003."""
+    if isinstance(spec, dict):
+        ((kind, (low, high)),) = spec.items()
+        return f"{kind} {low:g}..{high:g}"
+    return str(spec)
 
 
 def selection_table(
@@ -61,7 +69,7 @@ def selection_table(
         for v in variants
         if "select_by" in cost[v]
     ]
-    headers = ["model", "checkpoint kept", "validation ROUGE-L", "tuned on validation (grid -> picked)"]
+    headers = ["model", "checkpoint kept", "validation ROUGE-L", "tuned on validation (space -> picked)"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -79,7 +87,7 @@ def tuning_sentence(tuning: dict) -> str:
     test = "was not" if tuning["test_used"] is False else "WAS"
     untuned = (
         "Nothing was tuned: each method ran at its params.yaml recipe, and a recipe taken from a paper can favour "
-        "one method over another (README: Tuning each method on validation). "
+        "one method over another (`python scripts/tune.py` runs the equal-budget protocol). "
         if not tuning["methods"]
         else ""
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from stages.seed_stats import minimum_detectable_difference
+from stages.tuning_report import mismatch_sentences
 
 SIGNIFICANCE = 0.05  # family-wise error rate over all comparisons together (Holm)
 POWER = 0.8  # the usual design power for a minimum detectable difference (Cohen 1988)
@@ -102,8 +103,20 @@ def seed_note(seeds: list[int]) -> str:
     )
 
 
-def protocol_lines(tuning: dict, trained: list[str], seeds: list[int], labels: dict[str, str]) -> list[str]:
-    """Trials per method, the picks, the seeds, and that the test split chose nothing."""
+def pick_text(chosen: dict, label: str) -> str:
+    """One method's pick, its validation score and the range its trials scored in."""
+    settings = ", ".join(f"{k}={v}" for k, v in chosen["settings"].items()) or "its recipe"
+    scores = [t["validation_rougeL"] for t in chosen.get("trials") or []]
+    spread = f"; its trials {min(scores):.2f} to {max(scores):.2f}" if len(scores) > 1 else ""
+    score = chosen.get("validation_rougeL")
+    return f"{label} {settings}" + (f" (validation ROUGE-L {score:.2f}{spread})" if score is not None else "")
+
+
+def protocol_lines(
+    tuning: dict, trained: list[str], seeds: list[int], labels: dict[str, str], mismatched: tuple[str, ...] = ()
+) -> list[str]:
+    """Trials per method, the picks, the seeds, and that the test split chose nothing. `mismatched`: the
+    tuned methods whose reported runs did not all run with their picks (stages/tuning_report.py)."""
     chosen = tuning.get("methods") or {}
     test = "chose nothing" if tuning.get("test_used") is False else "WAS used to choose"
     if not chosen:
@@ -123,16 +136,16 @@ def protocol_lines(tuning: dict, trained: list[str], seeds: list[int], labels: d
         + (f", {', '.join(untuned)} not tuned" if untuned else "")
     )
     dialogues = {c.get("validation_dialogues") for c in chosen.values()} - {None}
-    picks = "; ".join(
-        f"{labels[m]} {', '.join(f'{k}={v}' for k, v in chosen[m]['settings'].items()) or 'its recipe'}"
-        for m in trained
-        if m in chosen
-    )
+    picks = "; ".join(pick_text(chosen[m], labels[m]) for m in trained if m in chosen)
     return [
         f"Protocol: {budget}, trained under seed {tuning.get('trial_seed', seeds[0])} and compared by validation "
-        f"ROUGE-L on {', '.join(map(str, sorted(dialogues))) or 'the'} validation dialogues. Picks: {picks}. The picks "
-        f"then ran under every seed ({', '.join(map(str, seeds))}) through test generation to this report. "
-        f"The test split {test}."
+        f"ROUGE-L on {', '.join(map(str, sorted(dialogues))) or 'the'} validation dialogues. Picks: {picks}. "
+        + (
+            f"The picks then ran under every seed ({', '.join(map(str, seeds))}) through test generation to this report. "
+            if not mismatched
+            else f"**{', '.join(labels[m] for m in mismatched)} did not run with the picks** (below). "
+        )
+        + f"The test split {test}."
     ]
 
 
@@ -162,6 +175,8 @@ class Verdict(NamedTuple):
     labels: dict[str, str]
     full: str | None  # the full fine-tuning variant, if reported
     tuning: dict  # metrics/tuning.json
+    # per tuned method, the picks its reported runs did not run with (stages/tuning_report.py)
+    mismatches: dict[str, list] = {}
 
     def section(self) -> list[str]:
         return [
@@ -169,6 +184,7 @@ class Verdict(NamedTuple):
             "\n".join(verdict_lines(self.trained, self.tests, self.cost, self.labels, self.full))
             or "(no trained method reported)",
             seed_note(self.seeds),
-            *protocol_lines(self.tuning, self.trained, self.seeds, self.labels),
+            *protocol_lines(self.tuning, self.trained, self.seeds, self.labels, tuple(self.mismatches)),
+            *mismatch_sentences(self.mismatches, self.labels),
             *detectable_lines(self.tests, self.labels, self.full),
         ]

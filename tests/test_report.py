@@ -209,8 +209,8 @@ def test_report_states_the_kept_checkpoint_the_grid_and_that_test_was_not_used()
         "methods": {
             "lora": {
                 "settings": {"lora.learning_rate": 0.001, "lora.r": 16},
-                "grid": {"lora.learning_rate": [0.0003, 0.001, 0.003], "lora.r": [8, 16, 32]},
-                "runs_compared": 9,
+                "space": {"lora.learning_rate": {"log": [0.0003, 0.003]}, "lora.r": [8, 16, 32]},
+                "runs_compared": 6,
             }
         },
     }
@@ -226,7 +226,7 @@ def test_report_states_the_kept_checkpoint_the_grid_and_that_test_was_not_used()
         "LoRA",
         "step 120 of 180 (best validation ROUGE-L)",
         "31.25 (100 dialogues)",
-        "lora.learning_rate in [0.0003, 0.001, 0.003] -> 0.001; lora.r in [8, 16, 32] -> 16 (9 runs)",
+        "lora.learning_rate in log 0.0003..0.003 -> 0.001; lora.r in [8, 16, 32] -> 16 (6 trials)",
     ]
     assert tuning_sentence(tuning).startswith("The test split was not used to choose anything")
     assert tuning_sentence(NOTHING_TUNED).startswith("Nothing was tuned: each method ran at its params.yaml recipe")
@@ -235,10 +235,13 @@ def test_report_states_the_kept_checkpoint_the_grid_and_that_test_was_not_used()
 
 def test_the_committed_tuning_file_says_nothing_was_tuned_in_tune_py_s_format() -> None:
     """metrics/tuning.json is the report's dep: committed as tune.py writes it for an empty grid."""
+    from stages.params import load_params
+
     tune = load_script("tune")
-    assert json.loads((REPO / "metrics" / "tuning.json").read_text()) == tune.tuning(
-        [], tune.declared_methods(REPO / "params.yaml"), tune.trial_seed(REPO / "params.yaml")
-    )
+    params = load_params(REPO / "params.yaml")
+    committed = json.loads((REPO / "metrics" / "tuning.json").read_text())
+    written = tune.tuning(params, {}, [], params.seeds[0])
+    assert committed["methods"] == {} and committed == {k: written[k] for k in committed}
 
 
 # --- pairing ------------------------------------------------------------------
@@ -465,7 +468,7 @@ def test_the_report_stage_imports_no_torch() -> None:
 
 
 def test_tuned_settings_the_reported_model_did_not_run_with_are_flagged_not_claimed():
-    from stages.report import mismatch_sentences, selection_table, tuning_mismatches
+    from stages.tuning_report import mismatch_sentences, selection_table, tuning_mismatches
 
     tuning = {
         "selected_by": "validation ROUGE-L",
@@ -476,7 +479,7 @@ def test_tuned_settings_the_reported_model_did_not_run_with_are_flagged_not_clai
                 "validation_rougeL": 40.0,
                 "runs_compared": 3,
                 "settings": {"lora.r": 16, "lora.learning_rate": 0.001},
-                "grid": {"lora.r": [8, 16, 32], "lora.learning_rate": [0.0003, 0.001]},
+                "space": {"lora.r": [8, 16, 32], "lora.learning_rate": {"log": [0.0003, 0.003]}},
             }
         },
     }
@@ -499,7 +502,7 @@ def test_tuned_settings_the_reported_model_did_not_run_with_are_flagged_not_clai
         }
     }
     table = selection_table(["lora"], cost, tuning, None, mismatches)
-    assert "no: the model ran with lora.r 32 (tuned: 16); rerun with the picks (scripts/tune.py --run)" in table
+    assert "no: the model ran with lora.r 32 (tuned: 16); rerun with the picks (python scripts/tune.py)" in table
     assert "lora.r in [8, 16, 32] -> 16" not in table  # the picks are not claimed for a model that did not run them
     assert mismatch_sentences(mismatches) == [
         "**Warning: LoRA did not run with its tuned settings** (`lora.r` tuned 16, ran 32): the tuning above is not "
