@@ -601,7 +601,7 @@ def test_the_report_flags_tuned_settings_the_reported_model_did_not_run_with(pip
         "validation_dialogues": 4,
         "runs_compared": 2,
         "settings": {"lora.r": ran_r * 2},
-        "grid": {"lora.r": [ran_r, ran_r * 2]},
+        "space": {"lora.r": [ran_r, ran_r * 2]},
     }
     try:
         tuning_file.write_text(json.dumps(tuning, indent=2) + "\n")
