@@ -9,15 +9,17 @@
    `seeds`) as a DVC experiment of its train stage alone, outside the workspace:
    `dvc exp run --temp --name <method>-trial<i>-<digest> -S <settings> train@<method>-<seed>`.
    No test generation runs. A trial already recorded (an experiment of this commit with the trial's
-   params and its training metrics) does not run again, and one that finished without being recorded
-   comes back from DVC's run cache in seconds: an interrupted protocol continues where it stopped.
+   params and its training metrics) does not run again: an interrupted protocol continues where it
+   stopped. (DVC's run cache does not hold train stages: their checkpoints are persistent outputs, so
+   a trial whose experiment was removed trains again.)
 2. Picks. Per method, the trial whose saved checkpoint has the highest validation ROUGE-L
    (selected_val_rougeL in metrics/train/<method>/seed<seed>.json, on validate.dialogues dialogues).
    Only metrics/train/* are read: test scores (metrics/evaluate/*) never enter the choice. The trials,
    their scores and the picks go to metrics/tuning.json.
-3. Final. `dvc exp run -S <picks>` in the workspace: params.yaml takes the picks, each method's
-   trial-seed training comes back from the run cache, the other seeds train, and generation, scoring
-   and the report run. Commit params.yaml, dvc.lock and metrics/ to keep the result.
+3. Final. `dvc exp run -S <picks>` in the workspace: params.yaml takes the picks, every seed trains
+   with them (the trial seed again too, for the reason above: the same model where training is
+   deterministic, on CPU or with `deterministic: true`), and generation, scoring and the report run.
+   Commit params.yaml, dvc.lock and metrics/ to keep the result.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ METRIC = "selected_val_rougeL"  # validation ROUGE-L (x100) of the checkpoint th
 # what every training stage reads besides its own section: a recorded run that differs here was trained
 # on other data, another model, another shared recipe or scored on another validation subset, so it is
 # no trial of this protocol
-RUN_CACHE_HIT = "is cached - skipping run"  # what DVC logs when a stage's outputs come back from the run cache
 SHARED = ("seed", "deterministic", "model", "data", "prepare", "train", "validate")
 
 
@@ -215,8 +216,6 @@ def run_trials(plans: dict[str, list[dict]], seed: int) -> None:
                         f"{method} trial {i} failed ({' '.join(trial_command(trial, method, seed))}):\n"
                         + (ran.stderr or ran.stdout)[-3000:]
                     )
-                if RUN_CACHE_HIT in ran.stdout + ran.stderr:
-                    print(f"{method} trial {i}/{len(trials)}: restored from DVC's run cache", flush=True)
                 rows = exp_rows()
                 done = recorded(rows, trial, method, seed)
             score = done["metrics"][train_metrics(method, seed)][METRIC] if done else "not recorded"

@@ -293,7 +293,7 @@ def test_the_protocol_gives_every_method_equal_trials_on_validation_and_picks_th
 
 
 @pytest.mark.slow
-def test_the_picks_run_under_every_seed_and_the_trial_seed_comes_from_the_run_cache(tuned):
+def test_the_picks_run_under_every_seed_and_the_trial_seed_trains_the_trial_s_model_again(tuned):
     repo, _, _ = tuned
     tuning = json.loads((repo / "metrics" / "tuning.json").read_text())
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -304,7 +304,8 @@ def test_the_picks_run_under_every_seed_and_the_trial_seed_comes_from_the_run_ca
             assert params[section][name] == value
         for seed in (42, 43):
             assert (repo / "metrics" / "evaluate" / method / f"seed{seed}.json").is_file()
-        # seed 42's training is the picked trial's
+        # seed 42 trained again with the pick (the run cache holds no stage with persistent checkpoints),
+        # bit for bit the trial's model on CPU
         train = f"metrics/train/{method}/seed42.json"
         assert json.loads((repo / train).read_text()) == experiments[chosen["experiment"]]["metrics"][train]["data"]
     report = (repo / "metrics" / "report.md").read_text()
