@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a randomly initialised model of a real FLAN-T5 shape as a local checkpoint for `model.name`.
 
-For timing runs where the real weights cannot be downloaded (the lent GPU machine has no
+For timing runs where the real weights cannot be downloaded (an offline GPU machine has no
 network): the architecture and tokenizer come from a config folder such as
 ../shared/models/flan-t5-base-config (config.json + tokenizer files, no weights), the weights
 are random. Like FLAN-T5 checkpoints, and like scripts/make_tiny_model.py, the output head

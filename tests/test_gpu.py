@@ -1,4 +1,4 @@
-"""The CUDA code paths, on a real card: `pytest -m gpu` (benchmarks/gpu.sh runs it on a lent GPU).
+"""The CUDA code paths, on a real card: `pytest -m gpu` (benchmarks/gpu.sh runs it on a GPU machine).
 
 Skipped without CUDA, so CI (CPU only) collects and skips every test here.
 
@@ -35,7 +35,7 @@ from tests.conftest import DIALOGSUM, FLAN_SMALL, REPO, SHARED, dialogsum_rows, 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/gpu.sh on a lent GPU machine)"
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/gpu.sh on a GPU machine)"
     ),
 ]
 
@@ -330,8 +330,8 @@ SKIPPED_WHEN_COPYING = {".git", ".gpu", ".venv", ".pytest_cache", "__pycache__"}
 
 
 def copy_project(src: Path, dest: Path) -> Path:
-    """The working tree as a lent machine receives it: tracked and untracked-not-ignored files (from
-    git where it works; else every file but git's, caches and carried folders)."""
+    """The working tree as it is copied to a GPU machine: tracked and untracked-not-ignored files
+    (from git where it works; else every file but git's, caches and carried folders)."""
     names = None
     if shutil.which("git"):
         listed = subprocess.run(
