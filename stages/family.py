@@ -470,9 +470,12 @@ def generate_continuations(
     tokenizer: PreTrainedTokenizerBase,
     batch_prompt_ids: list[list[int]],
     generation_config: GenerationConfig,
+    synced_gpus: bool = False,
 ) -> list[list[int]]:
     """The generated ids of each prompt's continuation only, up to and including its first EOS
-    (a continuation without EOS hit max_new_tokens).
+    (a continuation without EOS hit max_new_tokens). `synced_gpus`: every rank of a sharded model
+    steps until all are done (each step all-gathers the shards, so a rank that stopped early would
+    leave the others waiting).
 
     seq2seq: right-padded encoder inputs; the decoder start token is dropped. causal: left
     padding, so every prompt ends at the same position and the continuation starts right after
@@ -493,9 +496,13 @@ def generate_continuations(
     if model_family == CAUSAL and is_prompt_tuned(model):
         embeds, attention_mask = virtual_tokens_after_padding(model, input_ids, attention_mask)
         # given embeddings only, generate() returns the new tokens only: nothing to slice off
-        output = inner.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config)
+        output = inner.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config, synced_gpus=synced_gpus
+        )
     else:
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced_gpus
+        )
         output = output[:, input_ids.shape[1] :] if model_family == CAUSAL else output[:, 1:]
     stops = eos_ids(config)
     continuations = []

@@ -128,7 +128,11 @@ def recorded_generation(config: GenerationConfig) -> dict[str, float]:
 
 
 def generate_batch(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_ids: list[list[int]], config: GenerationConfig
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_ids: list[list[int]],
+    config: GenerationConfig,
+    synced_gpus: bool = False,
 ) -> tuple[list[str], list[int], list[bool]]:
     """Summaries, generated token counts and whether each hit max_new_tokens without EOS.
 
@@ -139,7 +143,7 @@ def generate_batch(
     """
     from stages import family
 
-    continuations = family.generate_continuations(model, tokenizer, batch_ids, config)
+    continuations = family.generate_continuations(model, tokenizer, batch_ids, config, synced_gpus)
     stops = family.eos_ids(config)
     texts = tokenizer.batch_decode(continuations, skip_special_tokens=True)
     hit_max = [not row or row[-1] not in stops for row in continuations]
@@ -162,12 +166,14 @@ def generate_summaries(
     input_ids: list[list[int]],
     params: GenerateParams,
     progress: Callable[[int, int], None] | None = None,
+    synced_gpus: bool = False,
 ) -> Generated:
     """Batched generation, longest inputs first, halving the batch on CUDA out-of-memory.
 
     Sorting by length keeps padding (wasted compute) small; longest-first makes an
     out-of-memory error happen on the first batch, not after an hour.
-    `progress(done, total)`, if given, is called after each batch.
+    `progress(done, total)`, if given, is called after each batch. `synced_gpus`: a sharded (FSDP)
+    model, which every rank runs in step (stages/family.py generate_continuations).
     """
     import torch
 
@@ -182,7 +188,9 @@ def generate_summaries(
     while start < len(order):
         chunk = order[start : start + batch_size]
         try:
-            texts, lengths, hit_max = generate_batch(model, tokenizer, [input_ids[i] for i in chunk], config)
+            texts, lengths, hit_max = generate_batch(
+                model, tokenizer, [input_ids[i] for i in chunk], config, synced_gpus
+            )
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise

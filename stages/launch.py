@@ -17,6 +17,7 @@ import sys
 from stages.errors import run_stage
 from stages.params import load_params
 from stages.runs import stage_args
+from stages.sharding import require_cuda_for_fsdp
 
 
 def command(method: str, seed: int, processes: int) -> list[str]:
@@ -65,7 +66,9 @@ def visible_gpus() -> int:
 
 def main(method: str, seed: int) -> None:
     params = load_params()
-    processes = params.recipe(method).processes  # an unknown method fails here, naming the ones there are
+    recipe = params.recipe(method)  # an unknown method fails here, naming the ones there are
+    processes = recipe.processes
+    require_cuda_for_fsdp(recipe.sharding, visible_gpus() > 0, method)  # before torchrun starts anything
     argv = command(method, seed, processes)
     environ = dict(os.environ)
     if processes == 1:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import ExportableState
+from transformers.training_args import OptimizerNames
 
 from stages import family
 
@@ -118,6 +119,9 @@ def training_metrics(trainer: Trainer) -> dict[str, float]:
         "train_gradient_checkpointing": int(bool(trainer.args.activation_checkpointing)),
         "train_compile": int(bool(trainer.args.torch_compile)),
         "train_tf32": int(bool(trainer.args.tf32)),
+        "train_optimizer": OptimizerNames(trainer.args.optim).value,  # the one that ran (train.optimizer)
+        # what accelerate actually ran: on CPU an FSDP request would have become DDP (refused before that)
+        "train_sharding": "fsdp" if trainer.is_fsdp_enabled else "none",
         # what one optimizer step averaged over, after any out-of-memory retry:
         # per-device batch x accumulation x processes
         "batch_per_step": trainer.get_total_train_batch_size(trainer.args),

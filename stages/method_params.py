@@ -18,6 +18,13 @@ LR_SCHEDULERS = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
 ]
 
+# The Trainer's optimizer names this recipe accepts: fused AdamW (transformers' default with torch >=
+# 2.8), plain AdamW, bitsandbytes' 8-bit AdamW (state in 8 bits: ~2 bytes per param instead of 8) and
+# its paged variant (state pages to CPU memory under pressure), and Adafactor (T5's own optimizer:
+# factored second moments, a fraction of AdamW's state). A test keeps this a subset of OptimizerNames.
+OPTIMIZERS = Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor"]
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -47,6 +54,10 @@ class TrainParams:
     gradient_checkpointing: bool = False  # recompute activations in backward instead of keeping them
     compile: bool = False  # torch.compile the model (the Trainer's torch_compile, inductor)
     pad_to_multiple_of: int = 8  # pad each batch's lengths up to a multiple of this (compile: shapes repeat)
+    optimizer: OPTIMIZERS = "adamw_torch_fused"  # the Trainer's optim name
+    # none: each process holds the whole model (one process, or DDP); fsdp: full fine-tuning's weights,
+    # gradients and optimizer state sharded over the processes (torch's fully_shard, stages/sharding.py)
+    sharding: Literal["none", "fsdp"] = "none"
 
     def problems(self, section: str) -> list[str]:
         return (
@@ -72,6 +83,16 @@ class TrainParams:
             + check(
                 self.pad_to_multiple_of >= 1,
                 f"{section}.pad_to_multiple_of: must be >= 1 (1 = pad to the longest row), got {self.pad_to_multiple_of}",
+            )
+            + check(
+                self.sharding != "fsdp" or self.processes >= 2,
+                f"{section}.sharding: fsdp shards the model over processes, and {section}.processes is "
+                f"{self.processes}; set processes to the GPU count (>= 2), or sharding: none",
+            )
+            + check(
+                self.sharding != "fsdp" or self.optimizer not in EIGHT_BIT_OPTIMIZERS,
+                f"{section}.optimizer: {self.optimizer} does not run under sharding: fsdp (bitsandbytes' "
+                "8-bit optimizers do not handle FSDP2's sharded parameters); use adamw_torch_fused or adafactor",
             )
             + check(
                 self.patience == 0 or self.select_by != "last",

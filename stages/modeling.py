@@ -162,11 +162,17 @@ def untie_lm_head(model: PreTrainedModel, head: torch.Tensor) -> None:
     model.all_tied_weights_keys.pop("lm_head.weight", None)
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """A whole model (full fine-tuning, either family): save_pretrained (safetensors) + tokenizer, with a
-    config that cannot be misread as tied."""
+    config that cannot be misread as tied. `state_dict`: the whole weights of a sharded model, gathered
+    by every rank (stages/sharding.py full_state_dict), which rank 0 writes as one model."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     if not head_is_tied(model):
         config_path = out_dir / "config.json"

@@ -295,6 +295,15 @@ def method_section(
     if shared is None or config is None:
         return None
     recipe = build(TrainParams, {**shared, **overrides}, name, problems)
+    if recipe is not None and recipe.sharding == "fsdp" and kind != "full":
+        # the frozen base is the only large part of a PEFT method, and a bf16 copy of an 8B base (16 GB)
+        # fits one card: DDP replicates it, sharding would only add an all-gather to every layer
+        problems.append(
+            f"{name}.sharding: fsdp is for full fine-tuning; {name} ({kind}) trains on a frozen base, which "
+            "DDP replicates on every GPU (processes > 1, sharding: none); set sharding: fsdp in the full "
+            "method's section, not in train"
+        )
+        return None
     return None if recipe is None else MethodParams(name, kind, overrides, recipe, config)
 
 

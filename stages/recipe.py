@@ -19,6 +19,7 @@ from stages.ledger import RunLedger
 from stages.method_params import TrainParams
 from stages.modeling import use_bf16
 from stages.progress import TrainerProgress
+from stages.sharding import sharding_arguments
 from stages.validation import validation_arguments
 
 
@@ -42,10 +43,25 @@ def training_arguments(
 ) -> TrainingArguments:
     """The Trainer's arguments for a recipe; `batch` = (per-device batch, accumulation) overrides the
     recipe's after an out-of-memory retry (see `train`)."""
+    args = TrainingArguments(**trainer_settings(params, seed, output_dir, device, section, batch))
+    check_one_device_per_process(args.n_gpu, section)
+    return args
+
+
+def trainer_settings(
+    params: TrainParams,
+    seed: int,
+    output_dir: Path,
+    device: torch.device,
+    section: str,
+    batch: tuple[int, int] | None = None,
+) -> dict:
+    """TrainingArguments' keyword arguments for a recipe on `device` (the Trainer finds the device
+    itself; this only decides what the recipe asks of it)."""
     cuda = device.type == "cuda"
     per_device, accumulation = batch or (params.batch_size, params.gradient_accumulation_steps)
     bf16 = use_bf16(params.precision, device)
-    args = TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         num_train_epochs=params.epochs,
         learning_rate=params.learning_rate,
@@ -58,7 +74,7 @@ def training_arguments(
         max_grad_norm=params.max_grad_norm,
         bf16=bf16,
         tf32=use_tf32(bf16, device),
-        optim="adamw_torch_fused",  # one fused kernel per step (transformers' default with torch >= 2.8)
+        optim=params.optimizer,  # train.optimizer: fused AdamW unless a memory lever is chosen
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         save_strategy="steps",
         save_steps=params.save_steps,
@@ -77,16 +93,12 @@ def training_arguments(
         data_seed=seed,
         dataloader_num_workers=params.dataloader_workers,
         use_cpu=not cuda,
-        # recompute each layer's activations in backward (train.gradient_checkpointing); non-reentrant:
-        # gradients reach adapters on a frozen base without the inputs requiring grad
-        activation_checkpointing=params.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
+        # FSDP2 sharding or none, and activation checkpointing (FSDP's own when sharded)
+        **sharding_arguments(params, device, section),
         torch_compile=params.compile,  # inductor, through accelerate's dynamo plugin
         disable_tqdm=True,  # TrainerProgress draws the bar (terminal) or periodic lines (logs) instead
         **validation_arguments(params),  # validate at every checkpoint; keep the best (stages/validation.py)
     )
-    check_one_device_per_process(args.n_gpu, section)
-    return args
 
 
 def check_one_device_per_process(visible_gpus: int, section: str) -> None:

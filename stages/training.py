@@ -9,6 +9,7 @@ fingerprint are stages/checkpoints.py's, costs stages/ledger.py's, the card stag
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import threading
@@ -35,6 +36,7 @@ from stages.oom import discard_attempt, halved
 from stages.params import ModelParams, Params
 from stages.recipe import build_trainer, training_arguments
 from stages.runs import run_name
+from stages.sharding import full_state_dict
 from stages.validation import attach_validation, selection_metrics, validation_record
 
 PREPARED_DIR = Path("data/prepared")  # training reads its train/ and validation/ folders only
@@ -218,12 +220,15 @@ def card_params(run: Run, resolved: dict) -> dict:
 
 def finish_run(run: Run, trained: Trained, plan: Plan) -> None:
     """On the first process: save the model (`plan.save`), its metrics, costs and model card; remove
-    the checkpoints of the finished run. The same for every method."""
+    the checkpoints of the finished run. The same for every method. A sharded model (FSDP) is gathered
+    first, with every process taking part, and saved whole by the first."""
     trainer = trained.trainer
+    started = time.perf_counter()
+    whole = full_state_dict(trainer.model)  # sharded: a collective, so before the other ranks leave
     if not trainer.is_world_process_zero():  # under torchrun, one process writes the outputs
         return
-    started = time.perf_counter()
-    plan.save(trainer.model, trained.tokenizer, run.model_dir)  # full fine-tuning writes the whole model
+    save = plan.save if whole is None else functools.partial(plan.save, state_dict=whole)
+    save(trainer.model, trained.tokenizer, run.model_dir)  # full fine-tuning writes the whole model
     save_s = round(time.perf_counter() - started, 2)
     if plan.library == "peft":  # an adapter names the exact base it applies to, and how it loads
         shutil.copy2(BASE_PIN, run.model_dir / "pin.json")

@@ -103,8 +103,9 @@ class ValidationByGeneration(TrainerCallback):
         started = time.perf_counter()
         rouge_l = self.score(self.trainer.model)
         metrics["eval_rougeL"] = rouge_l
-        # every process generates the same summaries with the same weights (no collective calls),
-        # so each one's metrics agree on the best checkpoint; only the first process's logger writes
+        # every process generates the same summaries with the same weights (under DDP no collective
+        # calls; under FSDP in step, synced_gpus), so each one's metrics agree on the best checkpoint;
+        # only the first process's logger writes
         self.trainer.log({"eval_rougeL": rouge_l, "eval_generation_runtime": round(time.perf_counter() - started, 3)})
 
     def score(self, model) -> float:
@@ -114,7 +115,11 @@ class ValidationByGeneration(TrainerCallback):
         try:
             with self.trainer.accelerator.autocast():  # bf16 training generates in bf16, as it evaluates
                 prompts = prompt_ids(self.subset, family.family(inner.config))
-                summaries = generate_summaries(model, self.tokenizer, prompts, self.decoding).summaries
+                # sharded (FSDP): every rank takes each decoding step, as each step gathers the shards
+                synced = self.trainer.is_fsdp_enabled
+                summaries = generate_summaries(
+                    model, self.tokenizer, prompts, self.decoding, synced_gpus=synced
+                ).summaries
         finally:
             # generate_summaries installs its config on the model: the saved model keeps its own
             inner.generation_config = saved_config
