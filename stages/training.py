@@ -32,7 +32,7 @@ from stages.ledger import saved_mb, training_costs, training_metrics
 from stages.method_params import MethodParams, TrainParams
 from stages.methods.plan import Plan
 from stages.modeling import load_model, load_tokenizer, pick_device, read_pin, set_determinism, use_bf16
-from stages.oom import discard_attempt, halved
+from stages.oom import discard_attempt, halved, out_of_memory
 from stages.params import ModelParams, Params
 from stages.recipe import build_trainer, training_arguments
 from stages.runs import run_name
@@ -173,9 +173,11 @@ def train(run: Run, plan: Plan, prepared_dir: Path = PREPARED_DIR) -> Trained:
         try:
             trainer.train(resume_from_checkpoint=resume)
             return Trained(trainer, tokenizer, subset, retries, round(lost, 2))
-        except torch.cuda.OutOfMemoryError:
-            if not recipe.auto_find_batch_size or batch[0] == 1:
-                raise
+        except torch.cuda.OutOfMemoryError as error:
+            if not recipe.auto_find_batch_size or batch[0] == 1 or recipe.processes > 1:
+                stage = f"train@{run.method}-{run.seed}"
+                full = section.type == "full"
+                raise out_of_memory(stage, run.method, batch, recipe.processes, full, run.params.variants) from error
             retries, lost = retries + 1, lost + time.perf_counter() - started
             discard_attempt(trainer, run.checkpoint_dir, run.curves_dir)
             batch = halved(batch)

@@ -190,11 +190,33 @@ def test_peak_memory_is_the_successful_attempts(monkeypatch):
     assert ledger.peak_memory_mb() == 12 * 1024
 
 
-def test_out_of_memory_with_auto_find_batch_size_off_is_raised(tiny_model_dir, tmp_path, monkeypatch):
+def test_out_of_memory_with_auto_find_batch_size_off_ends_in_one_line_with_the_levers(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     recipe = dataclasses.replace(TRAIN, batch_size=8, auto_find_batch_size=False)
     run = skeleton_run(tiny_model_dir, tmp_path, recipe, monkeypatch)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(StageError) as failed:
         training.train(run, SmallGpu(limit=2, after=0).plan)
+    assert str(failed.value) == (
+        "train@full-42 ran out of CUDA memory at per-device batch 8 x 1 accumulation with auto_find_batch_size off; "
+        "memory levers: -S full.gradient_checkpointing=true, -S full.optimizer=adamw_8bit (or adafactor), "
+        "-S full.sharding=fsdp with full.processes=<GPUs> (docs/scaling-out.md); compare the others without it: "
+        "dvc exp run -S 'variants=[lora,ia3,prompt]' report"
+    )
+    assert isinstance(failed.value.__cause__, torch.cuda.OutOfMemoryError)
+
+
+def test_out_of_memory_under_several_processes_is_not_retried(tiny_model_dir, tmp_path, monkeypatch):
+    """A rank that retried alone would rebuild its model while the others wait in the step's all-reduce
+    for ever: it ends instead (torchrun then stops the others), on the first error."""
+    recipe = dataclasses.replace(TRAIN, batch_size=8, processes=2)  # auto_find_batch_size on
+    run = skeleton_run(tiny_model_dir, tmp_path, recipe, monkeypatch)
+    small = SmallGpu(limit=2, after=0)
+    with pytest.raises(StageError, match=r"^train@full-42 ran out of CUDA memory at per-device batch 8 x 1 "
+                       r"accumulation under 2 processes, where one cannot retry alone \(the others would wait in a "
+                       r"collective\); memory levers: "):  # fmt: skip
+        training.train(run, small.plan)
+    assert small.batches == []  # no second attempt at 4 x 2
 
 
 def test_halving_keeps_the_samples_per_step():
