@@ -100,7 +100,7 @@ def quantizes(params_file: Path) -> bool:
 # of the 7 stages that import peft (the Trainer imports it too), a quarter of the smoke run. Where
 # no params section quantizes, no stage loads a quantized model, so bitsandbytes is marked absent
 # (None in sys.modules: `import` raises ImportError, and peft's, transformers' and accelerate's
-# find_spec checks answer "not installed"). stages.family.quantization_config says so if a
+# find_spec checks answer "not installed"). stages.quantization.quantization_config says so if a
 # quantized load is asked for anyway. Tests and notebooks that import a stage are left as they are.
 if is_stage_process(sys.orig_argv) and not quantizes(Path("params.yaml")):
     sys.modules.setdefault("bitsandbytes", None)

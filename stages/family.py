@@ -62,7 +62,7 @@ original one: encoder input = prompt, labels = summary + EOS (with BART's <s> in
 from __future__ import annotations
 
 import copy
-import sys
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -79,6 +79,7 @@ from transformers import (
 
 from stages.errors import StageError
 from stages.hub import hub_revision, load_error
+from stages.quantization import check_cpu_4bit_layers, quantization_config, quantized_device
 
 if TYPE_CHECKING:  # importing it loads transformers' modeling code (~1.7 s), which prepare never runs
     from transformers import PreTrainedModel
@@ -86,7 +87,6 @@ if TYPE_CHECKING:  # importing it loads transformers' modeling code (~1.7 s), wh
 Family = Literal["seq2seq", "causal"]
 SEQ2SEQ: Family = "seq2seq"
 CAUSAL: Family = "causal"
-QUANTIZATIONS = ("none", "4bit", "8bit")
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy (and every HF model's loss) skips
 PAD_TO_MULTIPLE_OF = 8  # tensor-core friendly shapes; the collator and generation pad alike
 
@@ -118,34 +118,6 @@ def load_config(name: str, revision: str = "main") -> PretrainedConfig:
         raise load_error(name, revision, error) from None
 
 
-def quantization_config(quantization: str):
-    """bitsandbytes settings for `quantization`, None for "none".
-
-    4bit is QLoRA's recipe (Dettmers et al. 2023): NF4 weights, double quantization of the
-    scales, bf16 compute. bitsandbytes 0.50 runs it on CPU too (load, backward, generate).
-    """
-    if quantization not in QUANTIZATIONS:
-        raise StageError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
-    if quantization == "none":
-        return None
-    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
-        raise StageError(
-            f"a {quantization} load needs bitsandbytes, which this stage keeps unimported because no "
-            "params.yaml section sets quantization (stages/__init__.py); set it where the variant "
-            "was trained (e.g. lora.quantization: 4bit) and rerun with dvc repro"
-        )
-    from transformers import BitsAndBytesConfig  # imported here: only quantized loads need bitsandbytes
-
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-
-
 def load_model(
     name: str,
     revision: str = "main",
@@ -164,7 +136,7 @@ def load_model(
     when the checkpoint ties it (T5 v1.0, BART, GPT-2): from_pretrained follows the checkpoint,
     and nothing here calls tie_weights() or resize_token_embeddings().
 
-    A quantized model is placed on `device` (default: CUDA if available, else CPU) while it
+    A quantized model is placed on `device` (default: this process's GPU, else CPU) while it
     loads: bitsandbytes quantizes as the weights arrive, and 8-bit models cannot be moved after.
     Its unquantized parameters (norms, embeddings, output head) load in fp32 whatever `dtype`
     says: peft's k-bit preparation casts them to fp32 for training anyway, so the base an adapter
@@ -177,8 +149,10 @@ def load_model(
     )
     bnb = quantization_config(quantization)
     if bnb is not None:
-        target = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        kwargs.update(quantization_config=bnb, device_map={"": str(target)}, dtype=torch.float32)
+        target = str(device) if device is not None else quantized_device(os.environ, torch.cuda.is_available())
+        if quantization == "4bit" and target == "cpu":
+            check_cpu_4bit_layers(name, auto_model_class(family(config)), config)
+        kwargs.update(quantization_config=bnb, device_map={"": target}, dtype=torch.float32)
     if attn_implementation != "auto":
         kwargs["attn_implementation"] = attn_implementation
     try:

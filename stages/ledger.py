@@ -14,6 +14,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.training_args import OptimizerNames
 
 from stages import family
+from stages.quantization import stored_numel
 
 
 class RunLedger(TrainerCallback, ExportableState):
@@ -71,9 +72,10 @@ def base_dtype(model: torch.nn.Module) -> str:
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, float]:
-    # parameters() de-duplicates shared tensors, so a tied head would not be counted twice
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # parameters() de-duplicates shared tensors, so a tied head would not be counted twice; a 4-bit
+    # base's packed weights count at their real number (stored_numel), as peft counts them
+    total = sum(stored_numel(p) for p in model.parameters())
+    trainable = sum(stored_numel(p) for p in model.parameters() if p.requires_grad)
     return {
         "trainable_params": trainable,
         "total_params": total,

@@ -26,6 +26,7 @@ from stages.errors import StageError
 from stages.generate import generation_config
 from stages.modeling import head_is_tied, save_model
 from stages.params import parse_params
+from stages.quantization import quantization_config
 from stages.rouge import mean_scores, score_corpus
 from tests.conftest import MEMORIZATION_LORA_TARGETS, REPO, load_script, memorization_rows
 
@@ -124,7 +125,7 @@ def test_load_model_refuses_pickled_weights(tiny_dirs, tmp_path):
 
 def test_unknown_quantization_is_refused():
     with pytest.raises(StageError, match="quantization must be one of none, 4bit, 8bit, not '3bit'"):
-        F.quantization_config("3bit")
+        quantization_config("3bit")
 
 
 # --------------------------------------------------------------------------- inputs and labels

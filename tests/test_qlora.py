@@ -164,3 +164,69 @@ def test_any_section_that_quantizes_keeps_bitsandbytes_importable(tmp_path):
     params.write_text("lora: [unclosed\n")  # unreadable: import as usual, the stage reports the file
     assert stages.quantizes(params)
     assert stages.quantizes(tmp_path / "missing.yaml")
+
+
+# --- counts, placement and what the CPU kernel cannot run --------------------------------------------
+
+
+def test_qlora_counts_params_at_their_real_element_count(qlora):
+    """bitsandbytes stores two 4-bit weights per byte: counted as stored, a tiny Llama's 4-bit base
+    looked a third smaller and its adapter's share half again larger. Counted as weights, the total is
+    the unquantized base's plus the adapter's, and peft's own count agrees."""
+    from peft import PeftModel
+
+    from stages.ledger import count_parameters
+
+    train = json.loads((qlora / "metrics" / "train" / "lora" / "seed42.json").read_text())
+    pin = json.loads((qlora / "models" / "base" / "pin.json").read_text())
+    unquantized = sum(p.numel() for p in family.load_model(pin["name"]).parameters())
+    assert train["total_params"] == unquantized + train["trainable_params"]
+    quantized = PeftModel.from_pretrained(family.load_model(pin["name"], quantization="4bit"),
+                                          str(qlora / "models" / "lora" / "seed42"), is_trainable=True)  # fmt: skip
+    trainable, total = quantized.get_nb_trainable_parameters()
+    counted = count_parameters(quantized)
+    assert (
+        (counted["trainable_params"], counted["total_params"])
+        == (trainable, total)
+        == (
+            train["trainable_params"],
+            train["total_params"],
+        )
+    )
+
+
+def test_a_quantized_base_loads_on_each_process_s_own_gpu():
+    from stages.quantization import quantized_device
+
+    assert quantized_device({"LOCAL_RANK": "3", "WORLD_SIZE": "4"}, cuda=True) == "cuda:3"  # torchrun rank 3
+    assert quantized_device({}, cuda=True) == "cuda:0"  # one process: its (pinned) first GPU
+    assert quantized_device({"LOCAL_RANK": "1"}, cuda=False) == "cpu"
+
+
+def test_layers_narrower_than_the_cpu_4bit_block_are_refused_before_training(tmp_path, monkeypatch):
+    """On an AVX512-BF16 CPU bitsandbytes repacks 4-bit weights at the first generation, which fails
+    with a raw reshape error for layers narrower than its block: the load is refused first, naming them."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from stages import quantization
+    from stages.errors import StageError
+
+    narrow = make_tiny_model(tmp_path / "narrow", "--family", "llama")  # 32 wide: k/v project to 16
+    wide = make_tiny_model(tmp_path / "wide", "--family", "llama", "--width", "128")
+    # the premise, without this CPU's kernel: bitsandbytes' own packing of a narrow layer fails, a wide one packs
+    layer = family.load_model(str(narrow), quantization="4bit").model.layers[0].self_attn.k_proj
+    with pytest.raises((AssertionError, RuntimeError)):
+        _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+    wide_layer = family.load_model(str(wide), quantization="4bit").model.layers[0].self_attn.k_proj
+    _convert_weight_packed_for_cpu(wide_layer.weight.data, wide_layer.weight.quant_state)
+
+    monkeypatch.setattr(quantization, "cpu_packs_4bit", lambda: True)  # an AVX512-BF16 CPU
+    with pytest.raises(StageError) as refused:
+        family.load_model(str(narrow), quantization="4bit")
+    assert str(refused.value) == (
+        f"4-bit quantization of {narrow} on this CPU: bitsandbytes' CPU kernel (AVX512-BF16) needs every quantized "
+        "layer's inputs to be a multiple of 64 and its outputs of 32, and q_proj (32 -> 32), k_proj (32 -> 16), "
+        "v_proj (32 -> 16), o_proj (32 -> 32), gate_proj (32 -> 128), up_proj (32 -> 128) are not; use "
+        "quantization: none, a wider model, or a GPU"
+    )
+    assert family.is_quantized(family.load_model(str(wide), quantization="4bit"))
