@@ -58,6 +58,7 @@ class TrainParams:
     # none: each process holds the whole model (one process, or DDP); fsdp: full fine-tuning's weights,
     # gradients and optimizer state sharded over the processes (torch's fully_shard, stages/sharding.py)
     sharding: Literal["none", "fsdp"] = "none"
+    nodes: int = 1  # machines of a multi-node torchrun, each running `processes` (stages/launch.py)
 
     def problems(self, section: str) -> list[str]:
         return (
@@ -75,6 +76,7 @@ class TrainParams:
             + check(self.logging_steps >= 1, f"{section}.logging_steps: must be >= 1, got {self.logging_steps}")
             + check(self.save_steps >= 1, f"{section}.save_steps: must be >= 1, got {self.save_steps}")
             + check(self.processes >= 1, f"{section}.processes: must be >= 1, got {self.processes}")
+            + check(self.nodes >= 1, f"{section}.nodes: must be >= 1, got {self.nodes}")
             + check(
                 self.dataloader_workers >= 0,
                 f"{section}.dataloader_workers: must be >= 0, got {self.dataloader_workers}",

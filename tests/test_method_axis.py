@@ -24,8 +24,8 @@ BEFORE = yaml.safe_load((REPO / "tests" / "fixtures" / "params_before_shared_rec
 def test_every_default_method_resolves_to_its_recipe_and_arguments_before_the_shared_section():
     params = load_params(REPO / "params.yaml")
     assert params.methods == ["full", "lora", "ia3", "prompt"]
-    # two recipe keys since, at what the recipe did before them: the fused AdamW it hard-coded, no sharding
-    since = {"optimizer": "adamw_torch_fused", "sharding": "none"}
+    # recipe keys since, at what the recipe did before them: the fused AdamW it hard-coded, no sharding, one node
+    since = {"optimizer": "adamw_torch_fused", "sharding": "none", "nodes": 1}
     for method in params.methods:
         assert dataclasses.asdict(params.recipe(method)) == {**BEFORE[f"train_{method}"], **since}, method
     for method in ("lora", "ia3", "prompt"):

@@ -184,3 +184,83 @@ def test_a_two_rank_fsdp2_model_saves_whole_and_generate_loads_it(tiny_model_dir
     assert generate_summaries(saved.eval(), tokenizer, prompts, decoding) == generate_summaries(
         reference.eval(), tokenizer, prompts, decoding
     )
+
+
+# --- a grid across GPUs: each stage its own GPU -------------------------------------------------------
+
+CLAIMANT = """
+import os
+from stages.gpus import gpu_environment
+env = gpu_environment({k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}, 1, 2)  # 2 GPUs (mocked)
+print("claimed", env["CUDA_VISIBLE_DEVICES"], flush=True)
+os.execve("/bin/sleep", ["sleep", "120"], env)  # as launch execs the training: the lock must survive it
+"""
+
+
+def start_stage(lock_dir: Path):
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-c", CLAIMANT],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "GPU_LOCK_DIR": str(lock_dir), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_concurrent_stages_claim_different_gpus_and_a_killed_one_frees_its_own(tmp_path):
+    locks = tmp_path / "locks"
+    first, second, third = start_stage(locks), None, None
+    try:
+        assert first.stdout.readline() == "claimed 0\n"
+        second = start_stage(locks)
+        assert second.stdout.readline() == "claimed 1\n"  # GPU 0 is held by the first stage
+        third = start_stage(locks)  # a third job of `dvc queue start --jobs 3` on 2 GPUs waits
+        assert third.stdout.readline().startswith("waiting for 1 free GPU(s) of 2: other stages hold them")
+        first.kill()  # SIGKILL: no cleanup runs; the kernel closes its descriptors
+        first.wait()
+        assert third.stdout.readline() == "claimed 0\n"
+    finally:
+        for stage in (first, second, third):
+            if stage is not None:
+                stage.kill()
+                stage.wait()
+                stage.stdout.close()
+
+
+def test_gpus_already_given_are_honoured_and_none_are_claimed(tmp_path):
+    from stages.gpus import gpu_environment
+
+    given = {"CUDA_VISIBLE_DEVICES": "5,6", "GPU_LOCK_DIR": str(tmp_path)}
+    assert gpu_environment(given, 2, 2) == given
+    assert gpu_environment({"GPU_LOCK_DIR": str(tmp_path)}, 1, 0) == {"GPU_LOCK_DIR": str(tmp_path)}  # no GPU
+    assert not list(tmp_path.iterdir())
+
+
+# --- several nodes -----------------------------------------------------------------------------------
+
+
+def test_a_multi_node_run_is_one_torchrun_node_with_its_rank_and_rendezvous():
+    from stages import launch
+
+    argv = launch.command("full", 42, 8, 2, {"SLURM_NODEID": "1", "MASTER_ADDR": "gpu-node-0"})
+    assert argv[1:] == [
+        "--nnodes=2",
+        "--node_rank=1",
+        "--nproc_per_node=8",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=gpu-node-0:29500",
+        "--rdzv_id=train-full-42",
+        "-m",
+        "stages.train",
+        "full",
+        "42",
+    ]
+    assert launch.command("full", 42, 8, 1, {})[1:3] == ["--standalone", "--nproc_per_node=8"]
+    with pytest.raises(StageError) as refused:
+        launch.command("full", 42, 8, 2, {"MASTER_ADDR": "gpu-node-0"})
+    assert str(refused.value) == (
+        "full.nodes > 1 needs this node's rank and the rendezvous host: set NODE_RANK (or run under SLURM, which "
+        "sets SLURM_NODEID) and MASTER_ADDR (and MASTER_PORT, default 29500) on every node (docs/scaling-out.md)"
+    )

@@ -336,6 +336,8 @@ def test_launch_pins_a_one_process_run_to_one_gpu(capsys):
 def test_launch_main_uses_the_device_count(monkeypatch, tmp_path):
     # launch.main with 2 (mocked) GPUs and processes: 1 execs the stage with one GPU visible
     seen = {}
+    monkeypatch.setenv("GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(launch, "visible_gpus", lambda: 2)
     params = with_recipe(load_params(REPO / "params.yaml"), "full", TRAIN)
     monkeypatch.setattr(launch, "load_params", lambda: params)
