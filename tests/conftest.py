@@ -60,8 +60,9 @@ def run_bare_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def load_script(name: str) -> types.ModuleType:
     """scripts/<name>.py as a module (scripts/ is not a package), to call its functions in-process."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"scripts.{name}", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
