@@ -177,8 +177,8 @@ def test_bad_param_from_dvc_exp_run_lists_every_problem(repo):
         "lora.rank: unknown key for method type lora; valid keys are alpha, auto_find_batch_size, batch_size, bias, "
         "compile, dataloader_workers, dropout, epochs, eval_batch_size, gradient_accumulation_steps, "
         "gradient_checkpointing, group_by_length, init, learning_rate, logging_steps, lr_scheduler, max_grad_norm, "
-        "pad_to_multiple_of, patience, precision, processes, quantization, r, save_steps, select_by, target_modules, "
-        "type, use_dora, use_rslora, warmup_ratio, weight_decay" in output
+        "nodes, optimizer, pad_to_multiple_of, patience, precision, processes, quantization, r, save_steps, select_by, "
+        "sharding, target_modules, type, use_dora, use_rslora, warmup_ratio, weight_decay" in output
     )
     assert "lora.r: must be >= 1, got 0" in output
 
