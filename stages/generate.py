@@ -43,13 +43,33 @@ QUANTIZATION_FILE = "quantization.json"  # beside every adapter: how its base lo
 PREDICTIONS_DIR = Path("data/predictions")
 METRICS_DIR = Path("metrics/generate")
 TIMING_DIR = Path("metrics/timing/generate")
-SPEAKER_TAG = re.compile(r"^\s*#[^#]+#\s*:\s*")  # DialogSum turns start with "#Person1#: "
+# A turn's speaker tag: DialogSum's "#Person1#: ", or a name of up to three words before a colon
+# and a space ("Alice: ", "A: ", "Dr. Smith: ", "[Bob]: ")
+SPEAKER_TAG = re.compile(
+    r"^\s*(?:(?P<dialogsum>#[^#]+#)\s*:\s*|(?P<name>\w[\w.'-]*(?: [\w.'-]+){0,2}|\[[^\]\n]{1,30}\])\s*:(?:\s+|$))"
+)
 
 
 def lead_summary(dialogue: str, turns: int) -> str:
-    """The first `turns` turns of the dialogue, speaker tags removed, as one paragraph."""
-    lines = [SPEAKER_TAG.sub("", line).strip() for line in dialogue.splitlines()]
-    return " ".join([line for line in lines if line][:turns])
+    """The first `turns` turns of the dialogue, speaker tags removed, as one paragraph.
+
+    A turn is a non-empty line; a dialogue in one paragraph (no line breaks) has its sentences as
+    turns. A dialogue with DialogSum's tags is read as DialogSum always was (its "#PersonN#: " tags
+    removed, every other line kept whole). Otherwise name tags ("Alice: ") are removed where more
+    than half the turns carry one, or where a one-paragraph dialogue starts with one, so a colon in
+    plain prose ("The plan: ...") stays."""
+    lines = dialogue.splitlines()
+    if any((tag := SPEAKER_TAG.match(line)) and tag["dialogsum"] for line in lines):
+        lines = [line[tag.end() :] if (tag := SPEAKER_TAG.match(line)) and tag["dialogsum"] else line for line in lines]
+        return " ".join([line.strip() for line in lines if line.strip()][:turns])
+    units = [line.strip() for line in lines if line.strip()]
+    paragraph = len(units) == 1
+    if paragraph:  # sentence ends, not after Mr. Mrs. Ms. Dr.
+        units = re.split(r"(?<=[.!?])(?<!\bMr\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bMrs\.)\s+", units[0])
+    tags = [SPEAKER_TAG.match(unit) for unit in units]
+    if 2 * sum(tag is not None for tag in tags) > len(units) or (paragraph and tags[0] is not None):
+        units = [unit[tag.end() :] if tag else unit for unit, tag in zip(units, tags)]
+    return " ".join([unit.strip() for unit in units if unit.strip()][:turns])
 
 
 def load_variant(
