@@ -1,16 +1,27 @@
-"""Stage `data`: fetch DialogSum (Hub id or local directory) and write a raw JSONL snapshot.
+"""Stage `data`: fetch DialogSum or a user's own data (Hub id or local directory) and write a raw
+JSONL snapshot.
 
 The snapshot in data/raw/ is what DVC versions, so every later stage reads exactly the same
 rows no matter where they came from. Only `data.*` params and the files in data/source (the
 place for local data, a declared dependency) affect this stage: changing the prompt or
 tokenization reruns `prepare`, never a fetch.
 
+Other shapes of data:
+- other column names: `data.columns` maps the pipeline's columns (id, dialogue, summary, topic) to
+  the source's, for local files and Hub datasets alike; the snapshot always has the pipeline's names;
+- no id column: ids are derived as <split>-<row index in the source split> (recorded as
+  ids_derived); no topic column: topic is "";
+- no validation or test split (only train is required): the missing ones are split off train by
+  dialogue (rows with the same dialogue text up to whitespace, e.g. several references, stay
+  together), `data.validation_size` / `data.test_size` of train's distinct dialogues each, drawn by
+  `data.split_seed`; recorded as validation_split_off / test_split_off and split_seed.
+
 What is repaired and what is an error (nothing is dropped silently):
 - empty or whitespace-only dialogue or summary: row dropped, counted as <split>_dropped_empty
   (a summary of nothing can neither be trained on nor scored);
 - a train or validation dialogue that also appears in test (same text up to whitespace): row
   dropped, counted as <split>_dropped_test_overlap (it would leak the test set into training);
-- missing split file, missing column, malformed line, non-UTF-8 bytes, duplicate id: error naming
+- no train split, missing column, malformed line, non-UTF-8 bytes, duplicate id: error naming
   the file (and line) and the fix, because guessing would change the data set silently.
 """
 
@@ -20,14 +31,15 @@ import csv
 import hashlib
 import json
 from pathlib import Path
+from typing import Mapping, NamedTuple
 
 from stages.errors import StageError, run_stage
 from stages.jsonio import write_json, write_jsonl
 from stages.params import DataParams, load_params
 
 SPLITS = ("train", "validation", "test")
-COLUMNS = ("id", "dialogue", "summary", "topic")
-REQUIRED = ("id", "dialogue", "summary")  # topic is carried when present, "" otherwise
+COLUMNS = DataParams.COLUMNS  # id, dialogue, summary, topic: the snapshot's names
+REQUIRED = ("dialogue", "summary")  # id is derived when absent, topic "" (unless mapped to other names)
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 RAW_DIR = Path("data/raw")
 STATS_FILE = Path("metrics/data.json")
@@ -37,13 +49,12 @@ class DataError(StageError):
     """Bad input data; the message names the file (and line) and what to fix."""
 
 
-def find_split_file(directory: Path, split: str) -> Path:
-    """The one file `<split>.<ext>` in `directory`, ext in FORMATS."""
+def find_split_file(directory: Path, split: str) -> Path | None:
+    """The one file `<split>.<ext>` in `directory`, ext in FORMATS; None if there is none (a missing
+    validation or test split is split off train; a missing train is an error, see split_files)."""
     found = [directory / f"{split}{ext}" for ext in FORMATS if (directory / f"{split}{ext}").is_file()]
     if not found:
-        raise DataError(
-            f"{directory}: no {split} split; expected one of " + ", ".join(f"{split}{ext}" for ext in FORMATS)
-        )
+        return None
     if len(found) > 1:
         raise DataError(
             f"{directory}: several files for the {split} split ({', '.join(p.name for p in found)}); keep one"
@@ -101,8 +112,20 @@ def read_split_file(path: Path) -> list[dict]:
         ) from None
 
 
+def split_files(directory: Path) -> dict[str, Path]:
+    """The split files `directory` has, by split; train is required."""
+    files = {split: path for split in SPLITS if (path := find_split_file(directory, split)) is not None}
+    if "train" not in files:
+        raise DataError(
+            f"{directory}: no train split; expected one of "
+            + ", ".join(f"train{ext}" for ext in FORMATS)
+            + " (validation and test, when missing, are split off train)"
+        )
+    return files
+
+
 def load_local(directory: Path) -> dict[str, list[dict]]:
-    return {split: read_split_file(find_split_file(directory, split)) for split in SPLITS}
+    return {split: read_split_file(path) for split, path in split_files(directory).items()}
 
 
 def load_hub(source: str, revision: str) -> dict[str, list[dict]]:
@@ -117,24 +140,45 @@ def load_hub(source: str, revision: str) -> dict[str, list[dict]]:
         raise DataError(
             f"could not load dataset {source!r} (revision {revision!r}) from the Hugging Face Hub: "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
-            "If you are offline, point data.source at a local directory holding train, validation "
-            "and test files (.jsonl, .json, .csv or .parquet), e.g. dvc exp run -S data.source=path/to/dir"
+            "If you are offline, point data.source at a local directory holding a train file and, "
+            "optionally, validation and test files (.jsonl, .json, .csv or .parquet), "
+            "e.g. dvc exp run -S data.source=path/to/dir"
         ) from None
-    missing = [split for split in SPLITS if split not in dataset]
-    if missing:
-        raise DataError(f"dataset {source!r} has no split(s) {', '.join(missing)}; found {', '.join(dataset)}")
-    return {split: dataset[split].to_list() for split in SPLITS}
+    if "train" not in dataset:
+        raise DataError(
+            f"dataset {source!r} has no train split; found {', '.join(dataset) or 'none'} "
+            "(validation and test, when missing, are split off train)"
+        )
+    return {split: dataset[split].to_list() for split in SPLITS if split in dataset}
 
 
-def clean_split(rows: list[dict], split: str, origin: str) -> tuple[list[dict], int]:
-    """Keep COLUMNS as stripped strings; drop (and count) rows with an empty dialogue or summary."""
+class Cleaned(NamedTuple):
+    rows: list[dict]  # the pipeline's COLUMNS, stripped strings
+    dropped_empty: int
+    ids_derived: bool  # the split had no id column: ids are <split>-<row index in the source split>
+
+
+def clean_split(rows: list[dict], split: str, origin: str, columns: Mapping[str, str] | None = None) -> Cleaned:
+    """Keep COLUMNS, read from the source's columns `columns` maps them to (a column not named there
+    keeps its own name), as stripped strings; drop (and count) rows with an empty dialogue or summary.
+    Dialogue and summary must exist, as must a column mapped to another name than its own; an id or
+    topic under its own name may be absent (the id is then derived, the topic "")."""
+    source = {c: (columns or {}).get(c, c) for c in COLUMNS}
+    ids_derived = bool(rows) and source["id"] == "id" and "id" not in rows[0]
     if rows:
-        missing = [c for c in REQUIRED if c not in rows[0]]
+        missing = [c for c in COLUMNS if source[c] not in rows[0] and (source[c] != c or c in REQUIRED)]
         if missing:
-            raise DataError(f"{origin}: {split} split lacks column(s) {', '.join(missing)}; found {', '.join(rows[0])}")
+            named = ", ".join(f"{source[c]!r} (data.columns.{c})" if source[c] != c else c for c in missing)
+            raise DataError(
+                f"{origin}: {split} split lacks column(s) {named}; found {', '.join(map(str, rows[0]))}; "
+                "map each to its column in the source with "
+                + " ".join(f"-S data.columns.{c}=<column>" for c in missing)
+            )
     kept, dropped = [], 0
-    for row in rows:
-        record = {c: str(row.get(c) or "").strip() for c in COLUMNS}
+    for index, row in enumerate(rows):
+        record = {c: str(row.get(source[c]) or "").strip() for c in COLUMNS}
+        if ids_derived:
+            record["id"] = f"{split}-{index}"
         if not record["dialogue"] or not record["summary"]:
             dropped += 1
             continue
@@ -143,7 +187,7 @@ def clean_split(rows: list[dict], split: str, origin: str) -> tuple[list[dict], 
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"{origin}: {split} split has duplicate id {duplicate!r}; ids must be unique")
-    return kept, dropped
+    return Cleaned(kept, dropped, ids_derived)
 
 
 def normalize(text: str) -> str:
@@ -157,6 +201,36 @@ def drop_test_overlap(rows: list[dict], test_rows: list[dict]) -> tuple[list[dic
     return kept, len(rows) - len(kept)
 
 
+def split_off(rows: list[dict], sizes: Mapping[str, float], seed: int, origin: str) -> dict[str, list[dict]]:
+    """Train's rows split by dialogue: each split in `sizes` gets that fraction of the distinct
+    dialogues (normalized text; at least one), the rest stays train. Dialogues are ranked by a
+    seeded hash of their text, so the split depends only on the seed and the dialogue texts (not
+    the row order), a dialogue's rows (its references) never straddle splits, and each split keeps
+    the source's row order."""
+    groups = list(dict.fromkeys(normalize(r["dialogue"]) for r in rows))
+    counts = {split: max(1, round(len(groups) * size)) for split, size in sizes.items()}
+    if sum(counts.values()) >= len(groups):
+        raise DataError(
+            f"{origin}: train has {len(groups)} distinct dialogue(s), too few to split off "
+            f"{' and '.join(counts)} ({' + '.join(map(str, counts.values()))} dialogues) and keep some to "
+            f"train on; add rows, or give the source its own {' and '.join(counts)} split(s)"
+        )
+    ranked = sorted(groups, key=lambda text: hashlib.sha256(f"{seed}\0{text}".encode()).hexdigest())
+    assigned: dict[str, str] = {}  # dialogue text -> the split it moves to; the rest stays train
+    start = 0
+    for split, count in counts.items():
+        assigned.update((text, split) for text in ranked[start : start + count])
+        start += count
+    parts: dict[str, list[dict]] = {"train": [], **{split: [] for split in sizes}}
+    for row in rows:
+        parts[assigned.get(normalize(row["dialogue"]), "train")].append(row)
+    return parts
+
+
+def dialogue_count(rows: list[dict]) -> int:
+    return len({normalize(r["dialogue"]) for r in rows})
+
+
 def fetch(params: DataParams) -> dict[str, list[dict]]:
     local = Path(params.source)
     if local.is_dir():
@@ -166,12 +240,13 @@ def fetch(params: DataParams) -> dict[str, list[dict]]:
 
 def resolved_revision(params: DataParams) -> str:
     """What the data came from, exactly: the Hub commit the revision points to now, or a content
-    hash (sha256 over file names and bytes) of a local directory's split files. Recorded in
-    metrics/data.json, so a moved Hub branch or an edited local file shows in `dvc metrics diff`."""
+    hash (sha256 over file names and bytes) of a local directory's split files, whichever exist.
+    Recorded in metrics/data.json, so a moved Hub branch or an edited, added or removed local file
+    shows in `dvc metrics diff`."""
     local = Path(params.source)
     if local.is_dir():
         digest = hashlib.sha256()
-        for path in sorted(find_split_file(local, split) for split in SPLITS):
+        for path in sorted(split_files(local).values()):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
         return "sha256:" + digest.hexdigest()
     from huggingface_hub import HfApi, snapshot_download
@@ -192,21 +267,39 @@ def resolved_revision(params: DataParams) -> str:
 
 def main() -> None:
     params = load_params()
-    splits = fetch(params.data)
+    data = params.data
+    splits = fetch(data)
     cleaned: dict[str, list[dict]] = {}
-    stats: dict[str, str | int] = {
-        "source": params.data.source,
-        "source_revision": params.data.revision,
-        "source_resolved_revision": resolved_revision(params.data),
+    stats: dict[str, str | int | bool | None] = {
+        "source": data.source,
+        "source_revision": data.revision,
+        "source_resolved_revision": resolved_revision(data),
     }
+    ids_derived = False
     for split in SPLITS:
-        cleaned[split], stats[f"{split}_dropped_empty"] = clean_split(splits[split], split, params.data.source)
+        stats[f"{split}_dropped_empty"] = 0
+        if split in splits:
+            result = clean_split(splits[split], split, data.source, data.columns)
+            cleaned[split], stats[f"{split}_dropped_empty"] = result.rows, result.dropped_empty
+            ids_derived = ids_derived or result.ids_derived
     for split in ("train", "validation"):
-        cleaned[split], stats[f"{split}_dropped_test_overlap"] = drop_test_overlap(cleaned[split], cleaned["test"])
+        stats[f"{split}_dropped_test_overlap"] = 0
+        if split in cleaned and "test" in cleaned:
+            cleaned[split], stats[f"{split}_dropped_test_overlap"] = drop_test_overlap(cleaned[split], cleaned["test"])
+    sizes = {"validation": data.validation_size, "test": data.test_size}
+    missing = {split: sizes[split] for split in sizes if split not in cleaned}
+    if missing:
+        cleaned.update(split_off(cleaned["train"], missing, data.split_seed, data.source))
+        print(f"{data.source}: no {' or '.join(missing)} split; split off train (data.split_seed={data.split_seed})")
+    stats["ids_derived"] = ids_derived
+    stats["validation_split_off"] = "validation" in missing
+    stats["test_split_off"] = "test" in missing
+    stats["split_seed"] = data.split_seed if missing else None  # None: the source had every split
     for split in SPLITS:
-        rows = cleaned[split][: params.data.limit]  # None keeps all
+        rows = cleaned[split][: data.limit]  # None keeps all
         write_jsonl(rows, RAW_DIR / f"{split}.jsonl")
         stats[f"{split}_rows"] = len(rows)
+        stats[f"{split}_dialogues"] = dialogue_count(rows)
     write_json(stats, STATS_FILE)
     print(json.dumps(stats))
 

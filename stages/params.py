@@ -57,14 +57,68 @@ class DataParams:
     source: str
     revision: str
     limit: Optional[int]
+    # the pipeline's column -> the source's column holding it; unnamed columns keep their own name.
+    # Typed `object` (any YAML value passes the converter) and checked in problems(): a mapping of str.
+    # The defaults below serve code that builds DataParams directly (params.yaml always sets them).
+    columns: object = dataclasses.field(default_factory=dict)
+    split_seed: int = 0  # draws the dialogues split off train when the source lacks validation or test
+    validation_size: float = 0.1  # fraction of the train dialogues split off as validation, when missing
+    test_size: float = 0.1  # the same for test
+
+    COLUMNS = ("id", "dialogue", "summary", "topic")  # the pipeline's names (not a field: unannotated)
+
+    def column_problems(self, section: str) -> list[str]:
+        if not isinstance(self.columns, dict):
+            return [
+                f"{section}.columns: expected a mapping of the pipeline's columns to the source's "
+                f"(e.g. {{dialogue: transcript, summary: notes}}), or {{}} for the names as they are; got {self.columns!r}"
+            ]
+        problems = []
+        for key, column in self.columns.items():
+            if key not in self.COLUMNS:
+                problems.append(
+                    f"{section}.columns.{key}: unknown key; valid keys are {', '.join(sorted(self.COLUMNS))} "
+                    "(the pipeline's columns, each mapped to the source's column that holds it)"
+                )
+            elif not isinstance(column, str) or not column.strip():
+                problems.append(f"{section}.columns.{key}: expected the source's column name, got {column!r}")
+        named = [(k, c) for k, c in self.columns.items() if k in self.COLUMNS and isinstance(c, str)]
+        for column in sorted({c for _, c in named}):
+            keys = [k for k, c in named if c == column]
+            if len(keys) > 1:
+                problems.append(
+                    f"{section}.columns: {', '.join(keys)} map to the same column {column!r}; "
+                    "each needs its own source column"
+                )
+        return problems
 
     def problems(self, section: str) -> list[str]:
-        return check(
-            bool(self.source.strip()),
-            f"{section}.source: must not be empty; use a Hub "
-            "dataset id such as knkarthick/dialogsum or a local directory",
-        ) + check(
-            self.limit is None or self.limit >= 1, f"{section}.limit: must be >= 1 or null (all rows), got {self.limit}"
+        return (
+            check(
+                bool(self.source.strip()),
+                f"{section}.source: must not be empty; use a Hub "
+                "dataset id such as knkarthick/dialogsum or a local directory",
+            )
+            + check(
+                self.limit is None or self.limit >= 1,
+                f"{section}.limit: must be >= 1 or null (all rows), got {self.limit}",
+            )
+            + self.column_problems(section)
+            + check(self.split_seed >= 0, f"{section}.split_seed: must be >= 0, got {self.split_seed}")
+            + self.size_problems(section)
+        )
+
+    def size_problems(self, section: str) -> list[str]:
+        sizes = {"validation_size": self.validation_size, "test_size": self.test_size}
+        problems = [
+            f"{section}.{name}: must be a fraction of the train dialogues in (0, 1), got {size}"
+            for name, size in sizes.items()
+            if not 0 < size < 1
+        ]
+        return problems or check(
+            self.validation_size + self.test_size < 1,
+            f"{section}.validation_size + test_size: must be < 1 to leave dialogues in train, "
+            f"got {self.validation_size} + {self.test_size}",
         )
 
 
