@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 import torch
 from safetensors import SafetensorError
@@ -38,7 +38,8 @@ from stages.modeling import (
     use_bf16,
 )
 from stages.params import GenerateParams, ModelParams, Params, PrepareParams, load_params
-from stages.prepare import chat_wrapped, fit_prompts
+from stages.prepare import fit_prompts
+from stages.prompt_format import PromptFormat, resolve, stop_ids
 
 BASE = "base"  # --model base: the original model at the commit models/base/pin.json pins, not fine-tuned
 BASE_PIN = Path("models/base/pin.json")
@@ -290,11 +291,22 @@ def print_progress(done: int, total: int) -> None:
     print(f"summarized {done}/{total} dialogues", file=sys.stderr, flush=True)
 
 
+def prompt_layout(params: PrepareParams, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> PromptFormat:
+    """The prompt format prepare builds for this model (stages/prompt_format.py): the chat rule
+    reads the EOS ids the model generates with."""
+    eos = family.generation_special_tokens(model)["eos_token_id"]
+    return resolve(params, tokenizer, set(eos if isinstance(eos, list) else [eos]))
+
+
 def summarize(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]], params: GenerateParams
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: list[list[int]],
+    params: GenerateParams,
+    stops: Sequence[int] = (),
 ) -> list[str]:
     progress = print_progress if len(input_ids) > 1 else None  # one dialogue needs no progress
-    return generate_summaries(model, tokenizer, input_ids, params, progress=progress).summaries
+    return generate_summaries(model, tokenizer, input_ids, params, progress=progress, stop_ids=stops).summaries
 
 
 def write_summaries(dialogues: list[Dialogue], summaries: list[str], output: Path | None, stdout: TextIO) -> None:
@@ -316,9 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, model = load_summarizer(
         args.model, args.base_model, params.model, params.generate.precision, pick_device()
     )
-    prepare, _ = chat_wrapped(params.prepare, tokenizer)  # the prompt format the prepare stage used
+    layout = prompt_layout(params.prepare, tokenizer, model)  # the prompt format the prepare stage used
+    prepare = dataclasses.replace(params.prepare, prompt_template=layout.template)
     input_ids = encode(dialogues, tokenizer, prepare, family.family(family.unwrap(model).config))
-    summaries = summarize(model, tokenizer, input_ids, generation_params(params.generate, args))
+    stops = stop_ids(layout.record())
+    summaries = summarize(model, tokenizer, input_ids, generation_params(params.generate, args), stops)
     write_summaries(dialogues, summaries, args.output, sys.stdout)
 
 

@@ -64,7 +64,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -97,6 +97,12 @@ PAD_TO_MULTIPLE_OF = 8  # tensor-core friendly shapes; the collator and generati
 def family(config: PretrainedConfig) -> Family:
     """ "seq2seq" for encoder-decoder models, else "causal" (a decoder-only LM)."""
     return SEQ2SEQ if getattr(config, "is_encoder_decoder", False) else CAUSAL
+
+
+def continues_prompt(model_family: Family) -> bool:
+    """Whether the summary follows its prompt in one token sequence (decoder-only) rather than
+    being a sequence of its own (seq2seq labels): then the two are tokenized at one boundary."""
+    return model_family == CAUSAL
 
 
 def auto_model_class(model_family: Family):
@@ -390,8 +396,11 @@ def generation_special_tokens(model: PreTrainedModel) -> dict[str, int | list[in
     return tokens
 
 
-def install_generation_config(model: PreTrainedModel, config: GenerationConfig) -> GenerationConfig:
+def install_generation_config(
+    model: PreTrainedModel, config: GenerationConfig, stop_ids: Sequence[int] = ()
+) -> GenerationConfig:
     """A copy of `config` with the model's special tokens, made the model's own generation config.
+    `stop_ids` join the EOS ids (a chat template's end-of-turn token: generation stops there too).
 
     generate() fills every setting its `generation_config` argument leaves unset from the
     model's generation_config.json, so a checkpoint could otherwise inject a min_length or a
@@ -401,6 +410,10 @@ def install_generation_config(model: PreTrainedModel, config: GenerationConfig) 
     installed = copy.deepcopy(config)
     for name, value in generation_special_tokens(model).items():
         setattr(installed, name, value)
+    eos = installed.eos_token_id if isinstance(installed.eos_token_id, list) else [installed.eos_token_id]
+    extra = [token for token in stop_ids if token not in eos]
+    if extra:
+        installed.eos_token_id = eos + extra
     unwrap(model).generation_config = installed
     return installed
 

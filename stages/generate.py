@@ -21,7 +21,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 from transformers import GenerationConfig  # a settings object: importing it loads no torch
 
@@ -187,13 +187,15 @@ def generate_summaries(
     params: GenerateParams,
     progress: Callable[[int, int], None] | None = None,
     synced_gpus: bool = False,
+    stop_ids: Sequence[int] = (),
 ) -> Generated:
     """Batched generation, longest inputs first, halving the batch on CUDA out-of-memory.
 
     Sorting by length keeps padding (wasted compute) small; longest-first makes an
     out-of-memory error happen on the first batch, not after an hour.
     `progress(done, total)`, if given, is called after each batch. `synced_gpus`: a sharded (FSDP)
-    model, which every rank runs in step (stages/family.py generate_continuations).
+    model, which every rank runs in step (stages/family.py generate_continuations). `stop_ids`:
+    tokens that end a summary besides the model's EOS (a chat template's end of turn).
     """
     import torch
 
@@ -202,7 +204,7 @@ def generate_summaries(
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
     # the params' settings plus the model's special tokens (BART's forced <s> among them), made
     # the model's own, so a checkpoint's generation_config.json cannot change what is scored
-    config = family.install_generation_config(model, generation_config(params))
+    config = family.install_generation_config(model, generation_config(params), stop_ids)
     results: dict[int, tuple[str, int, bool]] = {}
     batch_size, start = params.batch_size, 0
     while start < len(order):
@@ -272,7 +274,12 @@ def device_name(device: torch.device) -> str:
 
 
 def timed_generation(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: dict[str, list], params: GenerateParams, name: str
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    test: dict[str, list],
+    params: GenerateParams,
+    name: str,
+    stop_ids: Sequence[int] = (),
 ) -> tuple[Generated, float]:
     """Generated summaries and the wall clock of generation alone (the GPU's queue drained)."""
     import torch
@@ -281,7 +288,9 @@ def timed_generation(
 
     with Progress(len(test["id"]), f"generate@{name}", unit="dialogues") as progress:
         started = time.perf_counter()
-        generated = generate_summaries(model, tokenizer, test["input_ids"], params, progress.as_callback())
+        generated = generate_summaries(
+            model, tokenizer, test["input_ids"], params, progress.as_callback(), stop_ids=stop_ids
+        )
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         return generated, time.perf_counter() - started
@@ -337,12 +346,14 @@ def model_generation(
     import torch
 
     from stages.modeling import deterministic_kernels
+    from stages.prompt_format import read_stop_ids  # it imports the family code (torch)
 
     if params.deterministic:
         deterministic_kernels()
     tokenizer, model, load = load_for_generation(model_dir, params.model, params.generate.precision)
     precision = "bf16" if model.dtype == torch.bfloat16 else "fp32"
-    generated, runtime = timed_generation(model, tokenizer, test, params.generate, variant)
+    stop_ids = read_stop_ids(TEST_DIR.parent)  # a chat-wrapped prompt's end-of-turn token
+    generated, runtime = timed_generation(model, tokenizer, test, params.generate, variant, stop_ids)
     return generated, runtime, load, precision
 
 

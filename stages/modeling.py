@@ -37,6 +37,21 @@ def load_tokenizer(name: str, revision: str = "main") -> PreTrainedTokenizerBase
         raise load_error(name, revision, error) from None
 
 
+def generation_eos_ids(name: str, revision: str, config) -> set[int]:
+    """The ids the model stops generating on: its generation_config.json's eos_token_id (a chat
+    model lists its end-of-turn token there: Qwen2.5 Instruct [<|im_end|>, <|endoftext|>]), else
+    config.json's; one id or a list, as checkpoints ship them."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(name, revision=hub_revision(name, revision)).eos_token_id
+    except OSError:  # no generation_config.json: the config's own
+        eos = None
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
 def load_model(
     name: str,
     revision: str = "main",

@@ -127,9 +127,11 @@ class PrepareParams:
     prompt_template: str
     max_source_length: int
     max_target_length: int
-    # auto: wrap the prompt in the tokenizer's chat template when it has one (stages/prepare.py);
-    # the default here serves code that builds prompts directly (params.yaml always sets it)
-    chat_template: Literal["auto", "none"] = "none"
+    # auto: wrap the prompt in the tokenizer's chat template for chat-tuned models only, always:
+    # whenever the tokenizer has one, none: never (stages/prompt_format.py has the rule); the
+    # defaults here serve code that builds prompts directly (params.yaml always sets both)
+    chat_template: Literal["auto", "always", "none"] = "none"
+    chat_date: str = "26 Jul 2024"  # the date a chat template that prints one is rendered with
 
     def problems(self, section: str) -> list[str]:
         return (
@@ -144,6 +146,10 @@ class PrepareParams:
             + check(
                 self.max_target_length >= 2,
                 f"{section}.max_target_length: must be >= 2 tokens, got {self.max_target_length}",
+            )
+            + check(
+                bool(self.chat_date.strip()),
+                f"{section}.chat_date: must not be empty; use a fixed date such as 26 Jul 2024",
             )
         )
 

@@ -23,25 +23,22 @@ from transformers import PreTrainedTokenizerBase
 from stages import family
 from stages.errors import StageError, run_stage
 from stages.jsonio import read_jsonl, write_json, write_jsonl
-from stages.modeling import load_tokenizer, read_pin
+from stages.modeling import generation_eos_ids, load_tokenizer, read_pin
 from stages.params import PrepareParams, load_params
+from stages.prompt_format import FORMAT_FILE, PromptFormat, resolve, summary_ids, text_ids
 
 RAW_DIR = Path("data/raw")
 BASE_PIN = Path("models/base/pin.json")
 PREPARED_DIR = Path("data/prepared")  # train/, validation/, test/ (datasets folders), references.jsonl
 REFERENCES_FILE = PREPARED_DIR / "references.jsonl"
+# the prompt format (chat template or not, its end-of-turn token): generation stops on that token too
+FORMAT_PATH = PREPARED_DIR / FORMAT_FILE
 STATS_FILE = Path("metrics/prepare.json")
 
 
 def format_prompt(template: str, dialogue: str) -> str:
     # str.replace, not str.format: dialogues may contain braces
     return template.replace("{dialogue}", dialogue)
-
-
-def text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids without special tokens: the family adds its own (stages/family.py)."""
-    # verbose=False: the over-length warning is expected here, prepare counts those rows itself
-    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def fit_prompt_text(
@@ -119,29 +116,6 @@ def fit_prompts(
     return [family.encode_prompt(model_family, tokenizer, x) for x in ids], cut
 
 
-def chat_wrapped(params: PrepareParams, tokenizer: PreTrainedTokenizerBase) -> tuple[PrepareParams, str]:
-    """`params` with the prompt template wrapped in the tokenizer's chat template (as one user turn,
-    then the assistant's cue) when `chat_template: auto` finds one, and which format was used
-    ("chat_template" or "prompt_template").
-
-    The wrapped template still holds {dialogue}, so truncation still cuts the dialogue only. A
-    BOS the chat template writes as text is dropped when the tokenizer adds BOS itself
-    (family.encode_prompt does), so the prompt never starts with two.
-    """
-    if params.chat_template == "none" or not getattr(tokenizer, "chat_template", None):
-        return params, "prompt_template"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": params.prompt_template}], tokenize=False, add_generation_prompt=True
-    )
-    prefix, _ = family.tokenizer_additions(tokenizer)
-    bos = tokenizer.bos_token
-    if prefix and bos and text.startswith(bos):
-        text = text[len(bos) :]
-    if "{dialogue}" not in text:
-        raise StageError("prepare.chat_template: the tokenizer's chat template dropped {dialogue}; set it to none")
-    return dataclasses.replace(params, prompt_template=text), "chat_template"
-
-
 def group_references(rows: list[dict]) -> list[dict]:
     """One entry per dialogue with every reference summary, grouped by the dialogue text.
 
@@ -157,16 +131,23 @@ def group_references(rows: list[dict]) -> list[dict]:
 
 
 def prepare_training_split(
-    rows: list[dict], tokenizer: PreTrainedTokenizerBase, params: PrepareParams, model_family: str = family.SEQ2SEQ
+    rows: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    params: PrepareParams,
+    model_family: str = family.SEQ2SEQ,
+    gap: str = "",
 ) -> tuple[Dataset, dict[str, int]]:
     """(input_ids, attention_mask, labels) rows as the family lays them out (stages/family.py
     training_example): seq2seq labels = summary + EOS; causal input = prompt, summary, EOS with
     the prompt's labels -100. The dialogue is cut to fit max_source_length; the summary is cut
-    to max_target_length with its EOS kept."""
+    to max_target_length with its EOS kept. `gap`: the whitespace the prompt template's end gave
+    up to the summary (stages/prompt_format.py), which a decoder-only summary starts with."""
     prompts, dialogue_cut = fit_prompts_text(
         params.prompt_template, [r["dialogue"] for r in rows], tokenizer, params.max_source_length, model_family
     )
-    summaries = text_ids(tokenizer, [r["summary"] for r in rows])
+    summaries = summary_ids(
+        params.prompt_template, gap, tokenizer, [r["summary"] for r in rows], family.continues_prompt(model_family)
+    )
     budget = family.target_text_budget(model_family, tokenizer, params.max_target_length)
     examples = [
         family.training_example(model_family, prompt, summary, tokenizer, params.max_target_length)
@@ -199,16 +180,25 @@ def prepare_test_split(
     )
 
 
+def prompt_format(params: PrepareParams, tokenizer: PreTrainedTokenizerBase, base) -> PromptFormat:
+    """The prompt format for the pinned base (stages/prompt_format.py): its EOS ids decide the chat rule."""
+    config = family.load_config(base.name, base.revision)
+    return resolve(params, tokenizer, generation_eos_ids(base.name, base.revision, config))
+
+
 def main() -> None:
     params = load_params()
     disable_progress_bars()  # DVC logs stdout; a bar per split is noise
     base = read_pin(BASE_PIN, params.model)  # the commit the base stage pinned: its tokenizer
     tokenizer = load_tokenizer(base.name, base.revision)
     model_family = family.family(family.load_config(base.name, base.revision))  # inputs and labels differ by family
-    prepare, prompt_format = chat_wrapped(params.prepare, tokenizer)
+    layout = prompt_format(params.prepare, tokenizer, base)
+    prepare = dataclasses.replace(params.prepare, prompt_template=layout.template)
     raw = {split: read_jsonl(RAW_DIR / f"{split}.jsonl") for split in ("train", "validation", "test")}
-    train, train_stats = prepare_training_split(raw["train"], tokenizer, prepare, model_family)
-    validation, validation_stats = prepare_training_split(raw["validation"], tokenizer, prepare, model_family)
+    train, train_stats = prepare_training_split(raw["train"], tokenizer, prepare, model_family, layout.gap)
+    validation, validation_stats = prepare_training_split(
+        raw["validation"], tokenizer, prepare, model_family, layout.gap
+    )
     # validation by generation (stages/validation.py) scores against the reference text itself, not labels
     # decoded back (cut at max_target_length, characters the tokenizer lacks lost), row-aligned by construction
     validation = validation.add_column("id", [r["id"] for r in raw["validation"]])
@@ -218,12 +208,13 @@ def main() -> None:
     # generation on test/ only (dvc.yaml): an edit to one split reruns only its readers
     DatasetDict(train=train, validation=validation, test=test).save_to_disk(str(PREPARED_DIR))
     write_jsonl(references, REFERENCES_FILE)
+    write_json(layout.record(), FORMAT_PATH)
     stats = {
         f"{split}_{key}": value
         for split, split_stats in (("train", train_stats), ("validation", validation_stats), ("test", test_stats))
         for key, value in split_stats.items()
     }
-    write_json({**stats, "prompt_format": prompt_format, "model_family": model_family}, STATS_FILE)
+    write_json({**stats, **layout.record(), "model_family": model_family}, STATS_FILE)
     print(json.dumps(stats))
 
 

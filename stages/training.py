@@ -34,6 +34,7 @@ from stages.methods.plan import Plan
 from stages.modeling import load_model, load_tokenizer, pick_device, read_pin, set_determinism, use_bf16
 from stages.oom import discard_attempt, halved, out_of_memory
 from stages.params import ModelParams, Params
+from stages.prompt_format import read_stop_ids
 from stages.recipe import build_trainer, training_arguments
 from stages.runs import run_name
 from stages.sharding import full_state_dict
@@ -167,7 +168,8 @@ def train(run: Run, plan: Plan, prepared_dir: Path = PREPARED_DIR) -> Trained:
         model = plan.build(base)
         args = training_arguments(recipe, run.seed, run.checkpoint_dir, run.device, run.method, batch)
         trainer = build_trainer(model, tokenizer, train_split, validation, args, recipe.pad_to_multiple_of)
-        subset = attach_validation(trainer, tokenizer, validation, recipe, validate, run.params.seed)
+        stops = read_stop_ids(prepared_dir)  # a chat-wrapped prompt's end-of-turn token
+        subset = attach_validation(trainer, tokenizer, validation, recipe, validate, run.params.seed, stops)
         resume = resumable_checkpoint(trainer, run.checkpoint_dir, run_fingerprint)
         attach_curves(trainer, run.curves_dir, resume)
         try:

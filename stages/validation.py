@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from typing import Sequence
 
 from datasets import Dataset
 from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, Trainer, TrainerCallback
@@ -91,13 +92,21 @@ class ValidationByGeneration(TrainerCallback):
     as the report) and add it to the evaluation metrics, where best-checkpoint selection and early
     stopping (added after this callback) read it, and to the log (DVCLive: eval/rougeL)."""
 
-    def __init__(self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, subset: Dataset, params: ValidateParams):
+    def __init__(
+        self,
+        trainer: Trainer,
+        tokenizer: PreTrainedTokenizerBase,
+        subset: Dataset,
+        params: ValidateParams,
+        stop_ids: Sequence[int] = (),
+    ):
         self.trainer, self.tokenizer, self.subset, self.decoding = (
             trainer,
             tokenizer,
             subset,
             validation_decoding(params),
         )
+        self.stop_ids = list(stop_ids)  # a chat-wrapped prompt's end-of-turn token, as generate@ stops
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         started = time.perf_counter()
@@ -118,7 +127,7 @@ class ValidationByGeneration(TrainerCallback):
                 # sharded (FSDP): every rank takes each decoding step, as each step gathers the shards
                 synced = self.trainer.is_fsdp_enabled
                 summaries = generate_summaries(
-                    model, self.tokenizer, prompts, self.decoding, synced_gpus=synced
+                    model, self.tokenizer, prompts, self.decoding, synced_gpus=synced, stop_ids=self.stop_ids
                 ).summaries
         finally:
             # generate_summaries installs its config on the model: the saved model keeps its own
@@ -147,11 +156,12 @@ def attach_validation(
     train_params: TrainParams,
     params: ValidateParams,
     seed: int,
+    stop_ids: Sequence[int] = (),
 ) -> Dataset:
     """Validate by generation at every evaluation, and stop early if train_params.patience > 0.
-    Returns the subset scored."""
+    Returns the subset scored. `stop_ids`: tokens that end a summary besides EOS (generate@'s)."""
     subset = validation_subset(validation, params.dialogues, seed)
-    trainer.add_callback(ValidationByGeneration(trainer, tokenizer, subset, params))
+    trainer.add_callback(ValidationByGeneration(trainer, tokenizer, subset, params, stop_ids))
     if train_params.patience > 0:
         trainer.add_callback(ResumableEarlyStopping(early_stopping_patience=train_params.patience))
     return subset

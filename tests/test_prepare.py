@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 
@@ -12,7 +11,6 @@ from transformers import AutoTokenizer
 from stages.errors import StageError
 from stages.params import PrepareParams
 from stages.prepare import (
-    chat_wrapped,
     fit_prompt,
     fit_prompts,
     format_prompt,
@@ -152,22 +150,3 @@ def test_causal_rows_cut_the_dialogue_and_keep_the_summary_eos(llama_tokenizer):
     test, _, _ = prepare_test_split(dialogsum_rows("test", 2), tokenizer, params, "causal")
     for ids in test["input_ids"]:  # generation prompts: BOS, no EOS (the text has not ended)
         assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids
-
-
-def test_chat_template_auto_wraps_the_prompt_once_with_one_bos(llama_tokenizer):
-    tokenizer = copy.deepcopy(llama_tokenizer)
-    params = PrepareParams(prompt_template=TEMPLATE, max_source_length=512, max_target_length=64, chat_template="auto")
-    assert chat_wrapped(params, tokenizer) == (params, "prompt_template")  # no chat template: as written
-    tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>user<|end_header_id|>{{ m['content'] }}"
-        "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}"
-    )
-    wrapped, used = chat_wrapped(params, tokenizer)
-    assert used == "chat_template" and "{dialogue}" in wrapped.prompt_template
-    test, _, _ = prepare_test_split(dialogsum_rows("test", 1), tokenizer, wrapped, "causal")
-    ids = test["input_ids"][0]
-    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1  # BOS the tokenizer's way
-    text = tokenizer.decode(ids)
-    assert "user<|end_header_id|>Summarize the following" in text and text.endswith("assistant<|end_header_id|>")
-    none = PrepareParams(prompt_template=TEMPLATE, max_source_length=512, max_target_length=64, chat_template="none")
-    assert chat_wrapped(none, tokenizer) == (none, "prompt_template")
