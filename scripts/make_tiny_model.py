@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import random
 import string
 import sys
 from pathlib import Path
@@ -68,6 +67,9 @@ from transformers import (
     T5Config,
     T5Tokenizer,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: the shared dialogue corpus
+from dialogue_corpus import dialogue_corpus  # noqa: E402  (its seed, not --seed: --seed varies the weights only)
 
 # run as `python scripts/make_tiny_model.py`: make the repo root importable for stages.modeling
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -134,9 +136,6 @@ TOKENIZER_VOCAB_SIZE = 800
 
 # FLAN-T5 pads its embedding matrix to a multiple of 128 (32100 -> 32128).
 VOCAB_PAD_MULTIPLE = 128
-
-# The corpus must not depend on --seed: the seed varies the weights only.
-CORPUS_SEED = 1234
 
 # Offset between the seed of the weight initialisation and that of the
 # separate output head, so the head is not drawn from the same random
@@ -293,233 +292,6 @@ def train_byte_level_tokenizer(family: str) -> PreTrainedTokenizerFast:
         model_max_length=spec["model_max_length"],
         **spec["special"],
     )
-
-
-def dialogue_corpus() -> list[str]:
-    """A few thousand words of DialogSum-like text, generated deterministically.
-
-    Dialogues are "#Person1#: ... #Person2#: ..." turns filled from templates,
-    each followed by a third-person summary, mirroring the pipeline's data.
-    """
-    rng = random.Random(CORPUS_SEED)
-    pools = {
-        "name": [
-            "Tom",
-            "Mary",
-            "John",
-            "Linda",
-            "David",
-            "Susan",
-            "Mike",
-            "Anna",
-            "Peter",
-            "Kate",
-            "Jack",
-            "Emma",
-            "Steven",
-            "Lucy",
-            "Bill",
-            "Jenny",
-            "Mr. Smith",
-            "Ms. Brown",
-        ],
-        "place": [
-            "the office",
-            "the bank",
-            "the restaurant",
-            "the airport",
-            "the hospital",
-            "the library",
-            "the hotel",
-            "the supermarket",
-            "the station",
-            "school",
-            "the cinema",
-            "the post office",
-            "the museum",
-            "the park",
-            "the gym",
-            "the university",
-            "the shopping mall",
-            "the dentist",
-            "the beach",
-            "home",
-        ],
-        "thing": [
-            "a ticket",
-            "a room",
-            "the report",
-            "some coffee",
-            "a new phone",
-            "the menu",
-            "a taxi",
-            "the bill",
-            "an appointment",
-            "a jacket",
-            "the keys",
-            "a book",
-            "a birthday present",
-            "the contract",
-            "a laptop",
-            "some medicine",
-            "a bicycle",
-            "the schedule",
-            "a passport",
-            "two tickets to the concert",
-            "a pair of shoes",
-            "the apartment",
-            "a credit card",
-            "the homework",
-            "a refund",
-            "dinner",
-        ],
-        "time": [
-            "today",
-            "tomorrow",
-            "tonight",
-            "on Monday",
-            "next week",
-            "at 7 o'clock",
-            "this afternoon",
-            "on Friday",
-            "in 20 minutes",
-            "at 9:30 a.m.",
-            "on Saturday morning",
-            "next month",
-            "after lunch",
-            "before the meeting",
-            "this weekend",
-            "at noon",
-        ],
-        "feeling": [
-            "happy",
-            "tired",
-            "worried",
-            "excited",
-            "busy",
-            "nervous",
-            "surprised",
-            "disappointed",
-            "glad",
-            "angry",
-            "sorry",
-            "hungry",
-        ],
-        "activity": [
-            "play tennis",
-            "watch a movie",
-            "go shopping",
-            "have lunch",
-            "study for the exam",
-            "visit my parents",
-            "clean the house",
-            "work late",
-            "travel to London",
-            "learn to drive",
-            "cook dinner",
-            "look for a job",
-            "take the train",
-            "rent a car",
-        ],
-        "reason": [
-            "the weather is terrible",
-            "my car broke down",
-            "I missed the bus",
-            "the price is too high",
-            "I have a lot of work",
-            "my boss asked me to stay",
-            "the flight was delayed",
-            "it is my first day here",
-            "I lost my wallet",
-            "the traffic was heavy",
-        ],
-    }
-    pools["opener"] = [
-        "Hello, how are you?",
-        "Good morning! Can I help you?",
-        "Excuse me, do you have a minute?",
-        "Hi! It's been a long time.",
-        "Hey, what's up?",
-        "Good afternoon, sir.",
-        "Welcome to {place}.",
-        "What are you doing {time}?",
-        "You look {feeling}. What's wrong?",
-        "Did you hear the news?",
-        "I'd like to ask you a question about {thing}.",
-        "Could you do me a favor?",
-    ]
-    pools["reply"] = [
-        "I'm fine, thanks. And you?",
-        "Yes, I'd like {thing}, please.",
-        "Sure. What do you need?",
-        "Not bad. I'm going to {place} {time}.",
-        "I'm sorry, but I can't find {thing}.",
-        "Could you tell me how much {thing} costs?",
-        "I'm {feeling} because {reason}.",
-        "I want to {activity} {time}.",
-        "Well, I have to {activity} first.",
-        "Really? I didn't know that.",
-        "I'm afraid I'm too {feeling} to {activity}.",
-    ]
-    pools["follow_up"] = [
-        "It costs $25, and you can pay by card.",
-        "Let me check. Please wait a moment.",
-        "Of course! I'll book {thing} for you {time}.",
-        "Why don't we meet at {place} {time}?",
-        "That sounds great. See you {time}!",
-        "Thank you very much for your help.",
-        "I think you should call {name} first.",
-        "No problem. Have a nice day!",
-        "Don't worry. {name} will bring {thing} to {place}.",
-        "How about going to {place} instead?",
-        "Would you like to {activity} with me {time}?",
-        "I see. So {reason}, right?",
-        "OK, I'll take it. Here is my credit card.",
-        "Great idea! I'll tell {name} about it.",
-        "The weather forecast says it will rain heavily this evening.",
-        "My sister is getting married in June, so the whole family is traveling to Chicago.",
-        "The doctor told me to drink more water and exercise every morning.",
-        "Our company is hiring three engineers and an accountant this year.",
-        "I usually read newspapers or listen to music on the subway.",
-        "Could you please turn down the television? The baby is sleeping.",
-        "The price includes breakfast, free parking and wireless internet.",
-        "I've been learning Chinese for two years, but pronunciation is still difficult.",
-        "Please fill in this form and sign your name at the bottom.",
-        "The elevator is broken, so we have to use the stairs.",
-        "Honestly, I prefer vegetables and fish to fried chicken.",
-        "Yesterday our neighbors had a noisy party until midnight.",
-        "The teacher explained the grammar rules very clearly.",
-        "We should discuss the budget with the manager before Thursday.",
-        "Remember to bring your umbrella, sunglasses and a warm sweater.",
-        "Which department handles complaints about delivery?",
-    ]
-    summaries = [
-        "{a} asks {b} for {thing}.",
-        "{a} and {b} will meet at {place} {time}.",
-        "{a} wants to go to {place} {time}, and {b} helps {a} book {thing}.",
-        "{b} tells {a} that {thing} costs 25 dollars.",
-        "{a} is {feeling} because {reason}.",
-        "{b} invites {a} to {activity} {time}.",
-        "{a} can't {activity} because {reason}.",
-        "{a} and {b} talk about {thing}. {b} suggests going to {place}.",
-    ]
-
-    def fill(template: str, a: str, b: str) -> str:
-        # Fill slots until none are left: a pool entry may contain slots itself.
-        while "{" in template:
-            slots = {k: rng.choice(v) for k, v in pools.items()}
-            template = template.format(a=a, b=b, **slots)
-        return template
-
-    lines = []
-    for _ in range(150):
-        a, b = rng.sample(pools["name"], 2)
-        n_turns = rng.randint(3, 6)
-        kinds = ["opener", "reply"] + ["follow_up"] * (n_turns - 2)
-        turns = [fill(rng.choice(pools[kind]), a, b) for kind in kinds]
-        lines.append("summarize: " + " ".join(f"#Person{1 + i % 2}#: {t}" for i, t in enumerate(turns)))
-        lines.append(fill(rng.choice(summaries), a, b))
-    return lines
 
 
 # --------------------------------------------------------------------------- model
