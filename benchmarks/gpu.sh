@@ -48,7 +48,7 @@ TRAIN_ROWS=${REPRO_TRAIN_ROWS:-2000}
 
 # --------------------------------------------------------------------------------------- prepare
 
-# Packages in the machine's image ('cuda', as KINDS.md lists them, read 2026-11-17): not carried.
+# Packages preinstalled on the offline GPU box (its CUDA image's Python packages, listed 2026-11-17): not carried.
 DEVICE_PACKAGES="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
 build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
 cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock

@@ -16,7 +16,7 @@ import yaml
 
 # One torch thread for every test and the stage processes they start (they inherit it): on tiny models
 # thread wake-ups cost more than a second core saves. tests/test_peft_methods.py -k loss_falls took 25 s
-# with one thread, 63-75 s with two, on this project's 2-core machine (2026-11-27, another job running).
+# with one thread, 63-75 s with two, on a 2-core, 24 GiB CPU machine (2026-11-27, another job running).
 # Set before anything imports torch (conftest is imported first); an explicit OMP_NUM_THREADS wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -1,4 +1,4 @@
-"""Issue 19's speed and memory levers, on CPU with tiny models of both families (T5 and Llama):
+"""The speed and memory levers (docs/performance.md), on CPU with tiny models of both families (T5 and Llama):
 
 - gradient checkpointing (train.gradient_checkpointing, or a method's own) gives the same loss and gradients for full
   fine-tuning and every PEFT method, and really recomputes each layer in backward;
