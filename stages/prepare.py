@@ -208,7 +208,7 @@ def main() -> None:
     # generation on test/ only (dvc.yaml): an edit to one split reruns only its readers
     DatasetDict(train=train, validation=validation, test=test).save_to_disk(str(PREPARED_DIR))
     write_jsonl(references, REFERENCES_FILE)
-    write_json(layout.record(), FORMAT_PATH)
+    write_json({**layout.record(), "prompt_template": layout.template}, FORMAT_PATH)  # the exact template too
     stats = {
         f"{split}_{key}": value
         for split, split_stats in (("train", train_stats), ("validation", validation_stats), ("test", test_stats))

@@ -606,3 +606,88 @@ def test_the_report_flags_tuned_settings_the_reported_model_did_not_run_with(pip
     finally:
         tuning_file.write_text(original)
     run(["dvc", "repro"], repo)
+
+
+# generate@'s own code path (stages/generate.py model_generation) at generate.precision fp32, the
+# precision the export is written in: {dialogue: summary}
+GENERATE_FP32 = """
+import dataclasses, json, sys
+from stages.generate import MODELS_DIR, TEST_DIR, model_generation
+from stages.params import load_params
+from stages.splits import read_split
+params = load_params()
+params = dataclasses.replace(params, generate=dataclasses.replace(params.generate, precision="fp32"))
+test = read_split(TEST_DIR)
+generated = model_generation(MODELS_DIR / sys.argv[1], test, params, sys.argv[1])[0]
+print(json.dumps(dict(zip(test["dialogue"], generated.summaries))))
+"""
+# the export alone, in a process that has never seen this repository: plain transformers
+PLAIN_TRANSFORMERS = """
+import json, sys
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+out, dialogues = sys.argv[1], json.load(open(sys.argv[2]))
+seq2seq = AutoConfig.from_pretrained(out).is_encoder_decoder
+model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(out).eval()
+tokenizer = AutoTokenizer.from_pretrained(out)
+template = json.load(open(out + "/prompt.json"))["prompt_template"]
+summaries = {}
+for dialogue in dialogues:
+    inputs = tokenizer(template.replace("{dialogue}", dialogue), return_tensors="pt")
+    output = model.generate(**inputs)[0]  # generation_config.json: the settings generate@ scored with
+    summary = tokenizer.decode(output if seq2seq else output[inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    summaries[dialogue] = summary.strip()
+print(json.dumps(summaries))
+"""
+
+
+def check_export_round_trip(repo: Path, run_name: str, tmp_path: Path) -> None:
+    """scripts/export.py's standalone model, loaded by plain transformers outside the repo (no peft, no
+    stages/), gives generate@'s summaries: generate@ at the export's precision, fp32 (bf16 rounds
+    differently from fp32, and a random tiny model's near-tied logits flip on it)."""
+    out = tmp_path / "exported"
+    run([sys.executable, "scripts/export.py", run_name, str(out), "--dtype", "fp32"], repo)
+    assert {"config.json", "model.safetensors", "generation_config.json", "prompt.json", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not (out / "adapter_config.json").exists()  # merged: a plain model
+    ours = subprocess.run(
+        [sys.executable, "-c", GENERATE_FP32, run_name], cwd=repo, capture_output=True, text=True, timeout=600
+    )
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    expected = json.loads(ours.stdout.splitlines()[-1])
+    dialogues = tmp_path / "dialogues.json"
+    dialogues.write_text(json.dumps(list(expected)))
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_TRANSFORMERS, str(out), str(dialogues)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == expected
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and f"models/{run_name}" in card
+
+
+def test_an_exported_lora_gives_generate_s_summaries_in_plain_transformers(pipeline_repo, reproduced, tmp_path):
+    check_export_round_trip(pipeline_repo, f"lora/seed{SEEDS[0]}", tmp_path)
+
+
+def test_export_refuses_what_has_nothing_to_merge(pipeline_repo, reproduced, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/export.py", f"prompt/seed{SEEDS[0]}", str(tmp_path / "x")],
+        cwd=pipeline_repo,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "prompt tuning learns virtual input tokens" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "scripts/export.py", "base", str(tmp_path / "x")],
+        cwd=pipeline_repo,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "models/base: no trained model here" in result.stderr
+    assert f"lora/seed{SEEDS[0]}" in result.stderr  # the runs it could export

@@ -10,19 +10,28 @@ tests/test_family.py; `pytest -m slow -n 0 tests/test_pipeline_families.py` runs
 One module fixture per family, kept small: 12 rows per split (4 test dialogues x 3 references),
 1 epoch, 2 beams, 8 new tokens. The tiny models come from scripts/make_tiny_model.py with the
 tokenizers it trains (the Llama and GPT-2 ones have no pad token, Llama's adds BOS).
-Needs ../shared (real DialogSum): runs in CI, skips elsewhere.
+Data: the smoke run's sample (scripts/make_sample_data.py), so it runs on any clone.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_project, make_tiny_model, require_shared
-from tests.test_pipeline import git_commit, run, scoring_stages, smoke_params, stages_run, trained_stages
+from tests.conftest import REPO, copy_project, make_tiny_model
+from tests.test_pipeline import (
+    check_export_round_trip,
+    git_commit,
+    run,
+    scoring_stages,
+    smoke_params,
+    stages_run,
+    trained_stages,
+)
 
 COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text())
 VARIANTS, TRAINED = tuple(COMMITTED["variants"]), tuple(COMMITTED["methods"])  # the committed lists
@@ -43,14 +52,16 @@ FAMILY_PARAMS = [name if name == "llama" else pytest.param(name, marks=pytest.ma
 @pytest.fixture(scope="module", params=FAMILY_PARAMS)
 def reproduced(request, tmp_path_factory) -> tuple[str, Path]:
     """(family, repo) after a full `dvc repro` with model.name set to that family's tiny model."""
-    require_shared()
     name = request.param
     root = tmp_path_factory.mktemp(f"pipeline_{name}")
     model_dir = make_tiny_model(root / "tiny", *FAMILIES[name][0])
     repo = root / "repo"
     copy_project(repo)
     params = smoke_params(yaml.safe_load((repo / "params.yaml").read_text()), model_dir)
-    params["data"]["limit"] = 12
+    # the smoke run's own sample (scripts/make_sample_data.py): no ../shared needed
+    sample = root / "sample-data"
+    run([sys.executable, str(REPO / "scripts" / "make_sample_data.py"), str(sample)], root)
+    params["data"].update(source=str(sample), limit=12)
     # the committed methods (the curated peft methods run once, on T5, in tests/test_pipeline.py, and a
     # step, save and reload on Llama in tests/test_curated_methods.py)
     params["methods"], params["variants"], params["seeds"] = list(TRAINED), list(VARIANTS), list(SEEDS)
@@ -121,3 +132,9 @@ def test_a_causal_prediction_never_contains_its_prompt(reproduced):
     for run_name in (*(f"{m}/seed{SEEDS[0]}" for m in TRAINED), "base"):
         for row in (repo / "data" / "predictions" / f"{run_name}.jsonl").read_text().splitlines():
             assert "Summarize the following conversation" not in json.loads(row)["prediction"]
+
+
+def test_an_exported_lora_gives_generate_s_summaries_in_plain_transformers(reproduced, tmp_path):
+    """The export round trip on this family (left padding and the prompt sliced off for decoder-only)."""
+    _, repo = reproduced
+    check_export_round_trip(repo, f"lora/seed{SEEDS[0]}", tmp_path)
