@@ -27,6 +27,7 @@ from stages import family
 from stages.errors import StageError, run_stage
 from stages.generate import base_quantization, generate_summaries
 from stages.generate import load_adapter as attach_adapter
+from stages.input_format import PromptFormat, resolve, stop_ids
 from stages.modeling import (
     ModelLoadError,
     load_base,
@@ -39,7 +40,6 @@ from stages.modeling import (
 )
 from stages.params import GenerateParams, ModelParams, Params, PrepareParams, load_params
 from stages.prepare import fit_prompts
-from stages.prompt_format import PromptFormat, resolve, stop_ids
 
 BASE = "base"  # --model base: the original model at the commit models/base/pin.json pins, not fine-tuned
 BASE_PIN = Path("models/base/pin.json")
@@ -292,7 +292,7 @@ def print_progress(done: int, total: int) -> None:
 
 
 def prompt_layout(params: PrepareParams, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> PromptFormat:
-    """The prompt format prepare builds for this model (stages/prompt_format.py): the chat rule
+    """The prompt format prepare builds for this model (stages/input_format.py): the chat rule
     reads the EOS ids the model generates with."""
     eos = family.generation_special_tokens(model)["eos_token_id"]
     return resolve(params, tokenizer, set(eos if isinstance(eos, list) else [eos]))

@@ -8,17 +8,18 @@ peft and nothing from this repository.
 A LoRA-family adapter (LoRA, DoRA, PiSSA, LoKr, ..., IA3) is merged into its base loaded in fp32, and
 only then cast to `--dtype`: merging in bf16 adds the small update B @ A onto the coarse bf16 grid of
 the much larger base weights and rounds it away (stages/generate.py load_adapter), so a bf16 merge
-is never done. A QLoRA adapter merges into the full-precision base it was quantized from. A full
-fine-tuning run is copied as it is, cast to `--dtype`. Prompt tuning adds virtual tokens in front of
+is never done. A QLoRA adapter learned its update against the 4-bit weights, and was scored on them:
+it merges into exactly those, dequantized to fp32 (the original weights would be another model). A
+full fine-tuning run is copied as it is, cast to `--dtype`. Prompt tuning adds virtual tokens in front of
 the input instead of changing weights: it has nothing to merge and is refused (serve its adapter
 folder with peft instead).
 
 The export holds the weights (safetensors), the tokenizer, the generation settings this pipeline
 scored with (generation_config.json: params.yaml's `generate` section, the model's special tokens
 and a chat template's end of turn), prompt.json (the exact prompt template the model was trained
-and scored with) and a model card (README.md). `--dtype auto` casts to the dtype the base
-checkpoint was published in (config.json), fp32 where it names none. Run it from the repository
-root, after `dvc repro` (it reads params.yaml, data/prepared/prompt_format.json and the run's
+and scored with) and a model card (README.md). `--dtype auto` casts to bf16 where the base
+checkpoint was published in bf16 (its config.json), else to fp32. Run it from the repository
+root, after `dvc repro` (it reads params.yaml, data/prepared/input_format.json and the run's
 metrics/evaluate file).
 """
 
@@ -36,13 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # stages/ from 
 
 from stages import family  # noqa: E402
 from stages.errors import StageError, run_stage  # noqa: E402
-from stages.generate import PIN_FILE, generation_config  # noqa: E402
+from stages.generate import PIN_FILE, base_quantization, generation_config  # noqa: E402
+from stages.input_format import FORMAT_FILE, stop_ids  # noqa: E402
 from stages.jsonio import read_json  # noqa: E402
-from stages.modeling import load_base, load_model, load_tokenizer, read_pin, save_model  # noqa: E402
-from stages.params import Params, load_params  # noqa: E402
-from stages.prompt_format import FORMAT_FILE, stop_ids  # noqa: E402
+from stages.modeling import load_base, load_model, load_tokenizer, pinned_base, save_model  # noqa: E402
+from stages.params import ModelParams, Params, load_params  # noqa: E402
 
 MODELS_DIR, PREPARED_DIR, EVALUATE_DIR = Path("models"), Path("data/prepared"), Path("metrics/evaluate")
+BASE_PIN = MODELS_DIR / "base" / PIN_FILE  # the base full fine-tuning started from
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -74,14 +76,20 @@ def run_dir(run: str) -> Path:
     return model_dir
 
 
-def merged(model_dir: Path, params: Params):
-    """(tokenizer, fp32 model with any adapter merged in, the base model's name, the dtype its
-    checkpoint was published in)."""
+def pin_of(pin_file: Path) -> ModelParams:
+    """The base a pin names at its resolved commit (the run's own record, whatever params.yaml says now)."""
+    if not pin_file.is_file():
+        raise StageError(f"{pin_file} not found: the run's base is unknown; rerun its stages (dvc repro)")
+    return pinned_base(read_json(pin_file))
+
+
+def merged(model_dir: Path) -> tuple:
+    """(tokenizer, fp32 model with any adapter merged in, its base model, the dtype the base checkpoint
+    was published in: a full run's own config says fp32, the master weights it trained in)."""
     if (model_dir / "config.json").is_file():  # full fine-tuning: the whole model already
-        published = family.load_config(str(model_dir)).dtype
-        pin = read_pin(model_dir / PIN_FILE, params.model) if (model_dir / PIN_FILE).is_file() else params.model
+        base = pin_of(BASE_PIN)
         model = load_model(str(model_dir), dtype=torch.float32)
-        return load_tokenizer(str(model_dir)), model, pin.name, published
+        return load_tokenizer(str(model_dir)), model, base.name, family.load_config(base.name, base.revision).dtype
     adapter = read_json(model_dir / "adapter_config.json")
     if adapter.get("peft_type") == "PROMPT_TUNING":
         raise StageError(
@@ -90,24 +98,40 @@ def merged(model_dir: Path, params: Params):
         )
     from peft import PeftModel  # imported here: only adapters need peft
 
-    pin = read_pin(model_dir / PIN_FILE, params.model)
-    published = family.load_config(pin.name, pin.revision).dtype
-    _, base = load_base(pin, torch.float32)  # never quantized: QLoRA merges into the full-precision base
-    model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
-    return load_tokenizer(str(model_dir)), model, pin.name, published
+    base = pin_of(model_dir / PIN_FILE)
+    quantization = base_quantization(model_dir)
+    _, model = load_base(base, torch.float32, quantization)
+    if quantization != "none":
+        # QLoRA learned its update against the quantized weights, and was scored on them: merge into
+        # exactly those, dequantized to fp32 (the original weights would give another model)
+        model = model.dequantize(dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
+    return load_tokenizer(str(model_dir)), model, base.name, family.load_config(base.name, base.revision).dtype
 
 
 def export_dtype(choice: str, published) -> torch.dtype:
-    """--dtype's choice; auto: bf16 for a checkpoint published in bf16, else fp32 (T5 in fp16 overflows)."""
+    """--dtype's choice; auto: bf16 for a checkpoint published in bf16, else fp32 (an fp16 checkpoint
+    too: T5 overflows in fp16, and an export must not lose range the scored run had)."""
     if choice != "auto":
         return DTYPES[choice]
     return torch.bfloat16 if str(published).removeprefix("torch.") == "bfloat16" else torch.float32
 
 
+def input_format(path: Path) -> dict:
+    if not path.is_file():
+        raise StageError(f"{path} not found: the prompt the run was scored with is unknown; run dvc repro prepare")
+    return read_json(path)
+
+
 def install_generation(model, params: Params, prompt_format: dict) -> None:
     """generation_config.json as generate@ decoded: params' settings, the model's special tokens, and a
-    chat template's end-of-turn token as one more EOS."""
-    family.install_generation_config(model, generation_config(params.generate), stop_ids(prompt_format))
+    chat template's end-of-turn token as one more EOS; settings transformers would refuse to save
+    (it validates them) are a params error here, not a traceback after the merge."""
+    config = family.install_generation_config(model, generation_config(params.generate), stop_ids(prompt_format))
+    try:
+        config.validate(strict=True)
+    except ValueError as error:
+        raise StageError(f"generate: transformers refuses these generation settings: {error}") from None
 
 
 def model_card(run: str, base_name: str, model, prompt_format: dict, scores: dict) -> str:
@@ -154,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     model_dir = run_dir(args.run)
     run = str(model_dir.relative_to(MODELS_DIR))
-    prompt_format = read_json(PREPARED_DIR / FORMAT_FILE)
-    tokenizer, model, base_name, published = merged(model_dir, params)
+    prompt_format = input_format(PREPARED_DIR / FORMAT_FILE)
+    tokenizer, model, base_name, published = merged(model_dir)
     model = model.to(export_dtype(args.dtype, published))  # the cast, after the merge in fp32
     install_generation(model, params, prompt_format)
     evaluated = EVALUATE_DIR / f"{run}.json"

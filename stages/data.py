@@ -291,6 +291,9 @@ def main() -> None:
     if missing:
         cleaned.update(split_off(cleaned["train"], missing, data.split_seed, data.source))
         print(f"{data.source}: no {' or '.join(missing)} split; split off train (data.split_seed={data.split_seed})")
+    if "test" in missing and "validation" in splits:  # the source's own validation vs a test split off train
+        cleaned["validation"], dropped = drop_test_overlap(cleaned["validation"], cleaned["test"])
+        stats["validation_dropped_test_overlap"] += dropped
     stats["ids_derived"] = ids_derived
     stats["validation_split_off"] = "validation" in missing
     stats["test_split_off"] = "test" in missing

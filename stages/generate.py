@@ -345,8 +345,8 @@ def model_generation(
     """A model variant's summaries, generation time, load record and the precision it ran in."""
     import torch
 
+    from stages.input_format import read_stop_ids  # it imports the family code (torch)
     from stages.modeling import deterministic_kernels
-    from stages.prompt_format import read_stop_ids  # it imports the family code (torch)
 
     if params.deterministic:
         deterministic_kernels()

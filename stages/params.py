@@ -128,7 +128,7 @@ class PrepareParams:
     max_source_length: int
     max_target_length: int
     # auto: wrap the prompt in the tokenizer's chat template for chat-tuned models only, always:
-    # whenever the tokenizer has one, none: never (stages/prompt_format.py has the rule); the
+    # whenever the tokenizer has one, none: never (stages/input_format.py has the rule); the
     # defaults here serve code that builds prompts directly (params.yaml always sets both)
     chat_template: Literal["auto", "always", "none"] = "none"
     chat_date: str = "26 Jul 2024"  # the date a chat template that prints one is rendered with

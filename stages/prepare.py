@@ -22,10 +22,10 @@ from transformers import PreTrainedTokenizerBase
 
 from stages import family
 from stages.errors import StageError, run_stage
+from stages.input_format import FORMAT_FILE, PromptFormat, resolve, summary_ids, text_ids
 from stages.jsonio import read_jsonl, write_json, write_jsonl
 from stages.modeling import generation_eos_ids, load_tokenizer, read_pin
 from stages.params import PrepareParams, load_params
-from stages.prompt_format import FORMAT_FILE, PromptFormat, resolve, summary_ids, text_ids
 
 RAW_DIR = Path("data/raw")
 BASE_PIN = Path("models/base/pin.json")
@@ -141,7 +141,7 @@ def prepare_training_split(
     training_example): seq2seq labels = summary + EOS; causal input = prompt, summary, EOS with
     the prompt's labels -100. The dialogue is cut to fit max_source_length; the summary is cut
     to max_target_length with its EOS kept. `gap`: the whitespace the prompt template's end gave
-    up to the summary (stages/prompt_format.py), which a decoder-only summary starts with."""
+    up to the summary (stages/input_format.py), which a decoder-only summary starts with."""
     prompts, dialogue_cut = fit_prompts_text(
         params.prompt_template, [r["dialogue"] for r in rows], tokenizer, params.max_source_length, model_family
     )
@@ -181,7 +181,7 @@ def prepare_test_split(
 
 
 def prompt_format(params: PrepareParams, tokenizer: PreTrainedTokenizerBase, base) -> PromptFormat:
-    """The prompt format for the pinned base (stages/prompt_format.py): its EOS ids decide the chat rule."""
+    """The prompt format for the pinned base (stages/input_format.py): its EOS ids decide the chat rule."""
     config = family.load_config(base.name, base.revision)
     return resolve(params, tokenizer, generation_eos_ids(base.name, base.revision, config))
 

@@ -27,6 +27,7 @@ from stages.card import model_card
 from stages.checkpoints import checkpoint_batch, fingerprint, remove_checkpoints, resumable_checkpoint
 from stages.curves import attach_curves
 from stages.generate import QUANTIZATION_FILE  # beside an adapter: how its base loads
+from stages.input_format import read_stop_ids
 from stages.jsonio import read_json, write_json
 from stages.ledger import saved_mb, training_costs, training_metrics
 from stages.method_params import MethodParams, TrainParams
@@ -34,7 +35,6 @@ from stages.methods.plan import Plan
 from stages.modeling import load_model, load_tokenizer, pick_device, read_pin, set_determinism, use_bf16
 from stages.oom import discard_attempt, halved, out_of_memory
 from stages.params import ModelParams, Params
-from stages.prompt_format import read_stop_ids
 from stages.recipe import build_trainer, training_arguments
 from stages.runs import run_name
 from stages.sharding import full_state_dict

@@ -372,6 +372,25 @@ def test_stage_splits_validation_off_train_when_only_train_and_test_exist(tmp_pa
     assert not {r["dialogue"] for r in kept} & {r["dialogue"] for r in test}
 
 
+def test_a_test_split_off_train_never_shares_a_dialogue_with_the_source_s_validation(tmp_path):
+    """Train and validation but no test: the test drawn from train must not hold a validation dialogue
+    (checkpoints are picked on validation), so a validation row whose dialogue went to test is dropped."""
+    train = dialogsum_rows("train", 20)
+    validation = [{**row, "id": f"v{i}"} for i, row in enumerate(train[:10])]  # half of train's dialogues again
+    write_split(tmp_path / "source", "train", train, "jsonl")
+    write_split(tmp_path / "source", "validation", validation, "jsonl")
+    result = run_data_stage(tmp_path / "run", tmp_path / "source", test_size=0.25)
+    assert result.returncode == 0, result.stderr
+    stats = stage_stats(tmp_path / "run")
+    test_dialogues = {r["dialogue"] for r in snapshot(tmp_path / "run", "test")}
+    kept = snapshot(tmp_path / "run", "validation")
+    assert stats["test_split_off"] is True and len(test_dialogues) == 5
+    assert not {r["dialogue"] for r in kept} & test_dialogues
+    overlapping = sum(r["dialogue"] in test_dialogues for r in validation)
+    assert overlapping > 0  # the premise: the seeded draw put some of those dialogues in test
+    assert stats["validation_dropped_test_overlap"] == overlapping and len(kept) == len(validation) - overlapping
+
+
 def test_resolved_revision_covers_the_split_files_present(tmp_path):
     params = DataParams(source=str(tmp_path), revision="main", limit=None)
     write_split(tmp_path, "train", dialogsum_rows("train", 3), "jsonl")

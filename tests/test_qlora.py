@@ -213,7 +213,9 @@ def test_layers_narrower_than_the_cpu_4bit_block_are_refused_before_training(tmp
 
     narrow = make_tiny_model(tmp_path / "narrow", "--family", "llama")  # 32 wide: k/v project to 16
     wide = make_tiny_model(tmp_path / "wide", "--family", "llama", "--width", "128")
-    # the premise, without this CPU's kernel: bitsandbytes' own packing of a narrow layer fails, a wide one packs
+    # the premise, without the refusal (on whatever CPU runs this): bitsandbytes' own packing of a narrow
+    # layer fails, a wide one packs
+    monkeypatch.setattr(quantization, "cpu_packs_4bit", lambda: False)
     layer = family.load_model(str(narrow), quantization="4bit").model.layers[0].self_attn.k_proj
     with pytest.raises((AssertionError, RuntimeError)):
         _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
@@ -230,3 +232,35 @@ def test_layers_narrower_than_the_cpu_4bit_block_are_refused_before_training(tmp
         "quantization: none, a wider model, or a GPU"
     )
     assert family.is_quantized(family.load_model(str(wide), quantization="4bit"))
+
+
+def test_a_qlora_export_merges_into_the_dequantized_4bit_weights_it_was_trained_on(qlora, tmp_path):
+    """scripts/export.py on a QLoRA run: a plain (unquantized) model whose adapted layers are the 4-bit
+    weights it trained and was scored on, dequantized to fp32, plus the adapter's update."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "exported"
+    result = subprocess.run(
+        [sys.executable, "scripts/export.py", "lora/seed42", str(out), "--dtype", "fp32"],
+        cwd=qlora,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    pin = json.loads((qlora / "models" / "base" / "pin.json").read_text())
+    quantized = family.load_model(pin["name"], quantization="4bit")
+    dequantized = quantized.dequantize(dtype=torch.float32)
+    original = family.load_model(pin["name"])
+    adapter = PeftModel.from_pretrained(family.load_model(pin["name"]), str(qlora / "models" / "lora" / "seed42"))
+    layer = adapter.base_model.model.model.layers[0].self_attn.q_proj
+    update = layer.get_delta_weight("default")
+    expected = dequantized.model.layers[0].self_attn.q_proj.weight + update
+    got = exported.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # the premise: 4-bit rounding is far larger than the check's tolerance
+    assert (
+        original.model.layers[0].self_attn.q_proj.weight - dequantized.model.layers[0].self_attn.q_proj.weight
+    ).abs().max() > 1e-3

@@ -171,11 +171,16 @@ def test_a_two_rank_fsdp2_model_saves_whole_and_generate_loads_it(tiny_model_dir
     saved_state, reference_state = saved.state_dict(), reference.state_dict()
     assert saved_state.keys() == reference_state.keys()
     assert not saved.get_output_embeddings().weight.data_ptr() == saved.get_input_embeddings().weight.data_ptr()
+    step = fsdp_worker.LEARNING_RATE
     for name, tensor in reference_state.items():
-        # within 1% of one step (lr 1e-3): AdamW's first step is lr x g / (|g| + eps), so a gradient near
-        # eps (1e-8) turns float-order noise into a visible difference (seen: 1 weight of 2048 at 3.6e-6;
-        # every other weight within 5e-8)
-        torch.testing.assert_close(saved_state[name], tensor, rtol=0, atol=1e-5, msg=name)
+        # AdamW's first step is lr x g / (|g| + eps): every weight moves by ~lr whatever |g| is, so a
+        # gradient near eps (1e-8), where two processes' float summation orders differ, can move by
+        # anything up to 2 x lr. Nearly every weight must agree within 1% of one step (seen: every
+        # weight but one within 5e-8, that one at 3.6e-6 on one CPU and past 1e-5 on another); a handful
+        # of those near-eps weights may differ, never by more than two steps
+        difference = (saved_state[name] - tensor).abs()
+        assert difference.max() <= 2 * step * 1.01, (name, difference.max())
+        assert (difference > step / 100).float().mean() <= 1e-3, (name, int((difference > step / 100).sum()))
     # the premise: the step moved the weights (AdamW's first step moves every weight with a gradient by ~lr)
     assert (saved_state["lm_head.weight"] - initial["lm_head.weight"]).abs().max() > fsdp_worker.LEARNING_RATE / 2
     decoding = GenerateParams(batch_size=2, precision="fp32", num_beams=1, max_new_tokens=8, min_new_tokens=0,

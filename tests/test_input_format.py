@@ -1,4 +1,4 @@
-"""The prompt as real checkpoints read it (stages/prompt_format.py): the word boundary on byte-level
+"""The prompt as real checkpoints read it (stages/input_format.py): the word boundary on byte-level
 BPE tokenizers, the chat-template rule for chat-tuned models only, the end-of-turn stop and the
 pinned date. The tokenizers are make_tiny_model.py's byte-level BPE ones (GPT-2's and Llama 3's
 special tokens, no pad token), given the chat templates and special tokens the real checkpoints
@@ -15,9 +15,9 @@ import torch
 from transformers import AutoTokenizer
 
 from stages import family
+from stages.input_format import end_of_turn, read_stop_ids, resolve, stop_ids
 from stages.params import GenerateParams, PrepareParams
 from stages.prepare import FORMAT_PATH, prepare_test_split, prepare_training_split
-from stages.prompt_format import end_of_turn, read_stop_ids, resolve, stop_ids
 from tests.conftest import FLAN_SMALL, dialogsum_rows, load_script, make_tiny_model, require_shared
 
 TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "

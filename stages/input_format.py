@@ -37,7 +37,7 @@ from stages.errors import StageError
 from stages.family import tokenizer_additions
 from stages.params import PrepareParams
 
-FORMAT_FILE = "prompt_format.json"  # in data/prepared: the format prepare used (PromptFormat.record)
+FORMAT_FILE = "input_format.json"  # in data/prepared: the format prepare used (PromptFormat.record)
 PROBE_WORDS = ("The", "A", "Tom")  # a boundary is natural when none of these merges with the gap
 
 
@@ -53,7 +53,7 @@ class PromptFormat:
     chat_date: str
 
     def record(self) -> dict[str, str | int | None]:
-        """What metrics/prepare.json and data/prepared/prompt_format.json say about it."""
+        """What metrics/prepare.json and data/prepared/input_format.json say about it."""
         return {
             "prompt_format": self.format,
             "prompt_gap": self.gap,
