@@ -47,6 +47,7 @@ import speed  # noqa: E402  (also puts the repo root on sys.path)
 
 from stages import family, methods, training  # noqa: E402
 from stages.generate import generate_summaries  # noqa: E402
+from stages.input_format import resolve  # noqa: E402
 from stages.ledger import base_dtype, count_parameters  # noqa: E402
 from stages.modeling import load_model, load_tokenizer, use_bf16  # noqa: E402
 from stages.params import ModelParams, load_params  # noqa: E402
@@ -110,10 +111,19 @@ def card_peak(device: torch.device) -> float | None:
     return found[1] if found else None
 
 
+def prompt_layout(tokenizer):
+    """The prepare params with the template as the prepare stage lays it out for this tokenizer (its
+    trailing whitespace moved onto the summary where it would merge: stages/input_format.py; no chat
+    template, as the benchmark models are base models), and the whitespace moved."""
+    layout = resolve(dataclasses.replace(PARAMS.prepare, chat_template="none"), tokenizer, set())
+    return dataclasses.replace(PARAMS.prepare, chat_template="none", prompt_template=layout.template), layout.gap
+
+
 def training_rows(tokenizer, count: int, model_family: str = family.SEQ2SEQ):
     """`count` real DialogSum training rows, tokenized as the prepare stage does."""
-    prepare = dataclasses.replace(PARAMS.prepare, chat_template="none")
-    return prepare_training_split(speed.load_dialogues("train", count), tokenizer, prepare, model_family)[0]
+    prepare, gap = prompt_layout(tokenizer)
+    rows = speed.load_dialogues("train", count)
+    return prepare_training_split(rows, tokenizer, prepare, model_family, gap)[0]
 
 
 class StepClock(TrainerCallback):
@@ -314,7 +324,7 @@ def part_stages(args, device: torch.device, results: Results) -> None:
 
     bf16 = use_bf16(PARAMS.generate.precision, device)
     model = load_model(str(args.model), dtype=torch.bfloat16 if bf16 else torch.float32).to(device).eval()
-    template, max_source = PARAMS.prepare.prompt_template, PARAMS.prepare.max_source_length
+    template, max_source = prompt_layout(tokenizer)[0].prompt_template, PARAMS.prepare.max_source_length
     test = speed.load_dialogues("test", args.test_dialogues)
     test_prompts, _ = fit_prompts(template, [r["dialogue"] for r in test], tokenizer, max_source)
     generation = generation_rate(model, tokenizer, test_prompts, device)  # the generate stage's params

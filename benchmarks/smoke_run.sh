@@ -4,13 +4,15 @@
 # temp dir with nothing beside it, the README's commands as written, then the wall time of the
 # setup, of `dvc repro`, and of each stage (from when DVC announces it to when it announces the next).
 #   bash benchmarks/smoke_run.sh [t5|llama]
+# It writes (and then removes) the README's paths: /tmp/sample-data, /tmp/tiny-t5, /tmp/tiny-llama.
 # The README's "Offline smoke run" numbers come from this script (quiet and busy host alike).
 # tests/test_pipeline.py checks its commands are the README's.
 set -euo pipefail
 family=${1:-t5}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
-trap 'rm -rf "$work" /tmp/tiny-t5 /tmp/tiny-llama /tmp/sample-data' EXIT
+# on failure the log of `dvc repro` is printed before the temp clone goes
+trap 'status=$?; [ $status -ne 0 ] && [ -f "$work/repro.log" ] && tail -n 60 "$work/repro.log" >&2; rm -rf "$work" /tmp/tiny-t5 /tmp/tiny-llama /tmp/sample-data' EXIT
 git clone -q "$repo" "$work/p"
 cd "$work/p"
 rm -rf /tmp/tiny-t5 /tmp/tiny-llama /tmp/sample-data

@@ -56,8 +56,8 @@ def lead_summary(dialogue: str, turns: int) -> str:
     A turn is a non-empty line; a dialogue in one paragraph (no line breaks) has its sentences as
     turns. A dialogue with DialogSum's tags is read as DialogSum always was (its "#PersonN#: " tags
     removed, every other line kept whole). Otherwise name tags ("Alice: ") are removed where more
-    than half the turns carry one, or where a one-paragraph dialogue starts with one, so a colon in
-    plain prose ("The plan: ...") stays."""
+    than half the turns carry one, or where a one-paragraph dialogue starts with one and has at least
+    two (a flattened chat), so a colon in plain prose ("The plan: ...") stays."""
     lines = dialogue.splitlines()
     if any((tag := SPEAKER_TAG.match(line)) and tag["dialogsum"] for line in lines):
         lines = [line[tag.end() :] if (tag := SPEAKER_TAG.match(line)) and tag["dialogsum"] else line for line in lines]
@@ -67,7 +67,8 @@ def lead_summary(dialogue: str, turns: int) -> str:
     if paragraph:  # sentence ends, not after Mr. Mrs. Ms. Dr.
         units = re.split(r"(?<=[.!?])(?<!\bMr\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bMrs\.)\s+", units[0])
     tags = [SPEAKER_TAG.match(unit) for unit in units]
-    if 2 * sum(tag is not None for tag in tags) > len(units) or (paragraph and tags[0] is not None):
+    tagged = sum(tag is not None for tag in tags)
+    if 2 * tagged > len(units) or (paragraph and tags[0] is not None and tagged >= 2):
         units = [unit[tag.end() :] if tag else unit for unit, tag in zip(units, tags)]
     return " ".join([unit.strip() for unit in units if unit.strip()][:turns])
 

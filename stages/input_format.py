@@ -64,8 +64,13 @@ class PromptFormat:
 
 
 def special_texts(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
-    """Every special token's text and id (the named ones and the added <|im_end|>-style ones)."""
-    return {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
+    """Every special token's text and id (the named ones and the added <|im_end|>-style ones); none
+    for a tokenizer backend that keeps no added-token table (mistral-common's raises)."""
+    try:
+        added = tokenizer.added_tokens_decoder
+    except (AttributeError, NotImplementedError):
+        return {}
+    return {token.content: token_id for token_id, token in added.items() if getattr(token, "special", False)}
 
 
 def end_of_turn(tokenizer: PreTrainedTokenizerBase, chat_date: str) -> tuple[str, int | None]:

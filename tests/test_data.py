@@ -519,6 +519,8 @@ def test_lead_of_one_paragraph_takes_its_first_sentences():
     tagged = "Alice: Hi. Are you free tonight? Bob: Sure."
     assert lead_summary(tagged, 2) == "Hi. Are you free tonight?"
     assert lead_summary(tagged, 3) == "Hi. Are you free tonight? Sure."
+    # one colon in prose is no speaker tag: the paragraph stays as written
+    assert lead_summary("The plan: we meet at noon. Bring food.", 2) == "The plan: we meet at noon. Bring food."
 
 
 def test_column_mapping_is_set_with_exp_run_syntax(tmp_path):

@@ -138,3 +138,29 @@ def test_an_exported_lora_gives_generate_s_summaries_in_plain_transformers(repro
     """The export round trip on this family (left padding and the prompt sliced off for decoder-only)."""
     _, repo = reproduced
     check_export_round_trip(repo, f"lora/seed{SEEDS[0]}", tmp_path)
+
+
+def test_summarize_py_gives_generate_s_summaries(reproduced, tmp_path):
+    """summarize.py on the test dialogues builds the prompts prepare built for this family (the template's
+    boundary, the chat rule) and decodes as generate@ did: the same summaries."""
+    _, repo = reproduced
+    predictions = repo / "data" / "predictions" / "lora" / f"seed{SEEDS[0]}.jsonl"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    dialogues = tmp_path / "dialogues.jsonl"
+    dialogues.write_text("".join(json.dumps({"id": r["id"], "dialogue": r["dialogue"]}) + "\n" for r in rows))
+    out = tmp_path / "summaries.jsonl"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "summarize",
+            "--model",
+            f"models/lora/seed{SEEDS[0]}",
+            str(dialogues),
+            "--output",
+            str(out),
+        ],
+        repo,
+    )
+    summaries = {json.loads(line)["id"]: json.loads(line)["summary"] for line in out.read_text().splitlines()}
+    assert summaries == {r["id"]: r["prediction"] for r in rows}
