@@ -10,16 +10,15 @@
    `dvc exp run --temp --name <method>-trial<i>-<digest> -S <settings> train@<method>-<seed>`.
    No test generation runs. A trial already recorded (an experiment of this commit with the trial's
    params and its training metrics) does not run again: an interrupted protocol continues where it
-   stopped. (DVC's run cache does not hold train stages: their checkpoints are persistent outputs, so
-   a trial whose experiment was removed trains again.)
+   stopped. A trial whose experiment was removed comes back from DVC's run cache without training.
 2. Picks. Per method, the trial whose saved checkpoint has the highest validation ROUGE-L
    (selected_val_rougeL in metrics/train/<method>/seed<seed>.json, on validate.dialogues dialogues).
    Only metrics/train/* are read: test scores (metrics/evaluate/*) never enter the choice. The trials,
    their scores and the picks go to metrics/tuning.json.
-3. Final. `dvc exp run -S <picks>` in the workspace: params.yaml takes the picks, every seed trains
-   with them (the trial seed again too, for the reason above: the same model where training is
-   deterministic, on CPU or with `deterministic: true`), and generation, scoring and the report run.
-   Commit params.yaml, dvc.lock and metrics/ to keep the result.
+3. Final. `dvc exp run -S <picks>` in the workspace: params.yaml takes the picks, the trial seed's
+   picked model comes back from DVC's run cache (the trials ran with the workspace's cache), the other
+   seeds train with the picks, and generation, scoring and the report run. Commit params.yaml,
+   dvc.lock and metrics/ to keep the result.
 """
 
 from __future__ import annotations
@@ -209,13 +208,15 @@ def run_trials(plans: dict[str, list[dict]], seed: int) -> None:
             described = ", ".join(f"{k}={v}" for k, v in trial["settings"].items())
             done = recorded(rows, trial, method, seed)
             if done is None:
-                print(f"{method} trial {i}/{len(trials)} ({described}): training", flush=True)
+                print(f"{method} trial {i}/{len(trials)} ({described}): running", flush=True)
                 ran = subprocess.run(trial_command(trial, method, seed), capture_output=True, text=True)
                 if ran.returncode != 0:
                     raise SystemExit(
                         f"{method} trial {i} failed ({' '.join(trial_command(trial, method, seed))}):\n"
                         + (ran.stderr or ran.stdout)[-3000:]
                     )
+                if "is cached - skipping run" in ran.stdout + ran.stderr:  # DVC's words for a run-cache hit
+                    print(f"{method} trial {i}/{len(trials)}: restored from DVC's run cache, not trained", flush=True)
                 rows = exp_rows()
                 done = recorded(rows, trial, method, seed)
             score = done["metrics"][train_metrics(method, seed)][METRIC] if done else "not recorded"

@@ -1,9 +1,11 @@
 """A training run's checkpoints: where a killed run resumes, and which checkpoints may not be resumed.
 
-Checkpoints go to checkpoints/<method>/, a `persist: true` output that DVC leaves alone, so a run
-killed overnight resumes from its last checkpoint on the next `dvc repro`. A fingerprint of the
-params and the prepared data sits beside them: checkpoints made with anything else are discarded,
-never resumed.
+Checkpoints go to checkpoints/<method>/seed<seed>/, which is git-ignored and no output of the train
+stage: DVC neither deletes it before a run nor caches it, so a run killed overnight resumes from its
+last checkpoint on the next `dvc repro`. (As a `persist: true` output it would also resume, but DVC's
+run cache refuses stages with persistent outputs, and tuning trials could not come back from it.)
+A fingerprint of the params and the prepared data sits beside them: checkpoints made with anything
+else are discarded, never resumed.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def start_and_kill_after_first_checkpoint(repo: Path, method: str) -> None:
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_killed_training_resumes_from_its_last_checkpoint(repo, method):
     start_and_kill_after_first_checkpoint(repo, method)
-    result = run(["dvc", "repro", f"train@{method}-42"], repo)
+    # --no-run-cache: had these params finished before, DVC's run cache would hand that run back
+    result = run(["dvc", "repro", "--no-run-cache", f"train@{method}-42"], repo)
     assert f"resuming from checkpoints/{method}/seed42/checkpoint-" in result.stdout
     metrics = json.loads((repo / "metrics" / "train" / method / "seed42.json").read_text())
     assert metrics["train_steps"] == 60  # the resumed run finishes the whole schedule
@@ -130,12 +131,19 @@ def test_killed_training_resumes_from_its_last_checkpoint(repo, method):
     assert "Running stage" not in run(["dvc", "repro", f"train@{method}-42"], repo).stdout
 
 
-def test_checkpoint_from_other_params_is_discarded(repo):
+def test_checkpoint_from_other_params_is_discarded_and_the_run_cache_hands_back_a_finished_run(repo):
+    run(["dvc", "repro", "train@full-42"], repo)  # the committed params, finished (a no-op after the resume test)
     start_and_kill_after_first_checkpoint(repo, "full")
     with params_changed(repo, {"full": {"learning_rate": 2.0e-4}}):  # full's own recipe difference
         result = run(["dvc", "repro", "train@full-42"], repo)
         assert "discarding checkpoints in checkpoints/full/seed42: made with other params or data" in result.stdout
         assert "resuming" not in result.stdout
+    # back to params that finished before: no training, the run comes back from DVC's run cache
+    # (checkpoints are no output of the stage, so its run cache holds it)
+    back = run(["dvc", "repro", "train@full-42"], repo)
+    assert "Stage 'train@full-42' is cached - skipping run, checking out outputs" in back.stdout
+    assert "Running stage" not in back.stdout
+    assert run(["dvc", "status", "train@full-42"], repo).stdout.strip() == "Data and pipelines are up to date."
 
 
 def test_training_from_scratch_is_bit_identical(repo):

@@ -293,8 +293,8 @@ def test_the_protocol_gives_every_method_equal_trials_on_validation_and_picks_th
 
 
 @pytest.mark.slow
-def test_the_picks_run_under_every_seed_and_the_trial_seed_trains_the_trial_s_model_again(tuned):
-    repo, _, _ = tuned
+def test_the_picks_run_under_every_seed_and_the_trial_seed_s_model_comes_back_from_the_run_cache(tuned):
+    repo, output, _ = tuned
     tuning = json.loads((repo / "metrics" / "tuning.json").read_text())
     params = yaml.safe_load((repo / "params.yaml").read_text())
     experiments = trial_experiments(repo)
@@ -304,8 +304,9 @@ def test_the_picks_run_under_every_seed_and_the_trial_seed_trains_the_trial_s_mo
             assert params[section][name] == value
         for seed in (42, 43):
             assert (repo / "metrics" / "evaluate" / method / f"seed{seed}.json").is_file()
-        # seed 42 trained again with the pick (the run cache holds no stage with persistent checkpoints),
-        # bit for bit the trial's model on CPU
+        # seed 42 did not train again: the picked trial came back from DVC's run cache, seed 43 trained
+        assert f"Stage 'train@{method}-42' is cached - skipping run, checking out outputs" in output
+        assert f"Running stage 'train@{method}-43'" in output
         train = f"metrics/train/{method}/seed42.json"
         assert json.loads((repo / train).read_text()) == experiments[chosen["experiment"]]["metrics"][train]["data"]
     report = (repo / "metrics" / "report.md").read_text()
@@ -323,11 +324,25 @@ def test_the_picks_run_under_every_seed_and_the_trial_seed_trains_the_trial_s_mo
 @pytest.mark.slow
 def test_an_interrupted_protocol_continues_where_it_stopped(tuned):
     repo, first, _ = tuned
-    assert first.count(": training") == 4
+    assert first.count(": running") == 4
     before = json.loads((repo / "metrics" / "tuning.json").read_text())
     again = tune_script(repo, "--no-final")
-    assert ": training" not in again.stdout  # every trial is recorded: none runs again
+    assert ": running" not in again.stdout  # every trial is recorded: none runs again
     assert json.loads((repo / "metrics" / "tuning.json").read_text()) == before
+
+
+@pytest.mark.slow
+def test_a_removed_trial_comes_back_from_the_run_cache_without_training(tuned):
+    repo, _, _ = tuned
+    tuning = json.loads((repo / "metrics" / "tuning.json").read_text())
+    removed = tuning["methods"]["lora"]["trials"][0]["experiment"]
+    run(["dvc", "exp", "remove", removed], repo)
+    again = tune_script(repo, "--no-final")
+    assert again.stdout.count(": running") == 1  # only the removed one is not recorded
+    assert "lora trial 1/2: restored from DVC's run cache, not trained" in again.stdout
+    after = json.loads((repo / "metrics" / "tuning.json").read_text())["methods"]
+    for method, chosen in tuning["methods"].items():  # the same trials, scores and picks (a new commit, maybe)
+        assert {k: v for k, v in after[method].items() if k != "rev"} == {k: v for k, v in chosen.items() if k != "rev"}
 
 
 @pytest.mark.slow
