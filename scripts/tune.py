@@ -8,8 +8,8 @@
    (stages/search.py: a seeded Latin hypercube), each trained under the trial seed (the first of
    `seeds`) as a DVC experiment of its train stage alone, outside the workspace:
    `dvc exp run --temp --name <method>-trial<i>-<digest> -S <settings> train@<method>-<seed>`.
-   No test generation runs. A trial already recorded (an experiment of this commit with the trial's
-   params and its training metrics) does not run again: an interrupted protocol continues where it
+   No test generation runs. A trial already recorded (an experiment of this commit under the trial's
+   name, with its params and training metrics) does not run again: an interrupted protocol continues where it
    stopped. A trial whose experiment was removed comes back from DVC's run cache without training.
 2. Picks. Per method, the trial whose saved checkpoint has the highest validation ROUGE-L
    (selected_val_rougeL in metrics/train/<method>/seed<seed>.json, on validate.dialogues dialogues).
@@ -120,10 +120,21 @@ def plan(params: Params, raw: dict) -> dict[str, list[dict]]:
 
 
 def recorded(rows: list[dict], trial: dict, method: str, seed: int) -> dict | None:
-    """The first recorded row that is this trial's training with its validation score, if any."""
+    """This trial's own experiment (by its name) with its training's validation score, if recorded.
+
+    By name, not by params alone: the final run (the picks under every seed) has every picked trial's
+    params and, its trial seed restored from DVC's run cache, the very same training metrics; it is no
+    trial, and counting it would give a method a run more."""
     path, key = train_metrics(method, seed), identity(trial["params"], method)
     return next(
-        (r for r in rows if METRIC in r["metrics"].get(path, {}) and identity(r["params"], method) == key), None
+        (
+            r
+            for r in rows
+            if r["name"] == trial["name"]
+            and METRIC in r["metrics"].get(path, {})
+            and identity(r["params"], method) == key
+        ),
+        None,
     )
 
 

@@ -318,7 +318,7 @@ def test_the_picks_run_under_every_seed_and_the_trial_seed_s_model_comes_back_fr
     assert "The picks then ran under every seed (42, 43) through test generation to this report." in verdict
     assert "The test split chose nothing." in verdict
     full = tuning["methods"]["full"]
-    assert f"full fine-tuning learning_rate={full['settings']['full.learning_rate']} (validation ROUGE-L " in verdict
+    assert f"full fine-tuning full.learning_rate={full['settings']['full.learning_rate']} (validation ROUGE-L " in verdict
 
 
 @pytest.mark.slow
