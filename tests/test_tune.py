@@ -268,7 +268,6 @@ def trial_experiments(repo: Path) -> dict[str, dict]:
     return {e["revs"][0]["name"]: e["revs"][0]["data"] for e in head.get("experiments") or []}
 
 
-@pytest.mark.slow
 def test_the_protocol_gives_every_method_equal_trials_on_validation_and_picks_the_best(tuned):
     repo, _, _ = tuned
     tuning = json.loads((repo / "metrics" / "tuning.json").read_text())
@@ -292,7 +291,6 @@ def test_the_protocol_gives_every_method_equal_trials_on_validation_and_picks_th
     assert tuning["test_used"] is False and tuning["trial_seed"] == 42
 
 
-@pytest.mark.slow
 def test_the_picks_run_under_every_seed_and_the_trial_seed_s_model_comes_back_from_the_run_cache(tuned):
     repo, output, _ = tuned
     tuning = json.loads((repo / "metrics" / "tuning.json").read_text())
@@ -318,10 +316,11 @@ def test_the_picks_run_under_every_seed_and_the_trial_seed_s_model_comes_back_fr
     assert "The picks then ran under every seed (42, 43) through test generation to this report." in verdict
     assert "The test split chose nothing." in verdict
     full = tuning["methods"]["full"]
-    assert f"full fine-tuning full.learning_rate={full['settings']['full.learning_rate']} (validation ROUGE-L " in verdict
+    assert (
+        f"full fine-tuning full.learning_rate={full['settings']['full.learning_rate']} (validation ROUGE-L " in verdict
+    )
 
 
-@pytest.mark.slow
 def test_an_interrupted_protocol_continues_where_it_stopped(tuned):
     repo, first, _ = tuned
     assert first.count(": running") == 4
@@ -331,7 +330,6 @@ def test_an_interrupted_protocol_continues_where_it_stopped(tuned):
     assert json.loads((repo / "metrics" / "tuning.json").read_text()) == before
 
 
-@pytest.mark.slow
 def test_a_removed_trial_comes_back_from_the_run_cache_without_training(tuned):
     repo, _, _ = tuned
     tuning = json.loads((repo / "metrics" / "tuning.json").read_text())
@@ -345,7 +343,6 @@ def test_a_removed_trial_comes_back_from_the_run_cache_without_training(tuned):
         assert {k: v for k, v in after[method].items() if k != "rev"} == {k: v for k, v in chosen.items() if k != "rev"}
 
 
-@pytest.mark.slow
 def test_params_edited_after_tuning_make_the_report_say_so(tuned):
     """LoRA moved to its other trial's learning rate after tuning: the report names the setting that
     ran and does not claim the picks."""
