@@ -265,17 +265,10 @@ def resolved_revision(params: DataParams) -> str:
     return sha
 
 
-def main() -> None:
-    params = load_params()
-    data = params.data
-    splits = fetch(data)
-    cleaned: dict[str, list[dict]] = {}
-    stats: dict[str, str | int | bool | None] = {
-        "source": data.source,
-        "source_revision": data.revision,
-        "source_resolved_revision": resolved_revision(data),
-    }
-    ids_derived = False
+def clean_splits(splits: dict[str, list[dict]], data: DataParams, stats: dict) -> dict[str, list[dict]]:
+    """Each split the source has, cleaned (clean_split), with train and validation rows whose dialogue
+    is in test dropped; the counts go to `stats`, with ids_derived."""
+    cleaned, ids_derived = {}, False
     for split in SPLITS:
         stats[f"{split}_dropped_empty"] = 0
         if split in splits:
@@ -286,18 +279,35 @@ def main() -> None:
         stats[f"{split}_dropped_test_overlap"] = 0
         if split in cleaned and "test" in cleaned:
             cleaned[split], stats[f"{split}_dropped_test_overlap"] = drop_test_overlap(cleaned[split], cleaned["test"])
+    stats["ids_derived"] = ids_derived
+    return cleaned
+
+
+def fill_missing_splits(cleaned: dict[str, list[dict]], data: DataParams, stats: dict) -> None:
+    """Validation and test, where the source lacks them, split off train (split_off); recorded in `stats`."""
     sizes = {"validation": data.validation_size, "test": data.test_size}
     missing = {split: sizes[split] for split in sizes if split not in cleaned}
+    had_validation = "validation" in cleaned
     if missing:
         cleaned.update(split_off(cleaned["train"], missing, data.split_seed, data.source))
         print(f"{data.source}: no {' or '.join(missing)} split; split off train (data.split_seed={data.split_seed})")
-    if "test" in missing and "validation" in splits:  # the source's own validation vs a test split off train
+    if "test" in missing and had_validation:  # the source's own validation vs a test split off train
         cleaned["validation"], dropped = drop_test_overlap(cleaned["validation"], cleaned["test"])
         stats["validation_dropped_test_overlap"] += dropped
-    stats["ids_derived"] = ids_derived
     stats["validation_split_off"] = "validation" in missing
     stats["test_split_off"] = "test" in missing
     stats["split_seed"] = data.split_seed if missing else None  # None: the source had every split
+
+
+def main() -> None:
+    data = load_params().data
+    stats: dict[str, str | int | bool | None] = {
+        "source": data.source,
+        "source_revision": data.revision,
+        "source_resolved_revision": resolved_revision(data),
+    }
+    cleaned = clean_splits(fetch(data), data, stats)
+    fill_missing_splits(cleaned, data, stats)
     for split in SPLITS:
         rows = cleaned[split][: data.limit]  # None keeps all
         write_jsonl(rows, RAW_DIR / f"{split}.jsonl")

@@ -180,9 +180,8 @@ def prepare_test_split(
     )
 
 
-def prompt_format(params: PrepareParams, tokenizer: PreTrainedTokenizerBase, base) -> PromptFormat:
+def prompt_format(params: PrepareParams, tokenizer: PreTrainedTokenizerBase, base, config) -> PromptFormat:
     """The prompt format for the pinned base (stages/input_format.py): its EOS ids decide the chat rule."""
-    config = family.load_config(base.name, base.revision)
     return resolve(params, tokenizer, generation_eos_ids(base.name, base.revision, config))
 
 
@@ -191,8 +190,9 @@ def main() -> None:
     disable_progress_bars()  # DVC logs stdout; a bar per split is noise
     base = read_pin(BASE_PIN, params.model)  # the commit the base stage pinned: its tokenizer
     tokenizer = load_tokenizer(base.name, base.revision)
-    model_family = family.family(family.load_config(base.name, base.revision))  # inputs and labels differ by family
-    layout = prompt_format(params.prepare, tokenizer, base)
+    config = family.load_config(base.name, base.revision)
+    model_family = family.family(config)  # inputs and labels differ by family
+    layout = prompt_format(params.prepare, tokenizer, base, config)
     prepare = dataclasses.replace(params.prepare, prompt_template=layout.template)
     raw = {split: read_jsonl(RAW_DIR / f"{split}.jsonl") for split in ("train", "validation", "test")}
     train, train_stats = prepare_training_split(raw["train"], tokenizer, prepare, model_family, layout.gap)

@@ -7,6 +7,7 @@ publish in their tokenizer_config.json (Qwen2.5's ChatML, Llama 3.1/3.2 Instruct
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 
@@ -16,9 +17,9 @@ from transformers import AutoTokenizer
 
 from stages import family
 from stages.input_format import end_of_turn, read_stop_ids, resolve, stop_ids
-from stages.params import GenerateParams, PrepareParams
+from stages.params import PrepareParams, load_params
 from stages.prepare import FORMAT_PATH, prepare_test_split, prepare_training_split
-from tests.conftest import FLAN_SMALL, dialogsum_rows, load_script, make_tiny_model, require_shared
+from tests.conftest import FLAN_SMALL, REPO, dialogsum_rows, load_script, make_tiny_model, require_shared
 
 TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 
@@ -164,7 +165,7 @@ def test_the_template_date_is_pinned_not_today(byte_level):
     assert pinned.record()["chat_date"] == "26 Jul 2024"
 
 
-def test_prepare_records_the_format_and_generation_reads_its_stop(tmp_path, byte_level):
+def test_the_recorded_format_gives_generation_its_stop(tmp_path, byte_level):
     tokenizer = qwen_like(byte_level)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     layout = resolve(params(), tokenizer, {im_end})
@@ -183,17 +184,9 @@ def test_generation_stops_on_the_end_of_turn_token(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = family.load_model(str(model_dir), dtype=torch.float32).eval()
     prompt = tokenizer("Summarize: #Person1#: Hello there.\n\nSummary:")["input_ids"]
-    decoding = GenerateParams(
-        batch_size=1,
-        precision="fp32",
-        num_beams=1,
-        max_new_tokens=6,
-        min_new_tokens=0,
-        length_penalty=1.0,
-        no_repeat_ngram_size=0,
-        repetition_penalty=1.0,
-        early_stopping=False,
-    )
+    # the committed generate params, made small: greedy, 6 new tokens, one dialogue per batch
+    committed = load_params(REPO / "params.yaml").generate
+    decoding = dataclasses.replace(committed, batch_size=1, precision="fp32", num_beams=1, max_new_tokens=6)
     free = generate_summaries(model, tokenizer, [prompt], decoding)
     continuation = family.generate_continuations(model, tokenizer, [prompt], generate.generation_config(decoding))[0]
     assert free.lengths == [6] and free.hit_max == [True]  # a random model never says EOS in 6 tokens

@@ -8,6 +8,8 @@ Needs ../shared (real data and the FLAN-T5 tokenizer): runs in CI, skips elsewhe
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import json
 import os
 import re
@@ -318,17 +320,25 @@ def test_a_subset_of_variants_runs_only_what_it_needs(pipeline_repo, reproduced)
     }
 
 
-def dry_run_with(repo: Path, section: str, key: str, value) -> set[str]:
-    """Stages `dvc repro --dry` would run after setting params.yaml's section.key = value."""
+@contextlib.contextmanager
+def edited_params(repo: Path, key: str, value):
+    """params.yaml with `key` (dotted: section.key, or a top-level key) set to `value`, then as it was."""
     params_file = repo / "params.yaml"
     original = params_file.read_text()
     try:
         params = yaml.safe_load(original)
-        params[section][key] = value
+        *sections, name = key.split(".")
+        functools.reduce(lambda node, section: node[section], sections, params)[name] = value
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        return stages_run(run(["dvc", "repro", "--dry"], repo))
+        yield
     finally:
         params_file.write_text(original)
+
+
+def dry_run_with(repo: Path, section: str, key: str, value) -> set[str]:
+    """Stages `dvc repro --dry` would run after setting params.yaml's section.key = value."""
+    with edited_params(repo, f"{section}.{key}", value):
+        return stages_run(run(["dvc", "repro", "--dry"], repo))
 
 
 def test_prompt_change_does_not_refetch_but_data_change_does(pipeline_repo, reproduced):
@@ -405,35 +415,21 @@ def test_lora_experiment_reruns_exactly_its_stages(pipeline_repo, reproduced):
 
 
 def test_adding_a_seed_runs_only_that_seed_and_dropping_one_only_the_report(pipeline_repo, reproduced):
-    params_file = pipeline_repo / "params.yaml"
-    original = params_file.read_text()
-    try:
-        for seeds, expected in (
-            ([*SEEDS, 44], {*trained_stages("train", seeds=[44]), *scoring_stages(seeds=[44], baselines=()), "report"}),
-            ([SEEDS[0]], {"report"}),  # the dropped seed's stages leave dvc.yaml; the report re-aggregates
-        ):
-            params = yaml.safe_load(original)
-            params["seeds"] = seeds
-            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    for seeds, expected in (
+        ([*SEEDS, 44], {*trained_stages("train", seeds=[44]), *scoring_stages(seeds=[44], baselines=()), "report"}),
+        ([SEEDS[0]], {"report"}),  # the dropped seed's stages leave dvc.yaml; the report re-aggregates
+    ):
+        with edited_params(pipeline_repo, "seeds", seeds):
             # `dvc status` (a dry run would stop at generate@*-44, whose model does not exist yet) names
             # every stage that would run: new, with changed deps, or with changed params
             assert set(run_json(["dvc", "status", "--json"], pipeline_repo)) == expected, seeds
-    finally:
-        params_file.write_text(original)
 
 
 def test_statistics_change_reruns_no_generation_and_no_training(pipeline_repo, reproduced):
     # what a statistics param reaches: the scoring stages and the report read it, nothing upstream;
     # evaluate@'s outs feed only the report, so `dvc status` names everything that would rerun
-    params_file = pipeline_repo / "params.yaml"
-    original = params_file.read_text()
-    try:
-        params = yaml.safe_load(original)
-        params["evaluate"]["bootstrap_resamples"] = 300
-        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    with edited_params(pipeline_repo, "evaluate.bootstrap_resamples", 300):
         changed = set(run_json(["dvc", "status", "--json"], pipeline_repo))
-    finally:
-        params_file.write_text(original)
     assert scoring_stages(stages=("evaluate",)) <= changed <= {"report", *scoring_stages(stages=("evaluate",))}
 
 

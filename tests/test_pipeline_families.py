@@ -2,11 +2,6 @@
 a GPT-2-style decoder-only model each run the whole pipeline (every variant in params.yaml) with a
 real `dvc repro` in a temp git repo, with nothing but model.name changed from the smoke params.
 
-The default run takes each path once: the decoder-only path on Llama here, the seq2seq path on T5 in
-tests/test_pipeline.py. BART (seq2seq) and GPT-2 (decoder-only, Conv1D layers) carry the `slow`
-marker: their loading, labels, training step and generation are tested per family in
-tests/test_family.py; `pytest -m slow -n 0 tests/test_pipeline_families.py` runs them end to end.
-
 One module fixture per family, kept small: 12 rows per split (4 test dialogues x 3 references),
 1 epoch, 2 beams, 8 new tokens. The tiny models come from scripts/make_tiny_model.py with the
 tokenizers it trains (the Llama and GPT-2 ones have no pad token, Llama's adds BOS).
@@ -45,11 +40,7 @@ FAMILIES = {
 }
 
 
-# the decoder-only path once by default (Llama); the other two families' end-to-end runs are `slow`
-FAMILY_PARAMS = [name if name == "llama" else pytest.param(name, marks=pytest.mark.slow) for name in FAMILIES]
-
-
-@pytest.fixture(scope="module", params=FAMILY_PARAMS)
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def reproduced(request, tmp_path_factory) -> tuple[str, Path]:
     """(family, repo) after a full `dvc repro` with model.name set to that family's tiny model."""
     name = request.param
